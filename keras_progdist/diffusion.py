@@ -1,0 +1,304 @@
+"""`DiffusionModel`: the teacher, trained with `model.fit`, plus `denoise()` and `sample()`.
+
+Training (continuous time, DESIGN.md §1): `t ~ U(0, 1)`, `z_t = alpha_t x + sigma_t eps`,
+loss `w(logsnr) |x - x_hat|^2` with the chosen parameterization and weighting.
+
+EMA: Keras' `Adam(use_ema=True)` overwrites the trained weights with the EMA weights at
+the end of every `fit()` (so a resumed run trains on from the EMA), so the model keeps
+its own EMA copy of the network (`ema_network`, non-trainable), updated after every
+optimizer step inside the compiled train step on both TensorFlow and JAX.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+from keras import ops
+from keras.src.losses.loss import scale_loss_for_distribution
+
+from keras_progdist import losses, parameterizations, samplers
+from keras_progdist.networks.unet import UNet
+from keras_progdist.random_utils import TensorSeed, fold_in, replica_id
+from keras_progdist.schedules import Schedule, alpha_sigma, get_schedule
+
+SAMPLERS = ("ddim", "ancestral")
+
+
+def network_denoise(network, z, t, schedule: Schedule, parameterization: str,
+                    label=None, training: bool = False, clip: bool = False):
+    """`(x_hat, eps_hat)` of a network at `(z, t)` under a parameterization.
+
+    Args:
+        network: a `UNet` (or any model taking `[z, t]` / `[z, t, label]`).
+        z: `[B, H, W, C]`; t: `[B]` in [0, 1]; label: `[B]` int or None.
+    """
+    inputs = [z, t] if label is None else [z, t, label]
+    output = network(inputs, training=training)
+    x_hat, eps_hat, _ = parameterizations.predict(
+        output, z, schedule.logsnr(t), parameterization, clip_x=clip)
+    return x_hat, eps_hat
+
+
+def diffuse(x, eps, logsnr):
+    """`z = alpha x + sigma eps` for per-example `logsnr` `[B]`."""
+    alpha, sigma = alpha_sigma(logsnr)
+    shape = (-1,) + (1,) * (len(x.shape) - 1)
+    return ops.reshape(alpha, shape) * x + ops.reshape(sigma, shape) * eps
+
+
+def training_seed(seed_generator):
+    """The next seed, made distinct per `tf.distribute` replica."""
+    return fold_in(seed_generator.next(), replica_id())
+
+
+@keras.saving.register_keras_serializable(package="keras_progdist")
+class DiffusionModel(keras.Model):
+    """A diffusion model over a `UNet`: teacher training, denoising and sampling.
+
+    Args:
+        network: a `UNet` (or its config dict).
+        schedule: a `Schedule`, a schedule name or config.
+        parameterization: `eps`, `x`, `v` or `both`.
+        weighting: `snr`, `snr_trunc`, `snr_plus_one` or `constant`.
+        ema_decay: EMA decay of the weights (0.9999 for CIFAR); `None` or 0 disables
+            the EMA (students). The effective decay warms up as
+            `min(decay, (1 + n) / (10 + n))` after `n` updates.
+        num_steps: the default number of sampling steps (a distilled stage's own N).
+        seed: seed of the training noise.
+
+    Example:
+        >>> model = DiffusionModel(UNet((16, 16, 1), channels=16, channel_mult=(1, 2)))
+        >>> model.compile(optimizer=make_optimizer(2e-4))
+        >>> model.fit(dataset, steps_per_epoch=100)  # doctest: +SKIP
+        >>> images = model.sample(batch_size=16, num_steps=64, seed=0)  # doctest: +SKIP
+    """
+
+    def __init__(self, network, schedule="cosine", parameterization: str = "v",
+                 weighting: str = "snr_trunc", ema_decay: float | None = 0.9999,
+                 num_steps: int = 1024, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(network, dict):
+            network = keras.saving.deserialize_keras_object(network)
+        self.network = network
+        self.schedule = get_schedule(schedule)
+        self.parameterization = parameterizations.check_parameterization(parameterization)
+        self.weighting = losses.check_weighting(weighting)
+        channels = network.image_shape[-1]
+        expected = parameterizations.output_channels(parameterization, channels)
+        if network.output_channels != expected:
+            raise ValueError(
+                f"The {parameterization!r} parameterization needs a network with "
+                f"{expected} output channels, this one has {network.output_channels}."
+            )
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        self.ema_decay = float(ema_decay) if ema_decay else None
+        self.num_steps = int(num_steps)
+        self.seed = int(seed)
+        self.seed_generator = keras.random.SeedGenerator(seed, name="train_seed")
+        self.ema_network = None
+        if self.ema_decay:
+            self.ema_network = UNet.from_config({**network.get_config(),
+                                                 "name": "ema_network"})
+            self.ema_network.trainable = False
+            copy_weights(network, self.ema_network)
+        self._compiled_samplers = {}
+
+    # -- properties -----------------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.network.image_shape)
+
+    @property
+    def num_classes(self):
+        return self.network.num_classes
+
+    @property
+    def sampling_network(self):
+        """The EMA network when there is one, else the trained network."""
+        return self.ema_network if self.ema_network is not None else self.network
+
+    # -- keras.Model plumbing ---------------------------------------------------------
+    def call(self, inputs, training=False):
+        # All training work happens in compute_loss; fit() only needs a forward pass
+        # it can ignore. Use denoise() / sample() for predictions.
+        return inputs
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        images = ops.cast(x, "float32")
+        label = self._labels(y)
+        batch = ops.shape(images)[0]
+        seed = training_seed(self.seed_generator)
+        t = keras.random.uniform((batch,), seed=TensorSeed(fold_in(seed, 1)))
+        eps = keras.random.normal(ops.shape(images), seed=TensorSeed(fold_in(seed, 2)))
+        logsnr = self.schedule.logsnr(t)
+        z = diffuse(images, eps, logsnr)
+        x_hat, _ = network_denoise(self.network, z, t, self.schedule,
+                                   self.parameterization, label, training=training)
+        loss = ops.mean(losses.weighted_x_mse(images, x_hat, logsnr, self.weighting))
+        return scale_loss_for_distribution(loss)
+
+    def _labels(self, y):
+        if not self.num_classes:
+            return None
+        if y is None:
+            raise ValueError("This model is class-conditional (num_classes="
+                             f"{self.num_classes}); the dataset must yield (image, label).")
+        return ops.cast(y, "int32")
+
+    def train_step(self, *args):
+        if keras.backend.backend() == "jax":
+            state, data = args
+            logs, state = super().train_step(state, data)
+            return logs, self._ema_update_stateless(state)
+        logs = super().train_step(*args)
+        self._ema_update()
+        return logs
+
+    def _ema_pairs(self):
+        return list(zip(self.network.weights, self.ema_network.weights))
+
+    def _ema_decay_at(self, iterations):
+        n = ops.cast(iterations, "float32")
+        return ops.minimum(self.ema_decay, (1.0 + n) / (10.0 + n))
+
+    def _ema_update(self):
+        if self.ema_network is None:
+            return
+        decay = self._ema_decay_at(self.optimizer.iterations)
+        for w, w_ema in self._ema_pairs():
+            w_ema.assign(decay * w_ema + (1.0 - decay) * ops.cast(w, w_ema.dtype))
+
+    def _ema_update_stateless(self, state):
+        if self.ema_network is None:
+            return state
+        trainable, non_trainable, optimizer_vars, metrics_vars = state
+        index_t = {id(v): i for i, v in enumerate(self.trainable_variables)}
+        index_n = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
+        index_o = {id(v): i for i, v in enumerate(self.optimizer.variables)}
+        decay = self._ema_decay_at(optimizer_vars[index_o[id(self.optimizer.iterations)]])
+        non_trainable = list(non_trainable)
+        for w, w_ema in self._ema_pairs():
+            j = index_n[id(w_ema)]
+            value = trainable[index_t[id(w)]] if id(w) in index_t else \
+                non_trainable[index_n[id(w)]]
+            non_trainable[j] = decay * non_trainable[j] + (1.0 - decay) * value
+        return trainable, non_trainable, optimizer_vars, metrics_vars
+
+    # -- inference ------------------------------------------------------------------
+    def denoise(self, z, t, label=None, use_ema: bool = True, clip: bool = False):
+        """`(x_hat, eps_hat)` at `(z, t)`; EMA weights unless `use_ema=False`."""
+        network = self.sampling_network if use_ema else self.network
+        return network_denoise(network, ops.cast(z, "float32"), ops.cast(t, "float32"),
+                               self.schedule, self.parameterization, label)
+
+    def sample(self, noise=None, num_steps: int | None = None, seed: int = 0,
+               label=None, batch_size: int | None = None, sampler: str = "ddim",
+               clip: bool = True, variance: str = "fixed_small", use_ema: bool = True):
+        """Generates images in [-1, 1].
+
+        Args:
+            noise: `z_1` `[B, H, W, C]`; drawn from `seed` when None.
+            num_steps: sampling steps (default: the model's `num_steps`).
+            seed: seed of the initial noise (and of the ancestral sampler's noise).
+            label: `[B]` class labels for class-conditional models.
+            batch_size: number of images when `noise` is None.
+            sampler: `ddim` (deterministic) or `ancestral`.
+            clip: clip `x_hat` to [-1, 1] at every step.
+            variance: the ancestral sampler's variance.
+            use_ema: sample with the EMA weights when the model has them.
+
+        Returns:
+            float32 numpy array `[B, H, W, C]`.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}.")
+        num_steps = self.num_steps if num_steps is None else int(num_steps)
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        if noise is None:
+            if batch_size is None:
+                raise ValueError("Pass either noise or batch_size.")
+            noise = keras.random.normal((batch_size,) + self.image_shape, seed=seed)
+        noise = ops.convert_to_tensor(noise, "float32")
+        if tuple(noise.shape[1:]) != self.image_shape:
+            raise ValueError(f"noise must have shape [B, {', '.join(map(str, self.image_shape))}]"
+                             f", got {tuple(noise.shape)}.")
+        if self.num_classes:
+            if label is None:
+                raise ValueError("This model is class-conditional: pass label.")
+            label = ops.convert_to_tensor(label, "int32")
+        key = (num_steps, sampler, bool(clip), variance, bool(use_ema), label is not None)
+        if key not in self._compiled_samplers:
+            self._compiled_samplers[key] = self._make_sampler(*key)
+        seed_tensor = ops.convert_to_tensor([seed, 0], "int32")
+        args = (noise, seed_tensor) + ((label,) if label is not None else ())
+        return ops.convert_to_numpy(self._compiled_samplers[key](*args))
+
+    def _make_sampler(self, num_steps, sampler, clip, variance, use_ema, has_label):
+        network = self.sampling_network if use_ema else self.network
+
+        def run(noise, seed, label=None):
+            def denoise_fn(z, t):
+                return network_denoise(network, z, t, self.schedule,
+                                       self.parameterization, label)
+            if sampler == "ddim":
+                return samplers.ddim_sample(denoise_fn, noise, num_steps, self.schedule,
+                                            clip=clip)
+            return samplers.ancestral_sample(denoise_fn, noise, num_steps, self.schedule,
+                                             seed, variance=variance, clip=clip)
+
+        return compile_with_variables(run, network.variables)
+
+    # -- serialization -------------------------------------------------------------
+    def get_config(self):
+        return {
+            "name": self.name,
+            "network": keras.saving.serialize_keras_object(self.network),
+            "schedule": self.schedule.get_config(),
+            "parameterization": self.parameterization,
+            "weighting": self.weighting,
+            "ema_decay": self.ema_decay,
+            "num_steps": self.num_steps,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def copy_weights(source, target) -> None:
+    """Copies `source`'s weights into `target` (same architecture) as fresh buffers.
+
+    Going through numpy matters on JAX: two variables sharing one device buffer make
+    the next donated train step fail ("Attempt to donate the same buffer twice").
+    """
+    weights = source.get_weights()
+    target.set_weights([w.copy() for w in weights])
+
+
+def compile_with_variables(fn, variables: Sequence):
+    """Compiles `fn` (XLA) so it reads `variables`' *current* values at every call.
+
+    TensorFlow: `tf.function(jit_compile=True)` captures the variables by reference.
+    JAX: a jitted function of the variables' values, run under a `StatelessScope`,
+    so weights updated after compilation are not baked in as constants.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return tf.function(fn, jit_compile=True, reduce_retracing=True)
+    if backend == "jax":
+        import jax
+        variables = list(variables)
+
+        @jax.jit
+        def run(values, *args):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return fn(*args)
+
+        return lambda *args: run([v.value for v in variables], *args)
+    return fn
