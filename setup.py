@@ -26,9 +26,9 @@ setup(
     ],
     extras_require={
         # TensorFlow is the default backend; pick the build that fits the host.
-        "cpu": ["tensorflow-cpu>=2.21,<3"],
-        "gpu": ["tensorflow>=2.21,<3"],
-        "tpu": ["tensorflow-tpu>=2.21,<3"],
+        "cpu": ["tensorflow-cpu>=2.21,<3", "tensorboard"],
+        "gpu": ["tensorflow>=2.21,<3", "tensorboard"],
+        "tpu": ["tensorflow-tpu>=2.21,<3", "tensorboard"],
         "jax": ["jax[cpu]>=0.6"],
         "test": ["pytest>=8", "foolbox==3.3.4"],
     },

@@ -33,7 +33,9 @@ def network_denoise(network, z, t, schedule: Schedule, parameterization: str,
         network: a `UNet` (or any model taking `[z, t]` / `[z, t, label]`).
         z: `[B, H, W, C]`; t: `[B]` in [0, 1]; label: `[B]` int or None.
     """
-    inputs = [z, t] if label is None else [z, t, label]
+    z = ops.convert_to_tensor(z, "float32")
+    t = ops.convert_to_tensor(t, "float32")
+    inputs = [z, t] if label is None else [z, t, ops.convert_to_tensor(label, "int32")]
     output = network(inputs, training=training)
     x_hat, eps_hat, _ = parameterizations.predict(
         output, z, schedule.logsnr(t), parameterization, clip_x=clip)

@@ -1,0 +1,165 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2).
+
+A student with `N` steps learns to match, in one DDIM step, two DDIM steps of a
+teacher with `2N` steps. For `i ~ U{1..N}`, `t = i/N`, `t' = t - 0.5/N`, `t'' = t - 1/N`:
+
+    z_t' = alpha_t' x_hat(z_t) + sigma_t' eps_hat(z_t)          (teacher, step 1)
+    z_t'' = alpha_t'' x_hat(z_t') + sigma_t'' eps_hat(z_t')     (teacher, step 2)
+    x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t)
+
+`x~` is the `x_hat` that makes one student DDIM step from `z_t` land exactly on `z_t''`;
+when `t'' = 0` it is the teacher's second `x_hat`. The student minimizes the
+`snr_trunc`-weighted x-MSE to `x~`.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+from keras.src.losses.loss import scale_loss_for_distribution
+
+from keras_progdist import losses, parameterizations
+from keras_progdist.diffusion import (copy_weights, diffuse, network_denoise,
+                                      training_seed)
+from keras_progdist.networks.unet import UNet
+from keras_progdist.random_utils import TensorSeed, fold_in
+from keras_progdist.samplers import ddim_step
+from keras_progdist.schedules import Schedule, alpha_sigma, get_schedule, log_sigma_ratio
+
+
+def _bcast(v, like):
+    return ops.reshape(v, (-1,) + (1,) * (len(like.shape) - 1))
+
+
+def teacher_two_steps(teacher_denoise, z_t, t, num_student_steps, schedule: Schedule):
+    """Two teacher DDIM steps `z_t -> z_t' -> z_t''` of size `0.5 / N` each.
+
+    Args:
+        teacher_denoise: `f(z, t) -> (x_hat, eps_hat)`.
+        z_t: `[B, H, W, C]`; t: `[B]`; num_student_steps: `N` (scalar, may be a tensor).
+
+    Returns:
+        `(z_t'', x_hat')`: the latent after two steps and the second step's `x_hat`.
+    """
+    n = ops.cast(num_student_steps, "float32")
+    t_mid = t - 0.5 / n
+    t_end = t - 1.0 / n
+    x_hat, eps_hat = teacher_denoise(z_t, t)
+    z_mid = ddim_step(z_t, x_hat, eps_hat, schedule.logsnr(t_mid), t_mid)
+    x_hat_mid, eps_hat_mid = teacher_denoise(z_mid, t_mid)
+    z_end = ddim_step(z_mid, x_hat_mid, eps_hat_mid, schedule.logsnr(t_end), t_end)
+    return z_end, x_hat_mid
+
+
+def distillation_target(z_t, z_end, x_hat_last, t, t_end, schedule: Schedule):
+    """`x~`, the student `x_hat` whose DDIM step `t -> t''` lands on `z_t''`.
+
+    `x~ = (z_t'' - r z_t) / (alpha_t'' - r alpha_t)`, `r = sigma_t'' / sigma_t` computed
+    as `exp(log_sigma_ratio)`; at `t'' = 0` the teacher's own `x_hat` is the target.
+    """
+    logsnr_t, logsnr_end = schedule.logsnr(t), schedule.logsnr(t_end)
+    alpha_t, _ = alpha_sigma(logsnr_t)
+    alpha_end, _ = alpha_sigma(logsnr_end)
+    ratio = ops.exp(log_sigma_ratio(logsnr_end, logsnr_t))
+    x_tilde = (z_end - _bcast(ratio, z_t) * z_t) / _bcast(alpha_end - ratio * alpha_t, z_t)
+    return ops.where(_bcast(t_end, z_t) > 0.0, x_tilde, x_hat_last)
+
+
+@keras.saving.register_keras_serializable(package="keras_progdist")
+class Distiller(keras.Model):
+    """A frozen teacher and a trainable student, trained with `model.fit`.
+
+    The student's step count `N` is a variable, so one compiled train step serves
+    every stage: a new stage copies weights, resets the optimizer and assigns `N`.
+
+    Args:
+        network: the teacher's `UNet` (or its config); teacher and student are copies.
+        schedule, parameterization: as the teacher's (the student predicts through
+            the same parameterization).
+        weighting: weighting of the x-MSE to `x~` (`snr_trunc` in the paper).
+        num_steps: the student's initial step count `N`.
+        seed: seed of `i`, `z_t` noise.
+    """
+
+    def __init__(self, network, schedule="cosine", parameterization: str = "v",
+                 weighting: str = "snr_trunc", num_steps: int = 1, seed: int = 0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(network, dict):
+            network = keras.saving.deserialize_keras_object(network)
+        config = network.get_config()
+        self.schedule = get_schedule(schedule)
+        self.parameterization = parameterizations.check_parameterization(parameterization)
+        self.weighting = losses.check_weighting(weighting)
+        self.seed = int(seed)
+        self.teacher = UNet.from_config({**config, "name": "teacher", "dropout": 0.0})
+        self.student = UNet.from_config({**config, "name": "student"})
+        copy_weights(network, self.teacher)
+        copy_weights(network, self.student)
+        self.teacher.trainable = False
+        self.num_steps = self.add_weight(
+            shape=(), initializer=keras.initializers.Constant(float(num_steps)),
+            trainable=False, name="student_steps")
+        self.seed_generator = keras.random.SeedGenerator(seed, name="distill_seed")
+
+    @property
+    def num_classes(self):
+        return self.student.num_classes
+
+    def call(self, inputs, training=False):
+        # Training happens in compute_loss; see DiffusionModel.call.
+        return inputs
+
+    def start_stage(self, network, num_steps: int) -> None:
+        """Begins a stage: teacher and student both become `network`; N = `num_steps`."""
+        copy_weights(network, self.teacher)
+        copy_weights(network, self.student)
+        self.num_steps.assign(float(num_steps))
+
+    def _denoiser(self, network, label, training):
+        def denoise(z, t):
+            return network_denoise(network, z, t, self.schedule, self.parameterization,
+                                   label, training=training)
+        return denoise
+
+    def targets(self, images, label, t_index_u, eps):
+        """`(z_t, t, x~)` for images, uniform draws (-> `i`) and noise; no gradient."""
+        n = ops.cast(self.num_steps, "float32")
+        i = ops.minimum(ops.floor(t_index_u * n) + 1.0, n)
+        t = i / n
+        z_t = diffuse(images, eps, self.schedule.logsnr(t))
+        teacher = self._denoiser(self.teacher, label, training=False)
+        z_end, x_hat_last = teacher_two_steps(teacher, z_t, t, n, self.schedule)
+        x_tilde = distillation_target(z_t, z_end, x_hat_last, t, t - 1.0 / n,
+                                      self.schedule)
+        return z_t, t, ops.stop_gradient(x_tilde)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        images = ops.cast(x, "float32")
+        label = ops.cast(y, "int32") if self.num_classes else None
+        if self.num_classes and y is None:
+            raise ValueError("Class-conditional distillation needs (image, label) data.")
+        seed = training_seed(self.seed_generator)
+        u = keras.random.uniform((ops.shape(images)[0],), seed=TensorSeed(fold_in(seed, 1)))
+        eps = keras.random.normal(ops.shape(images), seed=TensorSeed(fold_in(seed, 2)))
+        z_t, t, x_tilde = self.targets(images, label, u, eps)
+        x_hat, _ = self._denoiser(self.student, label, training)(z_t, t)
+        loss = ops.mean(losses.weighted_x_mse(x_tilde, x_hat, self.schedule.logsnr(t),
+                                              self.weighting))
+        return scale_loss_for_distribution(loss)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "network": keras.saving.serialize_keras_object(self.student),
+            "schedule": self.schedule.get_config(),
+            "parameterization": self.parameterization,
+            "weighting": self.weighting,
+            "num_steps": int(ops.convert_to_numpy(self.num_steps)),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

@@ -1,0 +1,442 @@
+"""The whole job, resumable: teacher -> distillation stages -> export -> evaluation.
+
+Work directory layout (every file written atomically):
+
+    <workdir>/config.json              network/diffusion config of this run (checked on resume)
+    <workdir>/operative_config.gin     the gin config as run
+    <workdir>/teacher/ckpt.{npz,json}  in-progress teacher: weights, EMA, optimizer, RNG, step
+    <workdir>/teacher/final.{npz,json} the finished teacher's sampling (EMA) network
+    <workdir>/student_<N>/ckpt|final   the same for each distillation stage
+    <workdir>/stages.json              one line per finished stage (steps, updates, loss, time)
+    <workdir>/samples/*.png            sample grids, all stages from the same noise
+    <workdir>/logs/                    TensorBoard
+
+A run killed at any moment and restarted with the same command continues from the last
+checkpoint of the stage it was in; finished stages are never redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Sequence
+
+import gin
+import keras
+import numpy as np
+
+from keras_progdist import checkpoint, data, images, parameterizations
+from keras_progdist.diffusion import DiffusionModel, copy_weights
+from keras_progdist.distillation import Distiller
+from keras_progdist.networks.unet import UNet
+from keras_progdist.optimizers import make_optimizer, reset_optimizer
+from keras_progdist.schedules import Schedule
+
+UNetConfigurable = gin.external_configurable(UNet, name="UNet")
+ScheduleConfigurable = gin.external_configurable(Schedule, name="Schedule")
+
+SAMPLE_SEED = 1234
+MODES = ("train_teacher", "distill", "export", "eval", "all")
+
+
+class PipelineError(ValueError):
+    """A configuration or work-directory problem found before any training."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+# -- configuration ---------------------------------------------------------------------
+@gin.configurable
+def diffusion(parameterization: str = "v", weighting: str = "snr_trunc",
+              ema_decay: float | None = 0.9999, seed: int = 0) -> dict:
+    """The diffusion settings of the teacher (DESIGN.md §1)."""
+    parameterizations.check_parameterization(parameterization)
+    from keras_progdist import losses
+    losses.check_weighting(weighting)
+    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+        raise PipelineError(f"diffusion.ema_decay must be in [0, 1) or None, got {ema_decay}.")
+    return dict(parameterization=parameterization, weighting=weighting,
+                ema_decay=ema_decay, seed=seed)
+
+
+@gin.configurable
+def teacher(train_steps: int = 1000, learning_rate: float = 2e-4, warmup_steps: int = 0,
+            global_clipnorm: float = 1.0, weight_decay: float = 0.0,
+            checkpoint_every: int = 100, steps_per_execution: int = 10,
+            jit_compile: bool = True) -> dict:
+    """Teacher training settings (paper, CIFAR-10: lr 2e-4, 1000 warm-up, clip 1)."""
+    _positive(train_steps=train_steps, checkpoint_every=checkpoint_every,
+              steps_per_execution=steps_per_execution)
+    if train_steps % checkpoint_every:
+        raise PipelineError(f"teacher.train_steps ({train_steps}) must be a multiple of "
+                            f"teacher.checkpoint_every ({checkpoint_every}).")
+    return dict(train_steps=train_steps, learning_rate=learning_rate,
+                warmup_steps=warmup_steps, global_clipnorm=global_clipnorm,
+                weight_decay=weight_decay, checkpoint_every=checkpoint_every,
+                steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+
+
+@gin.configurable
+def distill(teacher_steps: int = 1024, min_steps: int = 1, updates_per_stage: int = 1000,
+            updates_overrides: dict | None = None, learning_rate: float = 5e-5,
+            weighting: str = "snr_trunc", checkpoint_every: int = 100,
+            steps_per_execution: int = 10, jit_compile: bool = True) -> dict:
+    """Distillation settings.
+
+    Args:
+        teacher_steps: the teacher's DDIM step count; the first student takes half.
+        min_steps: the last stage's step count (default 1).
+        updates_per_stage: optimizer updates per stage (paper: 50k).
+        updates_overrides: `{num_steps: updates}` for particular stages (paper: 100k
+            for 2 and 1 steps).
+        learning_rate: start of the linear decay to 0 over each stage.
+    """
+    if not _is_power_of_two(teacher_steps):
+        raise PipelineError(f"distill.teacher_steps must be a power of two, got "
+                            f"{teacher_steps}.")
+    if not _is_power_of_two(min_steps):
+        raise PipelineError(f"distill.min_steps must be a power of two, got {min_steps}.")
+    if min_steps >= teacher_steps:
+        raise PipelineError(f"distill.min_steps ({min_steps}) must be below "
+                            f"distill.teacher_steps ({teacher_steps}).")
+    from keras_progdist import losses
+    losses.check_weighting(weighting)
+    overrides = {int(k): int(v) for k, v in (updates_overrides or {}).items()}
+    ladder = stage_ladder(teacher_steps, min_steps)
+    unknown = sorted(set(overrides) - set(ladder))
+    if unknown:
+        raise PipelineError(f"distill.updates_overrides names step counts {unknown} that "
+                            f"are not stages; the stages are {ladder}.")
+    _positive(updates_per_stage=updates_per_stage, checkpoint_every=checkpoint_every,
+              steps_per_execution=steps_per_execution)
+    updates = {n: overrides.get(n, updates_per_stage) for n in ladder}
+    for n, u in updates.items():
+        if u % checkpoint_every:
+            raise PipelineError(f"The stage to {n} steps has {u} updates, not a multiple "
+                                f"of distill.checkpoint_every ({checkpoint_every}).")
+    return dict(teacher_steps=teacher_steps, min_steps=min_steps, ladder=ladder,
+                updates=updates, learning_rate=learning_rate, weighting=weighting,
+                checkpoint_every=checkpoint_every,
+                steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+
+
+def stage_ladder(teacher_steps: int, min_steps: int = 1) -> list:
+    """Student step counts `[T/2, T/4, ..., min_steps]`."""
+    ladder, n = [], teacher_steps // 2
+    while n >= min_steps:
+        ladder.append(n)
+        n //= 2
+    return ladder
+
+
+def _is_power_of_two(n) -> bool:
+    return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
+
+
+def _positive(**values):
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise PipelineError(f"{name} must be a positive integer, got {value!r}.")
+
+
+class Experiment:
+    """Everything a run needs, built and checked up front from the gin config."""
+
+    def __init__(self, workdir: str, strategy=None):
+        self.workdir = workdir
+        self.strategy = strategy
+        self.diffusion = diffusion()
+        self.teacher_cfg = teacher()
+        self.distill_cfg = distill()
+        self.schedule = ScheduleConfigurable()
+        self.dataset = data.make_dataset()
+        spec = self.dataset.element_spec
+        self.with_labels = isinstance(spec, tuple)
+        image_spec = spec[0] if self.with_labels else spec
+        self.image_shape = tuple(int(s) for s in image_spec.shape[1:])
+        self.batch_size = image_spec.shape[0]
+        self.network_config = self._network_config()
+
+    def _network_config(self) -> dict:
+        channels = self.image_shape[-1]
+        out = parameterizations.output_channels(self.diffusion["parameterization"],
+                                                channels)
+        network = UNetConfigurable(image_shape=self.image_shape, output_channels=out,
+                                   name="network")
+        config = network.get_config()
+        if config["num_classes"] and not self.with_labels:
+            raise PipelineError(
+                f"UNet.num_classes={config['num_classes']} needs labelled data: set "
+                "dataset.with_labels = True.")
+        if self.with_labels and not config["num_classes"]:
+            raise PipelineError("dataset.with_labels = True but the UNet is "
+                                "unconditional: set UNet.num_classes.")
+        self.param_count = network.count_params()
+        return config
+
+    # -- work directory ------------------------------------------------------------
+    def path(self, *parts) -> str:
+        return os.path.join(self.workdir, *parts)
+
+    def check_workdir(self) -> None:
+        """Records the run's config, or checks it against the one already there."""
+        os.makedirs(self.workdir, exist_ok=True)
+        record = {"network": self.network_config, "diffusion": self.diffusion,
+                  "schedule": self.schedule.get_config()}
+        path = self.path("config.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                existing = json.load(f)
+            for key in ("network", "diffusion", "schedule"):
+                if _canon(existing.get(key)) != _canon(record[key]):
+                    diff = {k: (existing[key].get(k), record[key].get(k))
+                            for k in record[key] if existing[key].get(k) != record[key].get(k)}
+                    raise PipelineError(
+                        f"The {key} config in {path} (written by the run that trained "
+                        f"this workdir) does not match the gin config: (workdir, gin) = "
+                        f"{diff}. Use a new --workdir or the original config.")
+        else:
+            _write_json(path, record)
+        with open(self.path("operative_config.gin"), "w") as f:
+            f.write(gin.operative_config_str() or gin.config_str())
+
+    def scope(self):
+        return self.strategy.scope() if self.strategy is not None else \
+            contextlib.nullcontext()
+
+    def new_network(self, name="network") -> UNet:
+        return UNet.from_config({**self.network_config, "name": name})
+
+    def sampling_model(self, network: UNet, num_steps: int) -> DiffusionModel:
+        """An EMA-free `DiffusionModel` around `network` that samples in `num_steps`."""
+        return DiffusionModel(network, schedule=self.schedule,
+                              parameterization=self.diffusion["parameterization"],
+                              weighting=self.diffusion["weighting"], ema_decay=None,
+                              num_steps=num_steps, name=f"sampler_{num_steps}")
+
+    def sample_grid(self, model: DiffusionModel, num_steps: int, filename: str,
+                    count: int = 16) -> str:
+        noise = keras.random.normal((count,) + self.image_shape, seed=SAMPLE_SEED)
+        label = np.arange(count) % self.network_config["num_classes"] \
+            if self.network_config["num_classes"] else None
+        samples = model.sample(noise=noise, num_steps=num_steps, label=label)
+        return images.save_grid(samples, self.path("samples", filename))
+
+    def load_final(self, stage: str, num_steps: int) -> DiffusionModel:
+        """The finished network of `stage` (`teacher` or `student_<N>`) as a sampler."""
+        directory = self.path(stage)
+        if not checkpoint.exists(directory, "final"):
+            raise PipelineError(f"Stage {stage!r} has not finished in {self.workdir} "
+                                f"({directory}/final.json is missing).")
+        network = self.new_network()
+        checkpoint.restore(directory, "final", network)
+        return self.sampling_model(network, num_steps)
+
+    def finished_stages(self) -> list:
+        path = self.path("stages.json")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return json.load(f)
+
+    def _record_stage(self, entry: dict) -> None:
+        stages = [s for s in self.finished_stages() if s["stage"] != entry["stage"]]
+        _write_json(self.path("stages.json"), stages + [entry])
+        print(f"[stage] {entry['stage']}: {entry['num_steps']} steps, "
+              f"{entry['updates']} updates, loss {entry['loss']:.5f}, "
+              f"{entry['seconds']:.1f} s", flush=True)
+
+    def callbacks(self, directory: str, model, every: int, stage: str):
+        callbacks = [CheckpointEveryEpoch(directory, model, every, stage)]
+        try:
+            import tensorboard  # noqa: F401  The callback needs TF and TensorBoard.
+            import tensorflow  # noqa: F401
+            callbacks.append(keras.callbacks.TensorBoard(self.path("logs", stage)))
+        except ImportError:
+            pass
+        return callbacks
+
+    # -- stages --------------------------------------------------------------------
+    def train_teacher(self, verbose: int = 1) -> DiffusionModel:
+        """Trains (or resumes, or skips) the teacher; returns its sampling model."""
+        cfg = self.teacher_cfg
+        steps = self.distill_cfg["teacher_steps"]
+        directory = self.path("teacher")
+        if checkpoint.exists(directory, "final"):
+            print("[stage] teacher: finished earlier, skipping", flush=True)
+            return self.load_final("teacher", steps)
+        start = time.time()
+        with self.scope():
+            model = DiffusionModel(self.new_network(), schedule=self.schedule,
+                                   num_steps=steps, name="teacher_model", **self.diffusion)
+            model.compile(optimizer=make_optimizer(
+                cfg["learning_rate"], warmup_steps=cfg["warmup_steps"],
+                global_clipnorm=cfg["global_clipnorm"], weight_decay=cfg["weight_decay"]),
+                jit_compile=self._jit(cfg["jit_compile"]),
+                steps_per_execution=cfg["steps_per_execution"])
+            model.optimizer.build(model.trainable_variables)
+        done = 0
+        if checkpoint.exists(directory, "ckpt"):
+            done = checkpoint.restore(directory, "ckpt", model)["step"]
+            print(f"[stage] teacher: resuming at step {done}/{cfg['train_steps']}",
+                  flush=True)
+        every = cfg["checkpoint_every"]
+        history = model.fit(self.dataset, epochs=cfg["train_steps"] // every,
+                            steps_per_epoch=every, initial_epoch=done // every,
+                            callbacks=self.callbacks(directory, model, every, "teacher"),
+                            verbose=verbose)
+        loss = _last_loss(history, directory)
+        checkpoint.save(directory, "final", model.sampling_network,
+                        meta={"step": cfg["train_steps"], "loss": loss},
+                        include_optimizer=False)
+        sampler = self.load_final("teacher", steps)
+        self.sample_grid(sampler, steps, f"teacher_{steps:05d}steps.png")
+        self._record_stage({"stage": "teacher", "num_steps": steps,
+                            "updates": cfg["train_steps"], "loss": loss,
+                            "seconds": time.time() - start})
+        return sampler
+
+    def distill(self, verbose: int = 1) -> list:
+        """Runs (or resumes) every distillation stage; returns the finished ladder."""
+        cfg = self.distill_cfg
+        if not checkpoint.exists(self.path("teacher"), "final"):
+            raise PipelineError(
+                f"No trained teacher in {self.workdir} (teacher/final.json is missing): "
+                "run --mode=train_teacher first, or --mode=all.")
+        previous = self.load_final("teacher", cfg["teacher_steps"]).network
+        distiller, compiled_for = None, None
+        for n in cfg["ladder"]:
+            stage = f"student_{n:05d}"
+            directory = self.path(stage)
+            if checkpoint.exists(directory, "final"):
+                previous = self.load_final(stage, n).network
+                print(f"[stage] {stage}: finished earlier, skipping", flush=True)
+                continue
+            start = time.time()
+            updates = cfg["updates"][n]
+            if distiller is None:
+                with self.scope():
+                    distiller = Distiller(previous, schedule=self.schedule,
+                                          parameterization=self.diffusion["parameterization"],
+                                          weighting=cfg["weighting"], num_steps=n,
+                                          seed=self.diffusion["seed"] + 1, name="distiller")
+            if compiled_for != updates:
+                # The learning rate decays to 0 over the stage, so a stage of another
+                # length needs another schedule and one more compilation.
+                with self.scope():
+                    distiller.compile(
+                        optimizer=make_optimizer(cfg["learning_rate"],
+                                                 decay_to_zero_steps=updates,
+                                                 global_clipnorm=1.0),
+                        jit_compile=self._jit(cfg["jit_compile"]),
+                        steps_per_execution=cfg["steps_per_execution"])
+                    distiller.optimizer.build(distiller.trainable_variables)
+                compiled_for = updates
+            distiller.start_stage(previous, n)
+            reset_optimizer(distiller.optimizer)
+            done = 0
+            if checkpoint.exists(directory, "ckpt"):
+                done = checkpoint.restore(directory, "ckpt", distiller)["step"]
+                print(f"[stage] {stage}: resuming at update {done}/{updates}", flush=True)
+            every = cfg["checkpoint_every"]
+            print(f"[stage] {stage}: distilling {2 * n} -> {n} steps", flush=True)
+            history = distiller.fit(
+                self.dataset, epochs=updates // every, steps_per_epoch=every,
+                initial_epoch=done // every,
+                callbacks=self.callbacks(directory, distiller, every, stage),
+                verbose=verbose)
+            loss = _last_loss(history, directory)
+            checkpoint.save(directory, "final", distiller.student,
+                            meta={"step": updates, "loss": loss}, include_optimizer=False)
+            sampler = self.load_final(stage, n)
+            previous = sampler.network
+            self.sample_grid(sampler, n, f"{stage}.png")
+            self._record_stage({"stage": stage, "num_steps": n, "updates": updates,
+                                "loss": loss, "seconds": time.time() - start})
+        return self.finished_stages()
+
+    def stage_models(self) -> list:
+        """`[(stage, num_steps, DiffusionModel)]` for the teacher and finished students."""
+        models = [("teacher", self.distill_cfg["teacher_steps"],
+                   self.load_final("teacher", self.distill_cfg["teacher_steps"]))]
+        for n in self.distill_cfg["ladder"]:
+            stage = f"student_{n:05d}"
+            if checkpoint.exists(self.path(stage), "final"):
+                models.append((stage, n, self.load_final(stage, n)))
+        return models
+
+    def _jit(self, requested: bool) -> bool:
+        # XLA cannot compile across logical CPU devices of one MirroredStrategy.
+        if self.strategy is not None and self.strategy.num_replicas_in_sync > 1 and \
+                keras.backend.backend() == "tensorflow":
+            return False
+        return requested
+
+
+class CheckpointEveryEpoch(keras.callbacks.Callback):
+    """Saves `model` (+ optimizer) after every epoch of `every` steps; stops on NaN."""
+
+    def __init__(self, directory: str, model, every: int, stage: str):
+        super().__init__()
+        self.directory = directory
+        self.target = model
+        self.every = every
+        self.stage = stage
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = float((logs or {}).get("loss", float("nan")))
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(
+                f"{self.stage}: the loss became {loss} before step "
+                f"{(epoch + 1) * self.every}; the last good checkpoint in "
+                f"{self.directory} is kept. Lower the learning rate or check the data.")
+        checkpoint.save(self.directory, "ckpt", self.target,
+                        meta={"step": (epoch + 1) * self.every, "loss": loss})
+
+
+def _last_loss(history, directory: str) -> float:
+    losses = history.history.get("loss") or []
+    if losses:
+        return float(losses[-1])
+    return float(checkpoint.read_meta(directory, "ckpt").get("loss", float("nan")))
+
+
+def _canon(value):
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def _write_json(path: str, value) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved_models",
+        overwrite: bool = False, experiment_name: str | None = None,
+        verbose: int = 1) -> Experiment:
+    """Runs `mode` (one of `MODES`) of the gin-configured experiment in `workdir`."""
+    if mode not in MODES:
+        raise PipelineError(f"Unknown mode {mode!r}; allowed: {', '.join(MODES)}.")
+    experiment = Experiment(workdir, strategy)
+    experiment.check_workdir()
+    print(f"[run] {mode} in {workdir}: network {experiment.param_count:,} parameters, "
+          f"images {experiment.image_shape}, batch {experiment.batch_size}, "
+          f"stages {experiment.distill_cfg['ladder']}, backend {keras.backend.backend()}",
+          flush=True)
+    if mode in ("train_teacher", "all"):
+        experiment.train_teacher(verbose)
+    if mode in ("distill", "all"):
+        experiment.distill(verbose)
+    if mode in ("export", "all"):
+        from keras_progdist import export
+        export.export_experiment(experiment, export_dir, experiment_name, overwrite)
+    if mode in ("eval", "all"):
+        from keras_progdist.evaluation import report
+        report.evaluate_experiment(experiment)
+    return experiment
