@@ -251,8 +251,8 @@ class Experiment:
               f"{entry['updates']} updates, loss {entry['loss']:.5f}, "
               f"{entry['seconds']:.1f} s", flush=True)
 
-    def callbacks(self, directory: str, model, every: int, stage: str):
-        callbacks = [CheckpointEveryEpoch(directory, model, every, stage)]
+    def callbacks(self, checkpointer: StepCheckpoint, stage: str):
+        callbacks = [checkpointer]
         try:
             import tensorboard  # noqa: F401  The callback needs TF and TensorBoard.
             import tensorflow  # noqa: F401
@@ -286,10 +286,10 @@ class Experiment:
             print(f"[stage] teacher: resuming at step {done}/{cfg['train_steps']}",
                   flush=True)
         every = cfg["checkpoint_every"]
-        history = model.fit(self.dataset, epochs=cfg["train_steps"] // every,
-                            steps_per_epoch=every, initial_epoch=done // every,
-                            callbacks=self.callbacks(directory, model, every, "teacher"),
-                            verbose=verbose)
+        with PreemptionGuard() as guard:
+            saver = StepCheckpoint(directory, model, every, "teacher", done, guard)
+            history = resumable_fit(model, self.dataset, cfg["train_steps"], every, done,
+                                    self.callbacks(saver, "teacher"), saver, verbose)
         loss = _last_loss(history, directory)
         checkpoint.save(directory, "final", model.sampling_network,
                         meta={"step": cfg["train_steps"], "loss": loss},
@@ -345,11 +345,10 @@ class Experiment:
                 print(f"[stage] {stage}: resuming at update {done}/{updates}", flush=True)
             every = cfg["checkpoint_every"]
             print(f"[stage] {stage}: distilling {2 * n} -> {n} steps", flush=True)
-            history = distiller.fit(
-                self.dataset, epochs=updates // every, steps_per_epoch=every,
-                initial_epoch=done // every,
-                callbacks=self.callbacks(directory, distiller, every, stage),
-                verbose=verbose)
+            with PreemptionGuard() as guard:
+                saver = StepCheckpoint(directory, distiller, every, stage, done, guard)
+                history = resumable_fit(distiller, self.dataset, updates, every, done,
+                                        self.callbacks(saver, stage), saver, verbose)
             loss = _last_loss(history, directory)
             checkpoint.save(directory, "final", distiller.student,
                             meta={"step": updates, "loss": loss}, include_optimizer=False)
@@ -378,29 +377,110 @@ class Experiment:
         return requested
 
 
-class CheckpointEveryEpoch(keras.callbacks.Callback):
-    """Saves `model` (+ optimizer) after every epoch of `every` steps; stops on NaN."""
+class Preempted(SystemExit):
+    """SIGTERM arrived: a checkpoint at the exact step was written; exit code 143."""
 
-    def __init__(self, directory: str, model, every: int, stage: str):
+    def __init__(self, message: str):
+        print(message, flush=True)
+        super().__init__(143)
+
+
+class PreemptionGuard:
+    """Turns SIGTERM into a flag that the checkpoint callback acts on after a step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+class StepCheckpoint(keras.callbacks.Callback):
+    """Checkpoints `model` (+ optimizer, RNG) every `every` steps and on SIGTERM.
+
+    Counts the exact global step (`steps_per_execution` chunks included), refuses to
+    save a NaN/inf loss (the last good checkpoint stays), and on preemption saves at
+    the current step and stops training.
+    """
+
+    def __init__(self, directory: str, model, every: int, stage: str, start_step: int,
+                 guard: PreemptionGuard | None = None):
         super().__init__()
         self.directory = directory
         self.target = model
         self.every = every
         self.stage = stage
+        self.step = start_step
+        self.guard = guard
+        self.preempted = False
+        self._epoch_start = start_step
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self.step
+
+    def _save(self, logs):
         loss = float((logs or {}).get("loss", float("nan")))
         if not math.isfinite(loss):
             raise TrainingDivergedError(
-                f"{self.stage}: the loss became {loss} before step "
-                f"{(epoch + 1) * self.every}; the last good checkpoint in "
-                f"{self.directory} is kept. Lower the learning rate or check the data.")
+                f"{self.stage}: the loss became {loss} by step {self.step}; the last "
+                f"good checkpoint in {self.directory} is kept. Lower the learning rate "
+                "or check the data.")
         checkpoint.save(self.directory, "ckpt", self.target,
-                        meta={"step": (epoch + 1) * self.every, "loss": loss})
+                        meta={"step": self.step, "loss": loss})
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step = self._epoch_start + int(batch) + 1
+        if self.guard is not None and self.guard.requested and not self.preempted:
+            self._save(logs)
+            self.preempted = True
+            self.target.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.preempted:
+            self._save(logs)
+
+
+def resumable_fit(model, dataset, total_steps: int, every: int, done: int, callbacks,
+                  checkpointer: StepCheckpoint, verbose: int):
+    """`model.fit` from step `done` to `total_steps` in epochs of `every` steps.
+
+    A run preempted mid-epoch first finishes that epoch's remainder, so checkpoints
+    stay on multiples of `every` afterwards.
+    """
+    history = None
+    remainder = (every - done % every) % every
+    if remainder and done < total_steps:
+        history = model.fit(dataset, epochs=1, steps_per_epoch=remainder,
+                            callbacks=callbacks, verbose=verbose)
+        done += remainder
+    if done < total_steps and not checkpointer.preempted:
+        history = model.fit(dataset, epochs=total_steps // every,
+                            steps_per_epoch=every, initial_epoch=done // every,
+                            callbacks=callbacks, verbose=verbose)
+    if checkpointer.preempted:
+        raise Preempted(f"[preempted] {checkpointer.stage}: SIGTERM; checkpoint saved at "
+                        f"step {checkpointer.step}. Re-run the same command to resume.")
+    return history
 
 
 def _last_loss(history, directory: str) -> float:
-    losses = history.history.get("loss") or []
+    losses = (history.history.get("loss") or []) if history is not None else []
     if losses:
         return float(losses[-1])
     return float(checkpoint.read_meta(directory, "ckpt").get("loss", float("nan")))

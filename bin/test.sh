@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up, then the whole suite on TensorFlow, then the backend-agnostic tests on JAX.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$(bash "$ROOT/bin/setup_env.sh" | tail -n 1)"
+cd "$ROOT"
+export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2}"
+echo "== TensorFlow backend: all tests"
+KERAS_BACKEND=tensorflow "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+echo "== JAX backend: backend-agnostic tests"
+KERAS_BACKEND=jax "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+  tests/test_schedules.py tests/test_parameterizations.py tests/test_losses.py \
+  tests/test_samplers.py tests/test_unet.py tests/test_diffusion.py \
+  tests/test_distillation.py "$@"

@@ -1,0 +1,156 @@
+"""Progressive distillation: the exact target, and distillation that works."""
+
+import time
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_progdist import data
+from keras_progdist.diffusion import DiffusionModel, network_denoise
+from keras_progdist.distillation import (Distiller, distillation_target,
+                                         teacher_two_steps)
+from keras_progdist.networks import UNet
+from keras_progdist.optimizers import make_optimizer, reset_optimizer
+from keras_progdist.samplers import ddim_sample, ddim_step
+from keras_progdist.schedules import Schedule, alpha_sigma
+
+SCHEDULE = Schedule("cosine")
+
+
+def _random_net(parameterization, seed=0):
+    net = UNet((8, 8, 1), channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4,
+               output_channels=2 if parameterization == "both" else 1)
+    conv = net.get_layer("conv_out")
+    # The zero-initialized output layer would make every prediction trivial.
+    conv.kernel.assign(np.random.RandomState(seed).normal(0, 0.2, conv.kernel.shape))
+    return net
+
+
+def _student_step_error(parameterization, num_steps, indices):
+    net = _random_net(parameterization)
+
+    def teacher(z, t):
+        return network_denoise(net, z, t, SCHEDULE, parameterization)
+
+    z_t = np.random.RandomState(1).normal(size=(len(indices), 8, 8, 1)).astype("float32")
+    t = ops.convert_to_tensor(np.asarray(indices, "float32") / num_steps)
+    t_end = t - 1.0 / num_steps
+    z_end, x_hat_last = teacher_two_steps(teacher, z_t, t, num_steps, SCHEDULE)
+    x_tilde = distillation_target(z_t, z_end, x_hat_last, t, t_end, SCHEDULE)
+    # One student DDIM step with x_hat = x~ (eps_hat from x~ and z_t).
+    alpha, sigma = alpha_sigma(SCHEDULE.logsnr(t))
+    eps_tilde = (z_t - ops.reshape(alpha, (-1, 1, 1, 1)) * x_tilde) / \
+        ops.reshape(sigma, (-1, 1, 1, 1))
+    z_student = ddim_step(z_t, x_tilde, eps_tilde, SCHEDULE.logsnr(t_end), t_end)
+    return float(ops.max(ops.abs(z_student - z_end)))
+
+
+@pytest.mark.parametrize("parameterization", ["x", "v", "both", "eps"])
+def test_one_student_step_lands_on_two_teacher_steps(parameterization):
+    # i = 1..N-1 covers interior steps; t = 1 is tested separately for eps below.
+    error = _student_step_error(parameterization, 8, [1, 2, 3, 5, 7, 4])
+    print(f"{parameterization}: max |z_student - z_teacher| = {error:.2e}")
+    assert error <= 1e-4
+
+
+@pytest.mark.parametrize("parameterization", ["x", "v", "both", "eps"])
+def test_last_stage_target_is_teacher_x_hat(parameterization):
+    # N = 1: t'' = 0, so the target is the teacher's second x_hat and one student step
+    # returns it exactly.
+    error = _student_step_error(parameterization, 1, [1, 1, 1])
+    assert error <= 1e-4
+
+
+@pytest.mark.parametrize("parameterization", ["x", "v", "both"])
+def test_exact_at_pure_noise_for_stable_parameterizations(parameterization):
+    assert _student_step_error(parameterization, 4, [4, 4]) <= 1e-4
+
+
+def test_eps_parameterization_is_ill_conditioned_at_pure_noise():
+    # The paper's point: at t = 1, alpha = 4.5e-5, so eps-prediction turns float32
+    # rounding of z into x_hat errors ~1/alpha larger. The identity still holds to the
+    # float32 precision that amplification allows (about 2e4 * 1e-7).
+    error = _student_step_error("eps", 4, [4, 4])
+    assert error <= 1e-2
+
+
+def _teacher(train_steps=150):
+    keras.utils.set_random_seed(0)
+    net = UNet((16, 16, 1), channels=16, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(8,), num_groups=8)
+    model = DiffusionModel(net, parameterization="v", ema_decay=None, seed=0)
+    model.compile(optimizer=make_optimizer(2e-3, warmup_steps=20), jit_compile=True,
+                  steps_per_execution=10)
+    ds = data.make_dataset("mnist_embedded", batch_size=32, image_size=16, seed=0)
+    model.fit(ds, steps_per_epoch=train_steps, verbose=0)
+    return model, ds
+
+
+def _ddim(net, noise, steps):
+    def denoise(z, t):
+        return network_denoise(net, z, t, SCHEDULE, "v")
+    return ops.convert_to_numpy(ddim_sample(denoise, noise, steps, SCHEDULE))
+
+
+@pytest.mark.slow
+def test_distilled_student_beats_teacher_ddim_at_same_step_count():
+    teacher, ds = _teacher()
+    student_steps = 4
+    noise = keras.random.normal((32, 16, 16, 1), seed=7)
+    reference = _ddim(teacher.network, noise, 2 * student_steps)
+    teacher_n = _ddim(teacher.network, noise, student_steps)
+    before = float(np.mean((teacher_n - reference) ** 2))
+
+    distiller = Distiller(teacher.network, parameterization="v", num_steps=student_steps,
+                          seed=3)
+    distiller.compile(optimizer=make_optimizer(5e-4, decay_to_zero_steps=200),
+                      jit_compile=True, steps_per_execution=10)
+    distiller.fit(ds, steps_per_epoch=200, verbose=0)
+    student_n = _ddim(distiller.student, noise, student_steps)
+    after = float(np.mean((student_n - reference) ** 2))
+    print(f"MSE to the teacher's {2 * student_steps}-step samples: teacher DDIM "
+          f"{student_steps} steps {before:.5f}, distilled {student_steps} steps {after:.5f}")
+    # The student starts as the teacher, so `before` is also its own starting distance.
+    assert after < 0.5 * before
+    # The teacher is frozen: its weights never moved.
+    for w_t, w_s in zip(distiller.teacher.weights, teacher.network.weights):
+        np.testing.assert_array_equal(w_t.numpy(), w_s.numpy())
+
+
+def test_new_stage_reuses_the_compiled_step():
+    ds = data.make_dataset("mnist_embedded", batch_size=8, image_size=8, seed=0)
+    net = UNet((8, 8, 1), channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4)
+    distiller = Distiller(net, parameterization="v", num_steps=8)
+    distiller.compile(optimizer=make_optimizer(1e-4, decay_to_zero_steps=10),
+                      jit_compile=True)
+    start = time.time()
+    distiller.fit(ds, steps_per_epoch=10, verbose=0)
+    first = time.time() - start
+    compiled = distiller.train_function
+    distiller.start_stage(distiller.student, 4)
+    reset_optimizer(distiller.optimizer)
+    assert int(distiller.optimizer.iterations) == 0
+    assert float(distiller.num_steps) == 4.0
+    start = time.time()
+    distiller.fit(ds, steps_per_epoch=10, verbose=0)
+    second = time.time() - start
+    print(f"stage 1 (with compilation) {first:.1f} s, stage 2 {second:.1f} s")
+    assert distiller.train_function is compiled
+    # start_stage made the teacher a copy of the (trained) student.
+    for a, b in zip(distiller.teacher.get_weights(), distiller.student.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_distiller_round_trips_through_keras_saving(tmp_path):
+    net = _random_net("v")
+    distiller = Distiller(net, parameterization="v", num_steps=16)
+    path = str(tmp_path / "distiller.keras")
+    distiller.save(path)
+    loaded = keras.saving.load_model(path)
+    assert float(loaded.num_steps) == 16.0
+    for a, b in zip(loaded.student.get_weights(), distiller.student.get_weights()):
+        np.testing.assert_array_equal(a, b)
