@@ -40,6 +40,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -329,7 +330,11 @@ def export_stage(model: DiffusionModel, export_dir: str, name: str,
 
     sampler = sampling_copy(model, num_steps)
     keras_tmp = f"{paths['keras']}.tmp-{os.getpid()}.keras"
-    sampler.save(keras_tmp)
+    with warnings.catch_warnings():
+        # DiffusionModel.call is never run, so Keras calls it unbuilt; its network is
+        # built and every weight is saved.
+        warnings.filterwarnings("ignore", message=".*has not yet been built.*")
+        sampler.save(keras_tmp)
     os.replace(keras_tmp, paths["keras"])
     return {"num_steps": num_steps, "model_name": paths["model_name"],
             "saved_model": target, "keras": paths["keras"]}
@@ -373,7 +378,7 @@ def export_stages(stages, export_dir: str, name: str, overwrite: bool = False,
         exported.append({"stage": stage, **record})
         print(f"[export] {stage}: {record['saved_model']} and {record['keras']}",
               flush=True)
-    root = stage_paths(export_dir, name, 1)["root"]
+    root = os.path.join(export_dir, name)
     config = write_models_config(root, name, serving_root)
     return {"name": name, "version": version, "root": root, "models_config": config,
             "stages": exported}

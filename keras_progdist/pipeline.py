@@ -31,11 +31,19 @@ import numpy as np
 from keras_progdist import checkpoint, data, images, parameterizations
 from keras_progdist.diffusion import DiffusionModel, copy_weights
 from keras_progdist.distillation import Distiller
+from keras_progdist.evaluation import report  # registers the evaluate.* gin bindings
 from keras_progdist.networks.unet import UNet
 from keras_progdist.optimizers import make_optimizer, reset_optimizer
 from keras_progdist.schedules import Schedule
 
-UNetConfigurable = gin.external_configurable(UNet, name="UNet")
+import inspect
+
+# UNet takes **kwargs (Keras' name/dtype/...), so without an allowlist gin would accept a
+# misspelled binding such as `UNet.chanels` and silently ignore it.
+UNetConfigurable = gin.external_configurable(
+    UNet, name="UNet",
+    allowlist=[p for p in inspect.signature(UNet.__init__).parameters
+               if p not in ("self", "kwargs", "image_shape", "output_channels")])
 ScheduleConfigurable = gin.external_configurable(Schedule, name="Schedule")
 
 SAMPLE_SEED = 1234
@@ -517,6 +525,5 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
         from keras_progdist import export
         export.export_experiment(experiment, export_dir, experiment_name, overwrite)
     if mode in ("eval", "all"):
-        from keras_progdist.evaluation import report
         report.evaluate_experiment(experiment)
     return experiment

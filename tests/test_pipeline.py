@@ -1,0 +1,275 @@
+"""The resumable pipeline: kill/resume, preemption, bad input, evaluation report."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+import numpy as np
+import pytest
+
+from keras_progdist import checkpoint, pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "UNet.channels=8", "UNet.num_groups=4", "dataset.batch_size=16",
+    "teacher.train_steps=40", "teacher.checkpoint_every=10", "teacher.steps_per_execution=5",
+    "distill.teacher_steps=8", "distill.updates_per_stage=20",
+    "distill.checkpoint_every=10", "distill.steps_per_execution=5",
+]
+EXPECTED_LADDER = [("teacher", 8, 40), ("student_00004", 4, 20),
+                   ("student_00002", 2, 20), ("student_00001", 1, 20)]
+
+
+def _command(workdir, mode, extra=()):
+    params = [f"--gin_param={p}" for p in SMALL + list(extra)]
+    return [sys.executable, os.path.join(ROOT, "bin", "run.py"), "--gin_file=tiny.gin",
+            f"--workdir={workdir}", f"--mode={mode}", "--verbose=0", *params]
+
+
+def _env():
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+            "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow")}
+
+
+def _run(workdir, mode, extra=(), check=True):
+    result = subprocess.run(_command(workdir, mode, extra), capture_output=True, text=True,
+                            env=_env(), timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{mode} failed ({result.returncode}):\n{result.stdout}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+def _ladder(workdir):
+    with open(os.path.join(workdir, "stages.json")) as f:
+        return [(s["stage"], s["num_steps"], s["updates"]) for s in json.load(f)]
+
+
+def _all_checkpoints_verify(workdir):
+    for stage in os.listdir(workdir):
+        directory = os.path.join(workdir, stage)
+        for name in ("ckpt", "final"):
+            if checkpoint.exists(directory, name):
+                checkpoint.read_meta(directory, name)  # raises on a corrupt checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """A small finished teacher + 3 stages, trained once for this module."""
+    workdir = str(tmp_path_factory.mktemp("trained"))
+    _run(workdir, "train_teacher")
+    _run(workdir, "distill")
+    return workdir
+
+
+@pytest.mark.slow
+def test_finished_run_has_the_configured_ladder(trained_workdir):
+    assert _ladder(trained_workdir) == EXPECTED_LADDER
+    for stage, _, _ in EXPECTED_LADDER:
+        assert os.path.exists(os.path.join(trained_workdir, "samples",
+                                           f"{stage}.png" if stage != "teacher"
+                                           else "teacher_00008steps.png"))
+    # Re-running finishes at once: no stage is redone.
+    result = _run(trained_workdir, "distill")
+    assert result.stdout.count("finished earlier") == 3
+    assert _ladder(trained_workdir) == EXPECTED_LADDER
+
+
+@pytest.mark.slow
+def test_random_kills_lose_no_stage(tmp_path):
+    """SIGTERM and SIGKILL at random moments (5 trials), then resume to the end."""
+    workdir = str(tmp_path / "killed")
+    rng = random.Random(0)
+    resumed = 0
+    kills = [signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]
+    mode_of = lambda: "distill" if checkpoint.exists(  # noqa: E731
+        os.path.join(workdir, "teacher"), "final") else "train_teacher"
+    for sig in kills:
+        process = subprocess.Popen(_command(workdir, mode_of()), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, env=_env())
+        # Wait for the first checkpoint of this process (or its end), then a random delay.
+        deadline = time.time() + 300
+        start_ckpts = _ckpt_steps(workdir)
+        while time.time() < deadline and process.poll() is None and \
+                _ckpt_steps(workdir) == start_ckpts:
+            time.sleep(0.5)
+        time.sleep(rng.uniform(0.0, 4.0))
+        if process.poll() is None:
+            process.send_signal(sig)
+        output = process.communicate(timeout=300)[0]
+        if sig == signal.SIGTERM and process.returncode == 143:
+            assert "[preempted]" in output
+        resumed += output.count("resuming at")
+        _all_checkpoints_verify(workdir)
+    for mode in ("train_teacher", "distill"):
+        output = _run(workdir, mode).stdout
+        resumed += output.count("resuming at")
+    assert _ladder(workdir) == EXPECTED_LADDER
+    assert resumed >= 2, "the restarts should have resumed from checkpoints"
+    _all_checkpoints_verify(workdir)
+
+
+def _ckpt_steps(workdir):
+    steps = {}
+    if not os.path.isdir(workdir):
+        return steps
+    for stage in os.listdir(workdir):
+        path = os.path.join(workdir, stage, "ckpt.json")
+        if os.path.exists(path):
+            steps[stage] = os.path.getmtime(path)
+    return steps
+
+
+# -- bad input: each a specific error before any training ---------------------------------
+BAD_INPUTS = [
+    ("unknown parameterization", ["diffusion.parameterization='z'"], "train_teacher",
+     ValueError, "Unknown parameterization 'z'; allowed: eps, x, v, both"),
+    ("unknown weighting", ["diffusion.weighting='snr2'"], "train_teacher", ValueError,
+     "Unknown loss weighting 'snr2'"),
+    ("unknown schedule", ["Schedule.name='quadratic'"], "train_teacher", ValueError,
+     "Unknown schedule 'quadratic'; allowed schedules: cosine, linear"),
+    ("logsnr range reversed", ["Schedule.logsnr_min=30.0"], "train_teacher", ValueError,
+     "logsnr_min must be below logsnr_max"),
+    ("EMA decay out of range", ["diffusion.ema_decay=1.5"], "train_teacher",
+     pipeline.PipelineError, "diffusion.ema_decay must be in"),
+    ("teacher steps not a power of two", ["distill.teacher_steps=100"], "distill",
+     pipeline.PipelineError, "teacher_steps must be a power of two, got 100"),
+    ("min steps not a power of two", ["distill.min_steps=3"], "distill",
+     pipeline.PipelineError, "min_steps must be a power of two, got 3"),
+    ("min steps above the start", ["distill.min_steps=16"], "distill",
+     pipeline.PipelineError, "min_steps (16) must be below distill.teacher_steps (8)"),
+    ("override names no stage", ["distill.updates_overrides={3: 10}"], "distill",
+     pipeline.PipelineError, "names step counts [3] that are not stages"),
+    ("stage length vs checkpoint interval", ["distill.updates_per_stage=15"], "distill",
+     pipeline.PipelineError, "not a multiple of distill.checkpoint_every (10)"),
+    ("zero teacher steps", ["teacher.train_steps=0"], "train_teacher",
+     pipeline.PipelineError, "train_steps must be a positive integer, got 0"),
+    ("teacher steps vs checkpoint interval", ["teacher.train_steps=55"], "train_teacher",
+     pipeline.PipelineError, "must be a multiple of teacher.checkpoint_every (10)"),
+    ("attention at a missing resolution", ["UNet.attention_resolutions=(4,)"],
+     "train_teacher", ValueError, "attention_resolutions [4] never occur"),
+    ("image size vs downsampling", ["dataset.image_size=15"], "train_teacher",
+     ValueError, "not divisible by the downsampling factor 2"),
+    ("dropout out of range", ["UNet.dropout=1.5"], "train_teacher", ValueError,
+     "dropout must be in [0, 1), got 1.5"),
+    ("unknown dataset", ["dataset.name='cifar100'"], "train_teacher", ValueError,
+     "cifar100"),
+    ("missing data folder", ["dataset.name='fashion_mnist'",
+                             "dataset.data_dir='/nonexistent/fmnist'"], "train_teacher",
+     FileNotFoundError, "/nonexistent/fmnist"),
+    ("tfds data not prepared", ["dataset.name='cifar10'", "dataset.data_dir='/nonexistent/tfds'"],
+     "train_teacher", FileNotFoundError, "/nonexistent/tfds"),
+    ("zero batch size", ["dataset.batch_size=0"], "train_teacher", ValueError,
+     "batch_size"),
+    ("class-conditional net, unlabelled data", ["UNet.num_classes=10"], "train_teacher",
+     pipeline.PipelineError, "needs labelled data: set dataset.with_labels = True"),
+    ("labelled data, unconditional net", ["dataset.with_labels=True"], "train_teacher",
+     pipeline.PipelineError, "the UNet is unconditional: set UNet.num_classes"),
+    ("unknown mode", [], "train", pipeline.PipelineError,
+     "Unknown mode 'train'; allowed: train_teacher, distill, export, eval, all"),
+    ("distillation without a teacher", [], "distill", pipeline.PipelineError,
+     "No trained teacher in"),
+]
+
+
+@pytest.mark.parametrize("case,bindings,mode,error,message", BAD_INPUTS,
+                         ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_fails_before_training(tmp_path, case, bindings, mode, error, message):
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")],
+                                            SMALL + bindings)
+        start = time.time()
+        with pytest.raises(error) as info:
+            pipeline.run(str(tmp_path / "work"), mode, verbose=0)
+        print(f"| {case} | `{'; '.join(bindings) or mode}` | {type(info.value).__name__}: "
+              f"{str(info.value).splitlines()[0][:160]} |")
+        assert message in str(info.value)
+        assert time.time() - start < 30, "validation must come before any training"
+        assert not os.path.exists(str(tmp_path / "work" / "teacher" / "ckpt.json"))
+    finally:
+        gin.clear_config()
+
+
+def test_unknown_gin_binding_is_a_usage_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bin", "run.py"), "--gin_file=tiny",
+         f"--workdir={tmp_path}", "--gin_param=UNet.chanels=8"],
+        capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode != 0
+    assert "Bad gin configuration" in result.stderr and "chanels" in result.stderr
+
+
+def test_missing_gin_file_lists_the_available_ones(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bin", "run.py"), "--gin_file=cifar11",
+         f"--workdir={tmp_path}"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode != 0
+    assert "--gin_file=cifar11: no such file" in result.stderr
+    assert "cifar_v.gin" in result.stderr
+
+
+def _in_process(workdir, mode, bindings=()):
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")],
+                                            SMALL + list(bindings))
+        return pipeline.run(workdir, mode, verbose=0)
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.slow
+def test_mismatched_network_config_is_refused(trained_workdir):
+    with pytest.raises(pipeline.PipelineError, match="network config .* does not match"):
+        _in_process(trained_workdir, "distill", ["UNet.channels=16"])
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_is_detected(trained_workdir, tmp_path):
+    import shutil
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(trained_workdir, copy)
+    path = os.path.join(copy, "teacher", "final.npz")
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.remove(os.path.join(copy, "student_00004", "final.json"))
+    with pytest.raises(checkpoint.CheckpointError, match="is corrupt: its sha256"):
+        _in_process(copy, "distill")
+
+
+@pytest.mark.slow
+def test_eval_writes_metrics_report_and_plot(trained_workdir, tmp_path):
+    import shutil
+
+    pytest.importorskip("torch")
+    copy = str(tmp_path / "eval")
+    shutil.copytree(trained_workdir, copy)
+    _in_process(copy, "eval", ["evaluate.num_samples=16", "evaluate.num_reference=32",
+                               "evaluate.ddim_steps=(1, 2)", "evaluate.batch_size=16"])
+    with open(os.path.join(copy, "eval", "metrics.json")) as f:
+        report = json.load(f)
+    kinds = [(r["kind"], r["num_steps"]) for r in report["results"]]
+    assert kinds == [("ddim", 1), ("ddim", 2), ("teacher", 8), ("distilled", 4),
+                     ("distilled", 2), ("distilled", 1)]
+    for r in report["results"]:
+        assert r["fid"] is None and "2048" in r["fid_note"]
+        assert np.isfinite(r["kid"]) and np.isfinite(r["kid_std_err"])
+    for name in ("report.md", "fid_vs_steps.png", "distilled_00001steps.png"):
+        assert os.path.exists(os.path.join(copy, "eval", name))
+
+
+def test_eval_of_an_empty_workdir_says_so(tmp_path):
+    from keras_progdist.evaluation.report import EvaluationError
+
+    with pytest.raises(EvaluationError, match="Nothing to evaluate"):
+        _in_process(str(tmp_path / "empty"), "eval")
