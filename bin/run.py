@@ -70,7 +70,10 @@ def main(argv):
         raise app.UsageError(f"Bad gin configuration ({', '.join(files)}"
                              f"{'; ' + '; '.join(FLAGS.gin_param) if FLAGS.gin_param else ''}"
                              f"): {e}") from None
-    strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
+    try:
+        strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
+    except distribute.StrategyError as e:
+        raise app.UsageError(str(e)) from None
     try:
         pipeline.run(workdir, FLAGS.mode, strategy=strategy, export_dir=FLAGS.export_dir,
                      overwrite=FLAGS.overwrite, experiment_name=name,

@@ -5,14 +5,23 @@ logical CPU devices), `multi_worker` (`TF_CONFIG`), `tpu` (`TPUClusterResolver`)
 JAX backend: `data_parallel` (`keras.distribution.DataParallel` over all devices).
 Keras' `fit` then splits each global batch across replicas; the losses scale
 themselves for the replica count (`scale_loss_for_distribution`) and every replica
-folds its id into the training seed.
+folds its id into the training seed. On JAX the batch is one global array sharded
+over the devices, so the noise is one global draw and nothing needs scaling.
+
+`tests/test_distribute.py` checks both against a single device: 2-replica updates
+equal the mean of the per-replica gradients (not their sum), losses agree, the EMA
+stays identical on every replica and a distillation teacher stays frozen.
 """
 
 from __future__ import annotations
 
+import socket
+from urllib.parse import urlparse
+
 import keras
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu", "data_parallel")
+TPU_CONNECT_TIMEOUT_S = 10.0
 
 
 class StrategyError(ValueError):
@@ -23,6 +32,19 @@ def get_strategy(name: str = "default", tpu: str | None = None):
     """Returns a `tf.distribute.Strategy`, or None (default / JAX data parallel).
 
     For `data_parallel` this sets the global `keras.distribution` and returns None.
+
+    Args:
+        name: one of `STRATEGIES`.
+        tpu: for `tpu`: a Cloud TPU name, `grpc://host:port`, or `local` (TPU VM).
+
+    Raises:
+        StrategyError: an unknown name, a strategy of the other backend, or no TPU.
+
+    Example:
+        >>> strategy = get_strategy("mirrored")  # doctest: +SKIP
+        >>> with strategy.scope():  # doctest: +SKIP
+        ...     model = DiffusionModel(...)
+        ...     model.compile(optimizer, **fit_settings(strategy, True, 10))
     """
     if name not in STRATEGIES:
         raise StrategyError(f"Unknown strategy {name!r}; allowed: {', '.join(STRATEGIES)}.")
@@ -48,13 +70,73 @@ def get_strategy(name: str = "default", tpu: str | None = None):
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
+    return _tpu_strategy(tpu)
+
+
+def _tpu_strategy(tpu: str | None):
+    import tensorflow as tf
+
+    given = f"--tpu={tpu}" if tpu else "no --tpu given"
+
+    def no_tpu(reason: str) -> StrategyError:
+        return StrategyError(
+            f"--strategy=tpu: no TPU found ({given}): {reason}. Name one with "
+            "--tpu=<name> (a Cloud TPU name or grpc://host:8470), or --tpu=local on a "
+            "TPU VM.")
+
+    # A grpc address with nothing listening makes TensorFlow retry forever; fail fast.
+    if tpu and tpu.startswith("grpc://"):
+        address = urlparse(tpu)
+        try:
+            socket.create_connection((address.hostname, address.port or 8470),
+                                     timeout=TPU_CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as e:
+            raise no_tpu(f"cannot connect to {address.netloc} ({e})") from None
     try:
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, RuntimeError, tf.errors.OpError) as e:
-        raise StrategyError(
-            f"--strategy=tpu: no TPU found (tpu={tpu!r}): {str(e).splitlines()[0]}. "
-            "Name one with --tpu=<name> (a Cloud TPU name or grpc://host:8470), or "
-            "--tpu=local on a TPU VM.") from None
+    # Resolving a name may also fail in the Cloud TPU client (HTTP, DNS, auth errors).
+    except Exception as e:  # pylint: disable=broad-except
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise no_tpu(first_line.split(". ")[0].rstrip(".")[:200]) from None
     return tf.distribute.TPUStrategy(resolver)
+
+
+def num_replicas(strategy=None) -> int:
+    """Replicas that share each global batch (JAX: devices of the distribution)."""
+    if strategy is not None:
+        return int(strategy.num_replicas_in_sync)
+    distribution = keras.distribution.distribution() if keras.backend.backend() == "jax" \
+        else None
+    if distribution is not None:
+        return len(distribution.device_mesh.devices.flatten())
+    return 1
+
+
+def fit_settings(strategy, jit_compile: bool, steps_per_execution: int) -> dict:
+    """`model.compile` keyword arguments that run under `strategy`.
+
+    Under any multi-replica tf.distribute strategy `jit_compile=False`: XLA cannot
+    compile one function over several devices (TPUStrategy compiles each replica's
+    step with XLA anyway). Under `MirroredStrategy` / `MultiWorkerMirroredStrategy`
+    also `steps_per_execution=1`: Keras 3's multi-step loop (a `tf.while_loop` whose
+    `tf.cond` holds the optimizer's cross-replica `merge_call`) fails at run time with
+    "You must feed a value for placeholder tensor" (keras-team/keras#19246).
+    TPUStrategy keeps its steps per execution; they are what keeps a TPU busy.
+
+    Returns:
+        `{"jit_compile": bool, "steps_per_execution": int}`.
+    """
+    settings = {"jit_compile": bool(jit_compile),
+                "steps_per_execution": int(steps_per_execution)}
+    if strategy is None or strategy.num_replicas_in_sync <= 1 or \
+            keras.backend.backend() != "tensorflow":
+        return settings
+    import tensorflow as tf
+
+    settings["jit_compile"] = False
+    if isinstance(strategy, (tf.distribute.MirroredStrategy,
+                             tf.distribute.MultiWorkerMirroredStrategy)):
+        settings["steps_per_execution"] = 1
+    return settings

@@ -71,6 +71,11 @@ def make_optimizer(learning_rate=2e-4, warmup_steps: int = 0, decay_to_zero_step
 
 
 def reset_optimizer(optimizer) -> None:
-    """Zeroes the optimizer's slots and step counter (a fresh start for a new stage)."""
+    """Zeroes the optimizer's slots and step counter (a fresh start for a new stage).
+
+    A float learning rate is itself one of `optimizer.variables`; it is kept.
+    """
+    learning_rate = getattr(optimizer, "_learning_rate", None)
     for variable in optimizer.variables:
-        variable.assign(ops.zeros(variable.shape, variable.dtype))
+        if variable is not learning_rate:
+            variable.assign(ops.zeros(variable.shape, variable.dtype))

@@ -7,7 +7,9 @@ Work directory layout (every file written atomically):
     <workdir>/teacher/ckpt.{npz,json}  in-progress teacher: weights, EMA, optimizer, RNG, step
     <workdir>/teacher/final.{npz,json} the finished teacher's sampling (EMA) network
     <workdir>/student_<N>/ckpt|final   the same for each distillation stage
-    <workdir>/stages.json              one line per finished stage (steps, updates, loss, time)
+    <workdir>/stages.json              one line per finished stage (steps, updates, loss,
+                                       seconds of the process that finished it), derived
+                                       from the `final` checkpoints' metadata
     <workdir>/samples/*.png            sample grids, all stages from the same noise
     <workdir>/logs/                    TensorBoard
 
@@ -28,7 +30,7 @@ import gin
 import keras
 import numpy as np
 
-from keras_progdist import checkpoint, data, images, parameterizations
+from keras_progdist import checkpoint, data, distribute, images, parameterizations
 from keras_progdist.diffusion import DiffusionModel, copy_weights
 from keras_progdist.distillation import Distiller
 from keras_progdist.evaluation import report  # registers the evaluate.* gin bindings
@@ -246,18 +248,35 @@ class Experiment:
         return self.sampling_model(network, num_steps)
 
     def finished_stages(self) -> list:
-        path = self.path("stages.json")
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return json.load(f)
+        """One entry per finished stage, in ladder order, read from the `final`
+        checkpoints themselves (so a kill between two writes cannot lose a stage)."""
+        entries = []
+        for stage in ["teacher"] + [f"student_{n:05d}" for n in self.distill_cfg["ladder"]]:
+            if checkpoint.exists(self.path(stage), "final"):
+                meta = checkpoint.read_meta(self.path(stage), "final")
+                entries.append({k: meta[k] for k in
+                                ("stage", "num_steps", "updates", "loss", "seconds")})
+        return entries
 
-    def _record_stage(self, entry: dict) -> None:
-        stages = [s for s in self.finished_stages() if s["stage"] != entry["stage"]]
-        _write_json(self.path("stages.json"), stages + [entry])
-        print(f"[stage] {entry['stage']}: {entry['num_steps']} steps, "
-              f"{entry['updates']} updates, loss {entry['loss']:.5f}, "
-              f"{entry['seconds']:.1f} s", flush=True)
+    def _finish_stage(self, stage: str, network, num_steps: int, updates: int, loss: float,
+                      seconds: float) -> DiffusionModel:
+        """Saves the stage's network (its completion marker), grid, and summary line."""
+        entry = {"stage": stage, "num_steps": num_steps, "updates": updates,
+                 "loss": loss, "seconds": seconds}
+        checkpoint.save(self.path(stage), "final", network, meta={"step": updates, **entry},
+                        include_optimizer=False)
+        print(f"[stage] {stage}: {num_steps} steps, {updates} updates, loss {loss:.5f}, "
+              f"{seconds:.1f} s", flush=True)
+        return self._finished(stage, num_steps)
+
+    def _finished(self, stage: str, num_steps: int) -> DiffusionModel:
+        """Loads a finished stage; (re)writes its sample grid and stages.json if missing."""
+        sampler = self.load_final(stage, num_steps)
+        grid = f"teacher_{num_steps:05d}steps.png" if stage == "teacher" else f"{stage}.png"
+        if not os.path.exists(self.path("samples", grid)):
+            self.sample_grid(sampler, num_steps, grid)
+        _write_json(self.path("stages.json"), self.finished_stages())
+        return sampler
 
     def callbacks(self, checkpointer: StepCheckpoint, stage: str):
         callbacks = [checkpointer]
@@ -277,7 +296,7 @@ class Experiment:
         directory = self.path("teacher")
         if checkpoint.exists(directory, "final"):
             print("[stage] teacher: finished earlier, skipping", flush=True)
-            return self.load_final("teacher", steps)
+            return self._finished("teacher", steps)
         start = time.time()
         with self.scope():
             model = DiffusionModel(self.new_network(), schedule=self.schedule,
@@ -285,8 +304,8 @@ class Experiment:
             model.compile(optimizer=make_optimizer(
                 cfg["learning_rate"], warmup_steps=cfg["warmup_steps"],
                 global_clipnorm=cfg["global_clipnorm"], weight_decay=cfg["weight_decay"]),
-                jit_compile=self._jit(cfg["jit_compile"]),
-                steps_per_execution=cfg["steps_per_execution"])
+                **distribute.fit_settings(self.strategy, cfg["jit_compile"],
+                                          cfg["steps_per_execution"]))
             model.optimizer.build(model.trainable_variables)
         done = 0
         if checkpoint.exists(directory, "ckpt"):
@@ -299,15 +318,8 @@ class Experiment:
             history = resumable_fit(model, self.dataset, cfg["train_steps"], every, done,
                                     self.callbacks(saver, "teacher"), saver, verbose)
         loss = _last_loss(history, directory)
-        checkpoint.save(directory, "final", model.sampling_network,
-                        meta={"step": cfg["train_steps"], "loss": loss},
-                        include_optimizer=False)
-        sampler = self.load_final("teacher", steps)
-        self.sample_grid(sampler, steps, f"teacher_{steps:05d}steps.png")
-        self._record_stage({"stage": "teacher", "num_steps": steps,
-                            "updates": cfg["train_steps"], "loss": loss,
-                            "seconds": time.time() - start})
-        return sampler
+        return self._finish_stage("teacher", model.sampling_network, steps,
+                                  cfg["train_steps"], loss, time.time() - start)
 
     def distill(self, verbose: int = 1) -> list:
         """Runs (or resumes) every distillation stage; returns the finished ladder."""
@@ -322,8 +334,8 @@ class Experiment:
             stage = f"student_{n:05d}"
             directory = self.path(stage)
             if checkpoint.exists(directory, "final"):
-                previous = self.load_final(stage, n).network
                 print(f"[stage] {stage}: finished earlier, skipping", flush=True)
+                previous = self._finished(stage, n).network
                 continue
             start = time.time()
             updates = cfg["updates"][n]
@@ -341,8 +353,8 @@ class Experiment:
                         optimizer=make_optimizer(cfg["learning_rate"],
                                                  decay_to_zero_steps=updates,
                                                  global_clipnorm=1.0),
-                        jit_compile=self._jit(cfg["jit_compile"]),
-                        steps_per_execution=cfg["steps_per_execution"])
+                        **distribute.fit_settings(self.strategy, cfg["jit_compile"],
+                                                  cfg["steps_per_execution"]))
                     distiller.optimizer.build(distiller.trainable_variables)
                 compiled_for = updates
             distiller.start_stage(previous, n)
@@ -358,13 +370,8 @@ class Experiment:
                 history = resumable_fit(distiller, self.dataset, updates, every, done,
                                         self.callbacks(saver, stage), saver, verbose)
             loss = _last_loss(history, directory)
-            checkpoint.save(directory, "final", distiller.student,
-                            meta={"step": updates, "loss": loss}, include_optimizer=False)
-            sampler = self.load_final(stage, n)
-            previous = sampler.network
-            self.sample_grid(sampler, n, f"{stage}.png")
-            self._record_stage({"stage": stage, "num_steps": n, "updates": updates,
-                                "loss": loss, "seconds": time.time() - start})
+            previous = self._finish_stage(stage, distiller.student, n, updates, loss,
+                                          time.time() - start).network
         return self.finished_stages()
 
     def stage_models(self) -> list:
@@ -376,13 +383,6 @@ class Experiment:
             if checkpoint.exists(self.path(stage), "final"):
                 models.append((stage, n, self.load_final(stage, n)))
         return models
-
-    def _jit(self, requested: bool) -> bool:
-        # XLA cannot compile across logical CPU devices of one MirroredStrategy.
-        if self.strategy is not None and self.strategy.num_replicas_in_sync > 1 and \
-                keras.backend.backend() == "tensorflow":
-            return False
-        return requested
 
 
 class Preempted(SystemExit):

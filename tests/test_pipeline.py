@@ -25,6 +25,12 @@ EXPECTED_LADDER = [("teacher", 8, 40), ("student_00004", 4, 20),
                    ("student_00002", 2, 20), ("student_00001", 1, 20)]
 
 
+# Longer stages for the kill test, so kills land mid-stage and restarts must resume.
+KILL_PARAMS = ["teacher.train_steps=200", "distill.updates_per_stage=60"]
+KILL_LADDER = [("teacher", 8, 200), ("student_00004", 4, 60),
+               ("student_00002", 2, 60), ("student_00001", 1, 60)]
+
+
 def _command(workdir, mode, extra=()):
     params = [f"--gin_param={p}" for p in SMALL + list(extra)]
     return [sys.executable, os.path.join(ROOT, "bin", "run.py"), "--gin_file=tiny.gin",
@@ -90,7 +96,8 @@ def test_random_kills_lose_no_stage(tmp_path):
     mode_of = lambda: "distill" if checkpoint.exists(  # noqa: E731
         os.path.join(workdir, "teacher"), "final") else "train_teacher"
     for sig in kills:
-        process = subprocess.Popen(_command(workdir, mode_of()), stdout=subprocess.PIPE,
+        process = subprocess.Popen(_command(workdir, mode_of(), KILL_PARAMS),
+                                   stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, env=_env())
         # Wait for the first checkpoint of this process (or its end), then a random delay.
         deadline = time.time() + 300
@@ -98,7 +105,7 @@ def test_random_kills_lose_no_stage(tmp_path):
         while time.time() < deadline and process.poll() is None and \
                 _ckpt_steps(workdir) == start_ckpts:
             time.sleep(0.5)
-        time.sleep(rng.uniform(0.0, 4.0))
+        time.sleep(rng.uniform(0.0, 1.5))
         if process.poll() is None:
             process.send_signal(sig)
         output = process.communicate(timeout=300)[0]
@@ -107,9 +114,9 @@ def test_random_kills_lose_no_stage(tmp_path):
         resumed += output.count("resuming at")
         _all_checkpoints_verify(workdir)
     for mode in ("train_teacher", "distill"):
-        output = _run(workdir, mode).stdout
+        output = _run(workdir, mode, KILL_PARAMS).stdout
         resumed += output.count("resuming at")
-    assert _ladder(workdir) == EXPECTED_LADDER
+    assert _ladder(workdir) == KILL_LADDER
     assert resumed >= 2, "the restarts should have resumed from checkpoints"
     _all_checkpoints_verify(workdir)
 
