@@ -255,6 +255,20 @@ class DiffusionModel(keras.Model):
         return compile_with_variables(run, network.variables)
 
     # -- serialization -------------------------------------------------------------
+    _SEED_KEY = "train_seed_state"
+
+    def save_own_variables(self, store):
+        # Keras does not save SeedGenerator state in .keras files; without it a model
+        # resumed from one would replay the training noise from step 0.
+        super().save_own_variables(store)
+        store[self._SEED_KEY] = ops.convert_to_numpy(self.seed_generator.state.value)
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        if self._SEED_KEY in keys:
+            self.seed_generator.state.assign(store[self._SEED_KEY])
+        super().load_own_variables({k: store[k] for k in keys if k != self._SEED_KEY})
+
     def get_config(self):
         return {
             "name": self.name,

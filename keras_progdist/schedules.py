@@ -59,12 +59,18 @@ class Schedule:
         self.logsnr_max = float(logsnr_max)
         self._b = math.atan(math.exp(-0.5 * self.logsnr_max))
         self._a = math.atan(math.exp(-0.5 * self.logsnr_min)) - self._b
+        # Complementary angle: tan(a t + b) = 1 / tan(c + a (1 - t)).
+        self._c = math.atan(math.exp(0.5 * self.logsnr_min))
 
     def logsnr(self, t):
         """logSNR at time `t` (any shape, float)."""
         t = ops.cast(t, "float32")
         if self.name == "cosine":
-            return -2.0 * ops.log(ops.tan(self._a * t + self._b))
+            # Near t = 1 the angle a t + b is within 5e-5 of pi/2 and float32 rounding
+            # of it moves log tan by 1e-3; the complementary angle keeps it small.
+            near_zero = -2.0 * ops.log(ops.tan(self._a * t + self._b))
+            near_one = 2.0 * ops.log(ops.tan(self._c + self._a * (1.0 - t)))
+            return ops.where(t < 0.5, near_zero, near_one)
         return self.logsnr_max + t * (self.logsnr_min - self.logsnr_max)
 
     def t(self, logsnr):

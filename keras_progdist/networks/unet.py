@@ -18,7 +18,12 @@ PACKAGE = "keras_progdist"
 
 
 def _groups(channels: int, num_groups: int) -> int:
-    groups = min(num_groups, channels)
+    """GroupNorm groups: at most `num_groups`, at least 4 channels a group.
+
+    The time/class embedding is added per channel before a GroupNorm; with one channel
+    a group the norm subtracts it away and the network ignores `t` and the label.
+    """
+    groups = max(1, min(num_groups, channels // 4))
     while channels % groups:
         groups -= 1
     return groups
