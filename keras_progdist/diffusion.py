@@ -45,8 +45,8 @@ def network_denoise(network, z, t, schedule: Schedule, parameterization: str,
 def diffuse(x, eps, logsnr):
     """`z = alpha x + sigma eps` for per-example `logsnr` `[B]`."""
     alpha, sigma = alpha_sigma(logsnr)
-    shape = (-1,) + (1,) * (len(x.shape) - 1)
-    return ops.reshape(alpha, shape) * x + ops.reshape(sigma, shape) * eps
+    return parameterizations.expand_to(alpha, x) * x + \
+        parameterizations.expand_to(sigma, x) * eps
 
 
 def training_seed(seed_generator):

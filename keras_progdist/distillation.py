@@ -23,12 +23,11 @@ from keras_progdist.diffusion import (copy_weights, diffuse, network_denoise,
                                       training_seed)
 from keras_progdist.networks.unet import UNet
 from keras_progdist.random_utils import TensorSeed, fold_in
+from keras_progdist.parameterizations import expand_to
 from keras_progdist.samplers import ddim_step
 from keras_progdist.schedules import Schedule, alpha_sigma, get_schedule, log_sigma_ratio
 
 
-def _bcast(v, like):
-    return ops.reshape(v, (-1,) + (1,) * (len(like.shape) - 1))
 
 
 def teacher_two_steps(teacher_denoise, z_t, t, num_student_steps, schedule: Schedule):
@@ -61,8 +60,9 @@ def distillation_target(z_t, z_end, x_hat_last, t, t_end, schedule: Schedule):
     alpha_t, _ = alpha_sigma(logsnr_t)
     alpha_end, _ = alpha_sigma(logsnr_end)
     ratio = ops.exp(log_sigma_ratio(logsnr_end, logsnr_t))
-    x_tilde = (z_end - _bcast(ratio, z_t) * z_t) / _bcast(alpha_end - ratio * alpha_t, z_t)
-    return ops.where(_bcast(t_end, z_t) > 0.0, x_tilde, x_hat_last)
+    denominator = expand_to(alpha_end - ratio * alpha_t, z_t)
+    x_tilde = (z_end - expand_to(ratio, z_t) * z_t) / denominator
+    return ops.where(expand_to(t_end, z_t) > 0.0, x_tilde, x_hat_last)
 
 
 @keras.saving.register_keras_serializable(package="keras_progdist")

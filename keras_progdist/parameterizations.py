@@ -36,7 +36,7 @@ def output_channels(name: str, image_channels: int) -> int:
     return 2 * image_channels if name == "both" else image_channels
 
 
-def _bcast(v, like):
+def expand_to(v, like):
     """Reshape a per-example vector `[B]` to broadcast against `like` `[B, H, W, C]`."""
     return ops.reshape(ops.cast(v, like.dtype), (-1,) + (1,) * (len(like.shape) - 1))
 
@@ -59,7 +59,7 @@ def predict(output, z, logsnr, parameterization: str, clip_x: bool = False):
     output = ops.cast(output, "float32")
     z = ops.cast(z, "float32")
     alpha, sigma = alpha_sigma(logsnr)
-    alpha, sigma = _bcast(alpha, z), _bcast(sigma, z)
+    alpha, sigma = expand_to(alpha, z), expand_to(sigma, z)
     eps_hat = None
     if parameterization == "x":
         x_hat = output
@@ -88,7 +88,7 @@ def target(x, eps, logsnr, parameterization: str):
     """
     check_parameterization(parameterization)
     alpha, sigma = alpha_sigma(logsnr)
-    alpha, sigma = _bcast(alpha, x), _bcast(sigma, x)
+    alpha, sigma = expand_to(alpha, x), expand_to(sigma, x)
     if parameterization == "x":
         return x
     if parameterization == "eps":

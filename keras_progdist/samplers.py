@@ -16,6 +16,7 @@ from keras import ops
 
 import keras
 
+from keras_progdist.parameterizations import expand_to
 from keras_progdist.random_utils import TensorSeed, fold_in
 from keras_progdist.schedules import Schedule, alpha_sigma
 
@@ -26,8 +27,6 @@ def _per_example(value, z):
     return ops.ones((ops.shape(z)[0],), "float32") * ops.cast(value, "float32")
 
 
-def _bcast(v, like):
-    return ops.reshape(v, (-1,) + (1,) * (len(like.shape) - 1))
 
 
 def _denoise(denoise_fn, z, t, logsnr, clip):
@@ -43,15 +42,15 @@ def _denoise(denoise_fn, z, t, logsnr, clip):
         eps_hat = None
     if eps_hat is None:
         alpha, sigma = alpha_sigma(logsnr)
-        eps_hat = (z - _bcast(alpha, z) * x_hat) / _bcast(sigma, z)
+        eps_hat = (z - expand_to(alpha, z) * x_hat) / expand_to(sigma, z)
     return x_hat, ops.cast(eps_hat, "float32")
 
 
 def ddim_step(z_t, x_hat, eps_hat, logsnr_s, s):
     """One DDIM update `z_s = alpha_s x_hat + sigma_s eps_hat`; `x_hat` when `s = 0`."""
     alpha_s, sigma_s = alpha_sigma(logsnr_s)
-    z_s = _bcast(alpha_s, z_t) * x_hat + _bcast(sigma_s, z_t) * eps_hat
-    return ops.where(_bcast(s, z_t) > 0.0, z_s, x_hat)
+    z_s = expand_to(alpha_s, z_t) * x_hat + expand_to(sigma_s, z_t) * eps_hat
+    return ops.where(expand_to(s, z_t) > 0.0, z_s, x_hat)
 
 
 def ddim_sample(denoise_fn: Callable, noise, num_steps, schedule: Schedule,
@@ -110,8 +109,8 @@ def ancestral_sample(denoise_fn: Callable, noise, num_steps, schedule: Schedule,
         alpha_t, sigma_t = alpha_sigma(logsnr_t)
         alpha_s, sigma_s = alpha_sigma(logsnr_s)
         r = ops.exp(logsnr_t - logsnr_s)
-        mean = (_bcast(r * alpha_s / alpha_t, z_t) * z_t
-                + _bcast((1.0 - r) * alpha_s, z_t) * x_hat)
+        mean = (expand_to(r * alpha_s / alpha_t, z_t) * z_t
+                + expand_to((1.0 - r) * alpha_s, z_t) * x_hat)
         log_small = ops.log1p(-r) + 2.0 * ops.log(sigma_s)
         log_large = ops.log1p(-r) + 2.0 * ops.log(sigma_t)
         if variance == "fixed_small":
@@ -121,8 +120,8 @@ def ancestral_sample(denoise_fn: Callable, noise, num_steps, schedule: Schedule,
         else:
             log_var = gamma * log_small + (1.0 - gamma) * log_large
         eps = keras.random.normal(ops.shape(z_t), seed=TensorSeed(fold_in(base_seed, i)))
-        z_s = mean + _bcast(ops.exp(0.5 * log_var), z_t) * eps
-        return ops.where(_bcast(s, z_t) > 0.0, z_s, x_hat)
+        z_s = mean + expand_to(ops.exp(0.5 * log_var), z_t) * eps
+        return ops.where(expand_to(s, z_t) > 0.0, z_s, x_hat)
 
     return ops.fori_loop(0, num_steps, body, z)
 
