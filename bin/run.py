@@ -12,7 +12,7 @@ command resumes from the last checkpoint; finished stages are skipped.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,6 +57,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.gin_file:
         raise app.UsageError("Pass at least one --gin_file (e.g. --gin_file=tiny.gin).")
+    # SavedModel export logs every renamed input at INFO; keep the console readable.
+    logging.set_verbosity(logging.WARNING)
     import gin
 
     from keras_progdist import distribute, pipeline
