@@ -6,7 +6,7 @@ VENV="$(bash "$ROOT/bin/setup_env.sh" | tail -n 1)"
 cd "$ROOT"
 export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2}"
 echo "== TensorFlow backend: all tests"
-KERAS_BACKEND=tensorflow "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+KERAS_BACKEND=tensorflow "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "$@"
 echo "== JAX backend: backend-agnostic tests (the slow end-to-end runs are TF-only here)"
 KERAS_BACKEND=jax "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_schedules.py tests/test_parameterizations.py tests/test_losses.py \
