@@ -1,7 +1,9 @@
-"""Input pipelines: float32 images in [-1, 1], NHWC, as `tf.data.Dataset`.
+"""Input pipelines: float32 images in [-1, 1], NHWC, as `tf.data.Dataset` or numpy.
 
-This is the one module that is TensorFlow by nature (tf.data, tfds,
-`tf.distribute.InputContext`); everything downstream sees plain tensors.
+The main pipeline is tf.data (tfds, `tf.distribute.InputContext`); everything
+downstream sees plain tensors. TensorFlow is imported only when that pipeline runs:
+the in-memory datasets also come as numpy batches (`pipeline="numpy"`, chosen
+automatically where TensorFlow is not installed, as on the JAX GPU host).
 
 Datasets (see `DATASETS`, `dataset_info`):
 
@@ -42,19 +44,25 @@ import zlib
 
 import gin
 import numpy as np
-import tensorflow as tf
+
+from keras_progdist.array_data import ArrayBatches
 
 __all__ = [
     "DATASETS",
+    "ArrayBatches",
     "DatasetSpec",
     "IdxFormatError",
+    "PIPELINES",
+    "batch_spec",
     "dataset_info",
+    "fit_input",
     "load_images",
     "make_dataset",
     "read_idx",
 ]
 
 RESIZE_METHODS = ("bilinear", "pad")
+PIPELINES = ("auto", "tf.data", "numpy")
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_MNIST_HOW_TO_GET = (
     "`apt-get install dataset-fashion-mnist` (installs into "
@@ -471,11 +479,10 @@ def _source_dataset(spec, split, data_dir, manual_dir, shuffle, seed, input_cont
 
     Returns (dataset, num_examples or None, is_tfds).
     """
+    import tensorflow as tf
+
     if spec.source in ("embedded", "idx"):
-        if spec.source == "embedded":
-            images, labels = _load_embedded()
-        else:
-            images, labels = _load_fashion(_fashion_files(data_dir, split))
+        images, labels = _in_memory_source(spec, split, data_dir)
         if input_context is not None:
             k, n = input_context.input_pipeline_id, input_context.num_input_pipelines
             images, labels = images[k::n], labels[k::n]
@@ -508,6 +515,7 @@ def _source_dataset(spec, split, data_dir, manual_dir, shuffle, seed, input_cont
 
 def _preprocess_fn(spec, size, resize):
     """uint8 HWC -> float32 HWC in [0, 255]: center crop, then resize or pad."""
+    import tensorflow as tf
 
     def fn(image):
         image = tf.convert_to_tensor(image)
@@ -543,6 +551,57 @@ def _validate(name, split, image_size, resize, with_labels):
     return spec, size
 
 
+def _in_memory_source(spec, split, data_dir):
+    """(uint8 NHWC images, int32 labels) of an embedded or idx dataset."""
+    if spec.source == "embedded":
+        return _load_embedded()
+    return _load_fashion(_fashion_files(data_dir, split))
+
+
+def _preprocess_array(spec, images, size, resize, chunk=8192):
+    """uint8 NHWC -> float32 NHWC in [0, 255], as `_preprocess_fn` but on whole arrays
+    with `keras.ops` (no TensorFlow needed): pad losslessly, or antialiased bilinear."""
+    src = images.shape[1]
+    if resize == "pad" or src == size:
+        offset = (size - src) // 2
+        pad = ((0, 0), (offset, size - src - offset), (offset, size - src - offset), (0, 0))
+        return np.pad(images, pad).astype(np.float32)
+    import keras
+
+    out = []
+    for start in range(0, len(images), chunk):
+        part = keras.ops.image.resize(images[start:start + chunk].astype(np.float32),
+                                      (size, size), interpolation="bilinear",
+                                      antialias=True, data_format="channels_last")
+        out.append(np.clip(keras.ops.convert_to_numpy(part), 0.0, 255.0))
+    if not out:
+        return np.zeros((0, size, size, spec.channels), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def _tensorflow_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _choose_pipeline(spec, pipeline, input_context):
+    if pipeline not in PIPELINES:
+        raise ValueError(f"Unknown pipeline={pipeline!r}; allowed: {list(PIPELINES)}.")
+    if pipeline == "auto":
+        pipeline = "tf.data" if _tensorflow_available() else "numpy"
+    if pipeline == "numpy" and spec.source == "tfds":
+        raise ValueError(
+            f"Dataset {spec.name!r} is read with tensorflow-datasets, which needs "
+            "TensorFlow; the numpy pipeline serves only the in-memory datasets "
+            f"{sorted(n for n, s in DATASETS.items() if s.source != 'tfds')}.")
+    if pipeline == "numpy" and input_context is not None:
+        raise ValueError("input_context is a tf.distribute object; the numpy pipeline "
+                         "takes no input_context (use pipeline='tf.data').")
+    if pipeline == "tf.data" and not _tensorflow_available():
+        raise ImportError("pipeline='tf.data' needs TensorFlow, which is not installed; "
+                          "use pipeline='numpy' (in-memory datasets) or install it.")
+    return pipeline
+
+
 @gin.configurable("dataset")
 def make_dataset(
     name="mnist_embedded",
@@ -559,8 +618,9 @@ def make_dataset(
     resize="bilinear",
     input_context=None,
     drop_remainder=True,
+    pipeline="auto",
 ):
-    """A batched `tf.data.Dataset` of float32 images in [-1, 1], NHWC.
+    """Batches of float32 images in [-1, 1], NHWC: a `tf.data.Dataset` or numpy.
 
     Order of operations: read (sharded by `input_context`), shuffle, repeat,
     crop/resize/pad, scale to [-1, 1], optional random horizontal flip, batch,
@@ -590,19 +650,34 @@ def make_dataset(
         input_context: a `tf.distribute.InputContext`; the data is split into
             disjoint parts by `input_pipeline_id`.
         drop_remainder: drop a last partial batch (static batch shape).
+        pipeline: `"tf.data"`, `"numpy"` (in-memory datasets only; no TensorFlow
+            needed: an `ArrayBatches` whose `stream()` feeds `model.fit`), or
+            `"auto"` (tf.data when TensorFlow is installed, else numpy).
 
     Returns:
-        `tf.data.Dataset` of `x` `(B, H, W, C)` float32, or `(x, label)`.
+        `tf.data.Dataset` or `ArrayBatches` of `x` `(B, H, W, C)` float32, or
+        `(x, label)`. `batch_spec` and `fit_input` treat both alike.
 
     Raises:
-        ValueError: unknown name, split or resize method, bad image_size or
-            batch_size, padding to a smaller size, labels asked of unlabelled data.
+        ValueError: unknown name, split, resize method or pipeline, bad
+            image_size or batch_size, padding to a smaller size, labels asked of
+            unlabelled data, a tfds dataset on the numpy pipeline.
         FileNotFoundError: data folder or files missing, tfds data not prepared.
     """
     spec, size = _validate(name, split, image_size, resize, with_labels)
     if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
             or batch_size <= 0):
         raise ValueError(f"batch_size must be a positive int, got batch_size={batch_size!r}.")
+    pipeline = _choose_pipeline(spec, pipeline, input_context)
+    if pipeline == "numpy":
+        images, labels = _in_memory_source(spec, split, data_dir)
+        x = _preprocess_array(spec, images, size, resize) / 127.5 - 1.0
+        return ArrayBatches(x, labels, batch_size, shuffle=shuffle, seed=seed,
+                            repeat=repeat, with_labels=with_labels,
+                            random_flip=random_flip, drop_remainder=drop_remainder)
+
+    import tensorflow as tf
+
     if input_context is not None:
         if not isinstance(input_context, tf.distribute.InputContext):
             raise ValueError(
@@ -643,6 +718,25 @@ def make_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def batch_spec(dataset) -> tuple:
+    """`(image_shape, batch_size, with_labels)` of a `make_dataset` result.
+
+    `batch_size` is None for a tf.data pipeline without `drop_remainder`.
+    """
+    if isinstance(dataset, ArrayBatches):
+        return dataset.image_shape, dataset.batch_size, dataset.with_labels
+    spec = dataset.element_spec
+    with_labels = isinstance(spec, tuple)
+    image_spec = spec[0] if with_labels else spec
+    return (tuple(int(s) for s in image_spec.shape[1:]), image_spec.shape[0], with_labels)
+
+
+def fit_input(dataset):
+    """What `model.fit` takes: the tf.data pipeline itself, or one numpy generator
+    (to be reused across `fit` calls, so the stream goes on rather than restarting)."""
+    return dataset.stream() if isinstance(dataset, ArrayBatches) else dataset
+
+
 def load_images(
     name,
     split="train",
@@ -656,6 +750,7 @@ def load_images(
 
     For reference statistics (FID/KID): the same crop/resize/pad as
     `make_dataset`, rounded to uint8, in the stored order (no shuffle, no flip).
+    The in-memory datasets need no TensorFlow here.
 
     Args:
         name, split, data_dir, manual_dir, image_size, resize: as in
@@ -677,6 +772,15 @@ def load_images(
         isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0
     ):
         raise ValueError(f"limit must be a non-negative int or None, got limit={limit!r}.")
+    if spec.source != "tfds":
+        images, labels = _in_memory_source(spec, split, data_dir)
+        if limit is not None:
+            images, labels = images[:limit], labels[:limit]
+        images = np.round(_preprocess_array(spec, images, size, resize)).astype(np.uint8)
+        return images, np.asarray(labels, np.int32)
+
+    import tensorflow as tf
+
     ds, _, _ = _source_dataset(spec, split, data_dir, manual_dir, False, 0, None)
     if limit is not None:
         ds = ds.take(int(limit))

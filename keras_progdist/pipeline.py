@@ -165,11 +165,10 @@ class Experiment:
         self.distill_cfg = distill()
         self.schedule = ScheduleConfigurable()
         self.dataset = data.make_dataset()
-        spec = self.dataset.element_spec
-        self.with_labels = isinstance(spec, tuple)
-        image_spec = spec[0] if self.with_labels else spec
-        self.image_shape = tuple(int(s) for s in image_spec.shape[1:])
-        self.batch_size = image_spec.shape[0]
+        self.image_shape, self.batch_size, self.with_labels = data.batch_spec(self.dataset)
+        # One stream for every fit() of the run: a numpy generator goes on where the
+        # last fit() stopped instead of replaying the first batches.
+        self.train_data = data.fit_input(self.dataset)
         self.network_config = self._network_config()
 
     def _network_config(self) -> dict:
@@ -315,7 +314,7 @@ class Experiment:
         every = cfg["checkpoint_every"]
         with PreemptionGuard() as guard:
             saver = StepCheckpoint(directory, model, every, "teacher", done, guard)
-            history = resumable_fit(model, self.dataset, cfg["train_steps"], every, done,
+            history = resumable_fit(model, self.train_data, cfg["train_steps"], every, done,
                                     self.callbacks(saver, "teacher"), saver, verbose)
         loss = _last_loss(history, directory)
         return self._finish_stage("teacher", model.sampling_network, steps,
@@ -367,7 +366,7 @@ class Experiment:
             print(f"[stage] {stage}: distilling {2 * n} -> {n} steps", flush=True)
             with PreemptionGuard() as guard:
                 saver = StepCheckpoint(directory, distiller, every, stage, done, guard)
-                history = resumable_fit(distiller, self.dataset, updates, every, done,
+                history = resumable_fit(distiller, self.train_data, updates, every, done,
                                         self.callbacks(saver, stage), saver, verbose)
             loss = _last_loss(history, directory)
             previous = self._finish_stage(stage, distiller.student, n, updates, loss,
@@ -475,12 +474,12 @@ def resumable_fit(model, dataset, total_steps: int, every: int, done: int, callb
     remainder = (every - done % every) % every
     if remainder and done < total_steps:
         history = model.fit(dataset, epochs=1, steps_per_epoch=remainder,
-                            callbacks=callbacks, verbose=verbose)
+                            callbacks=callbacks, verbose=verbose, shuffle=False)
         done += remainder
     if done < total_steps and not checkpointer.preempted:
         history = model.fit(dataset, epochs=total_steps // every,
                             steps_per_epoch=every, initial_epoch=done // every,
-                            callbacks=callbacks, verbose=verbose)
+                            callbacks=callbacks, verbose=verbose, shuffle=False)
     if checkpointer.preempted:
         raise Preempted(f"[preempted] {checkpointer.stage}: SIGTERM; checkpoint saved at "
                         f"step {checkpointer.step}. Re-run the same command to resume.")
@@ -515,7 +514,8 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
     experiment.check_workdir()
     print(f"[run] {mode} in {workdir}: network {experiment.param_count:,} parameters, "
           f"images {experiment.image_shape}, batch {experiment.batch_size}, "
-          f"stages {experiment.distill_cfg['ladder']}, backend {keras.backend.backend()}",
+          f"stages {experiment.distill_cfg['ladder']}, backend {keras.backend.backend()}, "
+          f"input {type(experiment.dataset).__name__}",
           flush=True)
     if mode in ("train_teacher", "all"):
         experiment.train_teacher(verbose)
