@@ -36,6 +36,9 @@ flags.DEFINE_enum("strategy", "default",
                   "JAX: data_parallel).")
 flags.DEFINE_string("tpu", None, "TPU name or grpc address for --strategy=tpu "
                     "('local' on a TPU VM).")
+flags.DEFINE_float("time_budget_s", None, "Stop cleanly after this many seconds: "
+                   "training checkpoints at the exact step, evaluation keeps the models "
+                   "it finished; exit code 143, and the same command goes on.")
 flags.DEFINE_integer("verbose", 1, "Keras progress bar verbosity (0, 1 or 2).")
 
 
@@ -79,7 +82,7 @@ def main(argv):
     try:
         pipeline.run(workdir, FLAGS.mode, strategy=strategy, export_dir=FLAGS.export_dir,
                      overwrite=FLAGS.overwrite, experiment_name=name,
-                     verbose=FLAGS.verbose)
+                     verbose=FLAGS.verbose, time_budget_s=FLAGS.time_budget_s)
     except pipeline.PipelineError as e:
         raise app.UsageError(str(e)) from None
 

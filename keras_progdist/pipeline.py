@@ -157,9 +157,10 @@ def _positive(**values):
 class Experiment:
     """Everything a run needs, built and checked up front from the gin config."""
 
-    def __init__(self, workdir: str, strategy=None):
+    def __init__(self, workdir: str, strategy=None, deadline: float | None = None):
         self.workdir = workdir
         self.strategy = strategy
+        self.deadline = deadline
         self.diffusion = diffusion()
         self.teacher_cfg = teacher()
         self.distill_cfg = distill()
@@ -312,7 +313,7 @@ class Experiment:
             print(f"[stage] teacher: resuming at step {done}/{cfg['train_steps']}",
                   flush=True)
         every = cfg["checkpoint_every"]
-        with PreemptionGuard() as guard:
+        with PreemptionGuard(self.deadline) as guard:
             saver = StepCheckpoint(directory, model, every, "teacher", done, guard)
             history = resumable_fit(model, self.train_data, cfg["train_steps"], every, done,
                                     self.callbacks(saver, "teacher"), saver, verbose)
@@ -336,6 +337,9 @@ class Experiment:
                 print(f"[stage] {stage}: finished earlier, skipping", flush=True)
                 previous = self._finished(stage, n).network
                 continue
+            if self.deadline is not None and time.time() > self.deadline:
+                raise Preempted(f"[preempted] time budget spent before {stage}; finished "
+                                "stages are saved. Re-run the same command to go on.")
             start = time.time()
             updates = cfg["updates"][n]
             if distiller is None:
@@ -364,7 +368,7 @@ class Experiment:
                 print(f"[stage] {stage}: resuming at update {done}/{updates}", flush=True)
             every = cfg["checkpoint_every"]
             print(f"[stage] {stage}: distilling {2 * n} -> {n} steps", flush=True)
-            with PreemptionGuard() as guard:
+            with PreemptionGuard(self.deadline) as guard:
                 saver = StepCheckpoint(directory, distiller, every, stage, done, guard)
                 history = resumable_fit(distiller, self.train_data, updates, every, done,
                                         self.callbacks(saver, stage), saver, verbose)
@@ -385,7 +389,8 @@ class Experiment:
 
 
 class Preempted(SystemExit):
-    """SIGTERM arrived: a checkpoint at the exact step was written; exit code 143."""
+    """SIGTERM arrived or the time budget ran out: a checkpoint at the exact step was
+    written; exit code 143 (re-run the same command to go on)."""
 
     def __init__(self, message: str):
         print(message, flush=True)
@@ -393,11 +398,17 @@ class Preempted(SystemExit):
 
 
 class PreemptionGuard:
-    """Turns SIGTERM into a flag that the checkpoint callback acts on after a step."""
+    """Turns SIGTERM, or passing `deadline` (a `time.time()`), into a flag that the
+    checkpoint callback acts on after a step."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, deadline: float | None = None):
+        self.deadline = deadline
+        self._signalled = False
         self._previous = None
+
+    @property
+    def requested(self) -> bool:
+        return self._signalled or (self.deadline is not None and time.time() > self.deadline)
 
     def __enter__(self):
         import signal
@@ -408,7 +419,7 @@ class PreemptionGuard:
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self._signalled = True
 
     def __exit__(self, *exc):
         import signal
@@ -481,8 +492,9 @@ def resumable_fit(model, dataset, total_steps: int, every: int, done: int, callb
                             steps_per_epoch=every, initial_epoch=done // every,
                             callbacks=callbacks, verbose=verbose, shuffle=False)
     if checkpointer.preempted:
-        raise Preempted(f"[preempted] {checkpointer.stage}: SIGTERM; checkpoint saved at "
-                        f"step {checkpointer.step}. Re-run the same command to resume.")
+        raise Preempted(f"[preempted] {checkpointer.stage}: SIGTERM or time budget; "
+                        f"checkpoint saved at step {checkpointer.step}. Re-run the same "
+                        "command to resume.")
     return history
 
 
@@ -506,11 +518,20 @@ def _write_json(path: str, value) -> None:
 
 def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved_models",
         overwrite: bool = False, experiment_name: str | None = None,
-        verbose: int = 1) -> Experiment:
-    """Runs `mode` (one of `MODES`) of the gin-configured experiment in `workdir`."""
+        verbose: int = 1, time_budget_s: float | None = None) -> Experiment:
+    """Runs `mode` (one of `MODES`) of the gin-configured experiment in `workdir`.
+
+    With `time_budget_s`, training checkpoints and exits (`Preempted`, code 143) once
+    the budget is spent, and evaluation starts no new model after it; the same call
+    again goes on from there. Each piece then fits a fixed slot (e.g. a 10-minute
+    job on a lent GPU).
+    """
     if mode not in MODES:
         raise PipelineError(f"Unknown mode {mode!r}; allowed: {', '.join(MODES)}.")
-    experiment = Experiment(workdir, strategy)
+    if time_budget_s is not None and time_budget_s <= 0:
+        raise PipelineError(f"time_budget_s must be positive, got {time_budget_s}.")
+    deadline = None if time_budget_s is None else time.time() + time_budget_s
+    experiment = Experiment(workdir, strategy, deadline)
     experiment.check_workdir()
     print(f"[run] {mode} in {workdir}: network {experiment.param_count:,} parameters, "
           f"images {experiment.image_shape}, batch {experiment.batch_size}, "
@@ -525,5 +546,8 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
         from keras_progdist import export
         export.export_experiment(experiment, export_dir, experiment_name, overwrite)
     if mode in ("eval", "all"):
-        report.evaluate_experiment(experiment)
+        try:
+            report.evaluate_experiment(experiment, deadline=deadline)
+        except report.EvaluationInterrupted as e:
+            raise Preempted(str(e)) from None
     return experiment

@@ -31,10 +31,10 @@ KILL_LADDER = [("teacher", 8, 200), ("student_00004", 4, 60),
                ("student_00002", 2, 60), ("student_00001", 1, 60)]
 
 
-def _command(workdir, mode, extra=()):
+def _command(workdir, mode, extra=(), flags=()):
     params = [f"--gin_param={p}" for p in SMALL + list(extra)]
     return [sys.executable, os.path.join(ROOT, "bin", "run.py"), "--gin_file=tiny.gin",
-            f"--workdir={workdir}", f"--mode={mode}", "--verbose=0", *params]
+            f"--workdir={workdir}", f"--mode={mode}", "--verbose=0", *params, *flags]
 
 
 def _env():
@@ -42,9 +42,9 @@ def _env():
             "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow")}
 
 
-def _run(workdir, mode, extra=(), check=True):
-    result = subprocess.run(_command(workdir, mode, extra), capture_output=True, text=True,
-                            env=_env(), timeout=900)
+def _run(workdir, mode, extra=(), check=True, flags=()):
+    result = subprocess.run(_command(workdir, mode, extra, flags), capture_output=True,
+                            text=True, env=_env(), timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{mode} failed ({result.returncode}):\n{result.stdout}\n"
                              f"{result.stderr[-3000:]}")
@@ -66,15 +66,28 @@ def _all_checkpoints_verify(workdir):
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
-    """A small finished teacher + 3 stages, trained once for this module."""
+    """A small finished teacher + 3 stages, trained once for this module: the teacher
+    in two pieces (a 1-second time budget, then the rest), as on a lent GPU."""
     workdir = str(tmp_path_factory.mktemp("trained"))
-    _run(workdir, "train_teacher")
+    first = _run(workdir, "train_teacher", check=False, flags=["--time_budget_s=1"])
+    second = _run(workdir, "train_teacher")
     _run(workdir, "distill")
-    return workdir
+    return workdir, first, second
+
+
+@pytest.mark.slow
+def test_time_budget_stops_at_a_checkpoint_and_the_next_piece_goes_on(trained_workdir):
+    _, first, second = trained_workdir
+    assert first.returncode == 143, first.stdout + first.stderr[-2000:]
+    # The budget ran out during compilation, so the first chunk of 5 steps is saved.
+    assert "[preempted] teacher: SIGTERM or time budget; checkpoint saved at step 5" \
+        in first.stdout
+    assert "resuming at step 5/40" in second.stdout
 
 
 @pytest.mark.slow
 def test_finished_run_has_the_configured_ladder(trained_workdir):
+    trained_workdir = trained_workdir[0]
     assert _ladder(trained_workdir) == EXPECTED_LADDER
     for stage, _, _ in EXPECTED_LADDER:
         assert os.path.exists(os.path.join(trained_workdir, "samples",
@@ -221,24 +234,30 @@ def test_missing_gin_file_lists_the_available_ones(tmp_path):
     assert "cifar_v.gin" in result.stderr
 
 
-def _in_process(workdir, mode, bindings=()):
+EVAL_SMALL = ["evaluate.num_samples=16", "evaluate.num_reference=32",
+              "evaluate.ddim_steps=(1, 2)", "evaluate.batch_size=16"]
+
+
+def _in_process(workdir, mode, bindings=(), time_budget_s=None):
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")],
                                             SMALL + list(bindings))
-        return pipeline.run(workdir, mode, verbose=0)
+        return pipeline.run(workdir, mode, verbose=0, time_budget_s=time_budget_s)
     finally:
         gin.clear_config()
 
 
 @pytest.mark.slow
 def test_mismatched_network_config_is_refused(trained_workdir):
+    trained_workdir = trained_workdir[0]
     with pytest.raises(pipeline.PipelineError, match="network config .* does not match"):
         _in_process(trained_workdir, "distill", ["UNet.channels=16"])
 
 
 @pytest.mark.slow
 def test_corrupt_checkpoint_is_detected(trained_workdir, tmp_path):
+    trained_workdir = trained_workdir[0]
     import shutil
 
     copy = str(tmp_path / "copy")
@@ -256,13 +275,13 @@ def test_corrupt_checkpoint_is_detected(trained_workdir, tmp_path):
 
 @pytest.mark.slow
 def test_eval_writes_metrics_report_and_plot(trained_workdir, tmp_path):
+    trained_workdir = trained_workdir[0]
     import shutil
 
     pytest.importorskip("torch")
     copy = str(tmp_path / "eval")
     shutil.copytree(trained_workdir, copy)
-    _in_process(copy, "eval", ["evaluate.num_samples=16", "evaluate.num_reference=32",
-                               "evaluate.ddim_steps=(1, 2)", "evaluate.batch_size=16"])
+    _in_process(copy, "eval", EVAL_SMALL)
     with open(os.path.join(copy, "eval", "metrics.json")) as f:
         report = json.load(f)
     kinds = [(r["kind"], r["num_steps"]) for r in report["results"]]
@@ -273,6 +292,20 @@ def test_eval_writes_metrics_report_and_plot(trained_workdir, tmp_path):
         assert np.isfinite(r["kid"]) and np.isfinite(r["kid_std_err"])
     for name in ("report.md", "fid_vs_steps.png", "distilled_00001steps.png"):
         assert os.path.exists(os.path.join(copy, "eval", name))
+
+    # Scores are kept per model: with one model's scores gone and no time left, the
+    # evaluation stops before it, keeping the others; the next run scores only that one.
+    runs = os.path.join(copy, "eval", "runs")
+    os.remove(os.path.join(runs, "distilled_00001.json"))
+    kept = {f: os.path.getmtime(os.path.join(runs, f)) for f in os.listdir(runs)}
+    assert len(kept) == 5
+    with pytest.raises(pipeline.Preempted):
+        _in_process(copy, "eval", EVAL_SMALL, time_budget_s=1e-9)
+    again = _in_process(copy, "eval", EVAL_SMALL)
+    assert {f: os.path.getmtime(os.path.join(runs, f)) for f in kept} == kept
+    assert os.path.exists(os.path.join(runs, "distilled_00001.json"))
+    with open(os.path.join(copy, "eval", "metrics.json")) as f:
+        assert json.load(f)["results"][:5] == report["results"][:5]
 
 
 def test_eval_of_an_empty_workdir_says_so(tmp_path):

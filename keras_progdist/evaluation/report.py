@@ -97,8 +97,41 @@ def generate(model, num_steps: int, cfg: dict, num_classes=None) -> np.ndarray:
     return np.concatenate(out)
 
 
-def evaluate_experiment(experiment, verbose: bool = True) -> dict:
-    """Evaluates every finished stage of `experiment`; returns the metrics dict."""
+class EvaluationInterrupted(RuntimeError):
+    """The evaluation's deadline passed; finished models are kept, re-run to go on."""
+
+
+def _model_identity(experiment, stage: str) -> str:
+    """The sha256 of a stage's final weights: a cached score belongs to those weights."""
+    with open(os.path.join(experiment.path(stage), "final.json")) as f:
+        return json.load(f)["sha256"]
+
+
+def _cached_result(path: str, key: dict):
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None  # a torn or foreign file: evaluate again
+    return record.get("result") if record.get("key") == key else None
+
+
+def evaluate_experiment(experiment, verbose: bool = True,
+                        deadline: float | None = None) -> dict:
+    """Evaluates every finished stage of `experiment`; returns the metrics dict.
+
+    Each model's scores are saved as soon as they exist (`eval/runs/*.json`, keyed by
+    the model's weights and the evaluation settings), so an interrupted evaluation goes
+    on where it stopped and a re-run after one more stage scores only that stage.
+
+    Args:
+        experiment: a `pipeline.Experiment` with at least a finished teacher.
+        verbose: progress bars and the table on stdout.
+        deadline: `time.time()` after which no new model is started; the finished
+            ones are kept and `EvaluationInterrupted` is raised.
+    """
     from keras_progdist import evaluation
 
     cfg = settings()
@@ -107,28 +140,47 @@ def evaluate_experiment(experiment, verbose: bool = True) -> dict:
     except ValueError as e:
         raise EvaluationError(f"Nothing to evaluate in {experiment.workdir}: {e}") from None
     out_dir = experiment.path("eval")
-    os.makedirs(out_dir, exist_ok=True)
-    fid_model = evaluation.load_fid_network()
-    real = reference_features(fid_model, cfg, verbose)
+    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     teacher_name, teacher_full, teacher_model = stage_models[0]
-    runs = [("ddim", s, teacher_model) for s in cfg["ddim_steps"] if s < teacher_full]
-    runs += [("teacher", s, teacher_model) for s in sorted(set(cfg["teacher_steps"]))
+    runs = [("ddim", s, "teacher", teacher_model) for s in cfg["ddim_steps"]
+            if s < teacher_full]
+    runs += [("teacher", s, "teacher", teacher_model)
+             for s in sorted(set(cfg["teacher_steps"]))
              if s < teacher_full and s not in cfg["ddim_steps"]]
-    runs.append(("teacher", teacher_full, teacher_model))
-    runs += [("distilled", n, model) for _, n, model in stage_models[1:]]
+    runs.append(("teacher", teacher_full, "teacher", teacher_model))
+    runs += [("distilled", n, stage, model) for stage, n, model in stage_models[1:]]
     num_classes = experiment.network_config["num_classes"]
+    protocol = {k: cfg[k] for k in ("num_samples", "num_reference", "split", "seed")}
+    protocol["dataset"] = _dataset_key(gin.get_bindings("dataset"), cfg["split"])[1]
+    fid_model = real = None
     results = []
     progress = keras.utils.Progbar(len(runs), unit_name="model") if verbose else None
-    for kind, steps, model in runs:
-        start = time.time()
-        fake = generate(model, steps, cfg, num_classes)
-        sample_seconds = time.time() - start
-        images.save_grid(fake[:64], os.path.join(out_dir, f"{kind}_{steps:05d}steps.png"))
-        features = evaluation.compute_features(fid_model, fake, batch_size=cfg["batch_size"])
-        scores = metrics.fid_and_kid(real, features)
-        results.append({"kind": kind, "num_steps": steps, **_jsonable(scores),
-                        "sample_seconds": sample_seconds,
-                        "eval_seconds": time.time() - start})
+    for kind, steps, stage, model in runs:
+        path = os.path.join(out_dir, "runs", f"{kind}_{steps:05d}.json")
+        key = {**protocol, "weights_sha256": _model_identity(experiment, stage)}
+        result = _cached_result(path, key)
+        if result is None:
+            if deadline is not None and time.time() > deadline:
+                raise EvaluationInterrupted(
+                    f"[eval] time budget spent after {len(results)} of {len(runs)} "
+                    f"models; their scores are saved in {out_dir}/runs. Re-run to go on.")
+            if fid_model is None:
+                fid_model = evaluation.load_fid_network()
+                real = reference_features(fid_model, cfg, verbose)
+            start = time.time()
+            fake = generate(model, steps, cfg, num_classes)
+            sample_seconds = time.time() - start
+            images.save_grid(fake[:64],
+                             os.path.join(out_dir, f"{kind}_{steps:05d}steps.png"))
+            features = evaluation.compute_features(fid_model, fake,
+                                                   batch_size=cfg["batch_size"])
+            scores = metrics.fid_and_kid(real, features)
+            result = {"kind": kind, "num_steps": steps, **_jsonable(scores),
+                      "sample_seconds": sample_seconds,
+                      "eval_seconds": time.time() - start,
+                      "backend": keras.backend.backend(), "device": _device()}
+            _write(path, json.dumps({"key": key, "result": result}, indent=1))
+        results.append(result)
         if progress:
             progress.add(1)
     report = {
@@ -136,7 +188,7 @@ def evaluate_experiment(experiment, verbose: bool = True) -> dict:
         "backend": keras.backend.backend(),
         "device": _device(),
         "num_samples": cfg["num_samples"],
-        "num_reference": len(real),
+        "num_reference": results[0]["num_real"],
         "dataset": gin.get_bindings("dataset"),
         "stages": experiment.finished_stages(),
         "results": results,
