@@ -21,27 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 
+from keras_progdist.distribute import describe_device  # noqa: E402
 from keras_progdist.evaluation import weights  # noqa: E402
-
-
-def _device():
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        gpus = tf.config.list_logical_devices("GPU")
-        if gpus:
-            details = tf.config.experimental.get_device_details(
-                tf.config.list_physical_devices("GPU")[0]
-            )
-            return f"GPU: {details.get('device_name', gpus[0].name)}"
-    elif backend == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        if device.platform != "cpu":
-            return f"{device.platform.upper()}: {device.device_kind}"
-    return f"CPU: {os.cpu_count()} cores visible ({platform.processor() or platform.machine()})"
 
 
 def _backend_version():
@@ -94,7 +75,7 @@ def main():
         "warmup_batch_s": round(warmup_s, 3),
         "load_network_s": round(load_s, 3),
         "backend": keras.backend.backend(),
-        "device": _device(),
+        "device": describe_device(),
         "backend_version": _backend_version(),
         "keras": keras.__version__,
         "python": platform.python_version(),

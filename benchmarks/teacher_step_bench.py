@@ -28,7 +28,6 @@ Prints one JSON line per measurement and writes them all to
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -46,6 +45,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402  (tf.data feeds fit() on every backend)
 
 from keras_progdist.data import make_dataset  # noqa: E402
+from keras_progdist.distribute import describe_device  # noqa: E402
 from keras_progdist.diffusion import DiffusionModel  # noqa: E402
 from keras_progdist.networks import UNet  # noqa: E402
 from keras_progdist.optimizers import make_optimizer  # noqa: E402
@@ -60,24 +60,8 @@ NETS = {
 }
 
 
-def _device():
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
-            details = tf.config.experimental.get_device_details(gpus[0])
-            return f"GPU: {details.get('device_name', gpus[0].name)}"
-    elif backend == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        if device.platform != "cpu":
-            return f"{device.platform.upper()}: {device.device_kind}"
-    return f"CPU: {os.cpu_count()} cores visible ({platform.processor() or platform.machine()})"
-
-
 def _on_accelerator():
-    return not _device().startswith("CPU")
+    return not describe_device().startswith("CPU")
 
 
 def _backend_version():
@@ -141,7 +125,7 @@ def measure(net_name, batch_size, timed_steps, jit_compile, policy="float32"):
         "keras_version": keras.__version__,
         "jit_compile": jit_compile,
         "dtype_policy": policy,
-        "device": _device(),
+        "device": describe_device(),
         "build_s": round(build_s, 3),
         "first_step_s": round(first_step_s, 3),
         "timed_steps": timed_steps,
@@ -181,7 +165,7 @@ def main():
         if backend != "jax":
             parser.error(f"--gpu measures the JAX backend; got KERAS_BACKEND={backend}.")
         if not _on_accelerator():
-            parser.error(f"--gpu needs a GPU, but JAX sees only {_device()}.")
+            parser.error(f"--gpu needs a GPU, but JAX sees only {describe_device()}.")
         results.append(measure("cifar10", args.cifar_batch or 128, args.cifar_steps or 20,
                                jit_compile=True, policy="mixed_bfloat16"))
         name = f"teacher_step_{backend}_gpu.json"

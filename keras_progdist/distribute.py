@@ -15,6 +15,8 @@ stays identical on every replica and a distillation teacher stays frozen.
 
 from __future__ import annotations
 
+import os
+import platform
 import socket
 from urllib.parse import urlparse
 
@@ -26,6 +28,26 @@ TPU_CONNECT_TIMEOUT_S = 10.0
 
 class StrategyError(ValueError):
     """A strategy that cannot run here (no TPU, wrong backend, ...)."""
+
+
+def describe_device() -> str:
+    """The first accelerator the backend sees (`"GPU: NVIDIA H100 80GB HBM3"`), else
+    the CPU (`"CPU: 2 cores visible (x86_64)"`): for benchmark and evaluation records."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            return f"GPU: {details.get('device_name', gpus[0].name)}"
+    elif backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "cpu":
+            return f"{device.platform.upper()}: {device.device_kind}"
+    return f"CPU: {os.cpu_count()} cores visible ({platform.processor() or platform.machine()})"
 
 
 def get_strategy(name: str = "default", tpu: str | None = None):

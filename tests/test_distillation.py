@@ -106,9 +106,9 @@ def test_distilled_student_beats_teacher_ddim_at_same_step_count():
 
     distiller = Distiller(teacher.network, parameterization="v", num_steps=student_steps,
                           seed=3)
-    distiller.compile(optimizer=make_optimizer(5e-4, decay_to_zero_steps=200),
+    distiller.compile(optimizer=make_optimizer(5e-4, decay_to_zero_steps=120),
                       jit_compile=True, steps_per_execution=10)
-    distiller.fit(ds, steps_per_epoch=200, verbose=0)
+    distiller.fit(ds, steps_per_epoch=120, verbose=0)
     student_n = _ddim(distiller.student, noise, student_steps)
     after = float(np.mean((student_n - reference) ** 2))
     print(f"MSE to the teacher's {2 * student_steps}-step samples: teacher DDIM "

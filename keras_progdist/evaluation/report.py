@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from keras_progdist import data, images
+from keras_progdist.distribute import describe_device
 from keras_progdist.evaluation import metrics
 
 
@@ -178,7 +179,7 @@ def evaluate_experiment(experiment, verbose: bool = True,
             result = {"kind": kind, "num_steps": steps, **_jsonable(scores),
                       "sample_seconds": sample_seconds,
                       "eval_seconds": time.time() - start,
-                      "backend": keras.backend.backend(), "device": _device()}
+                      "backend": keras.backend.backend(), "device": describe_device()}
             _write(path, json.dumps({"key": key, "result": result}, indent=1))
         results.append(result)
         if progress:
@@ -186,7 +187,7 @@ def evaluate_experiment(experiment, verbose: bool = True,
     report = {
         "workdir": experiment.workdir,
         "backend": keras.backend.backend(),
-        "device": _device(),
+        "device": describe_device(),
         "num_samples": cfg["num_samples"],
         "num_reference": results[0]["num_real"],
         "dataset": gin.get_bindings("dataset"),
@@ -203,13 +204,6 @@ def evaluate_experiment(experiment, verbose: bool = True,
 def _jsonable(scores: dict) -> dict:
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v)
             for k, v in scores.items()}
-
-
-def _device() -> str:
-    try:
-        return str(keras.distribution.list_devices()[0])
-    except Exception:  # pragma: no cover - device listing is informational
-        return "unknown"
 
 
 def _write(path: str, text: str) -> None:
