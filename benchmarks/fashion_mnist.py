@@ -144,8 +144,11 @@ def markdown(summary: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     stages = {s["num_steps"]: s for s in report["stages"] if s["stage"] != "teacher"}
+    teacher_stage = next((s for s in report["stages"] if s["stage"] == "teacher"), None)
     for r in report["results"]:
         stage = stages.get(r["num_steps"]) if r["kind"] == "distilled" else None
+        if r["kind"] == "teacher":
+            stage = teacher_stage
         updates = stage["updates"] if stage else (teacher_updates if r["kind"] != "ddim"
                                                   else "—")
         seconds = f"{stage['seconds']:.0f}" if stage else "—"
@@ -184,7 +187,8 @@ def table(args) -> dict:
     }
     results_dir = os.path.join(ROOT, "benchmarks", "results")
     os.makedirs(results_dir, exist_ok=True)
-    stem = os.path.join(results_dir, f"fashion_mnist_{args.name}_{report['backend']}")
+    name = args.name if args.name.startswith("fashion_mnist") else f"fashion_mnist_{args.name}"
+    stem = os.path.join(results_dir, f"{name}_{report['backend']}")
     with open(stem + ".json", "w") as f:
         json.dump(summary, f, indent=1)
     text = markdown(summary)

@@ -236,7 +236,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(results: list, path: str) -> str:
-    """FID (or KID when FID is unavailable) against steps, log-x, one line per kind."""
+    """FID (or KID when FID is unavailable) against steps, log-log, one line per kind."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,6 +253,7 @@ def plot(results: list, path: str) -> str:
                                                   "ddim": "undistilled DDIM",
                                                   "teacher": "teacher"}[kind])
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # DDIM at 1 step is often 10-20x the teacher
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("FID" if use_fid else "KID")
     ax.grid(True, alpha=0.3)
