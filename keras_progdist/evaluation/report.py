@@ -253,7 +253,8 @@ def plot(results: list, path: str) -> str:
                                                   "ddim": "undistilled DDIM",
                                                   "teacher": "teacher"}[kind])
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")  # DDIM at 1 step is often 10-20x the teacher
+    if all(r[metric] > 0 for r in results):  # unbiased KID can be negative
+        ax.set_yscale("log")  # DDIM at 1 step is often 10-20x the teacher
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("FID" if use_fid else "KID")
     ax.grid(True, alpha=0.3)
