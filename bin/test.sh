@@ -11,4 +11,4 @@ echo "== JAX backend: backend-agnostic tests (the slow end-to-end runs are TF-on
 KERAS_BACKEND=jax "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_schedules.py tests/test_parameterizations.py tests/test_losses.py \
   tests/test_samplers.py tests/test_unet.py tests/test_diffusion.py \
-  tests/test_distillation.py "$@"
+  tests/test_distillation.py tests/test_checkpoint.py "$@"

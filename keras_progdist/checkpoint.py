@@ -1,14 +1,18 @@
 """Atomic, verifiable checkpoints of a model and its optimizer.
 
-A checkpoint is `<name>.npz` (every model and optimizer variable, RNG state included)
-plus `<name>.json` (metadata, variable paths and shapes, and the npz's sha256). Both are
-written to a temporary file and renamed into place, so a kill mid-write leaves the
-previous checkpoint intact; the JSON is renamed last, so it only ever describes a
-complete npz. The format is plain numpy, identical on every backend.
+A checkpoint is `<name>.json` (metadata, variable paths and shapes, the weights file's
+name and sha256) plus the weights file it names, `<name>-<sha256[:16]>.npz` (every model
+and optimizer variable, RNG state included). The npz gets a new name for new contents,
+so writing it never touches the file the current JSON describes; the JSON is then
+replaced atomically (temporary file + rename), and only after that are older npz files
+of that checkpoint removed. A kill at any moment therefore leaves either the old or the
+new checkpoint complete, never a JSON that describes other weights. The format is plain
+numpy, identical on every backend.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -44,23 +48,46 @@ def _atomic_write(path: str, write) -> None:
     os.replace(tmp, path)
 
 
+def _weights_files(directory: str, name: str) -> list:
+    """Every weights file of checkpoint `name`, current, stale or half-written."""
+    return (glob.glob(os.path.join(glob.escape(directory), f"{name}-*.npz"))
+            + glob.glob(os.path.join(glob.escape(directory), f"{name}-*.npz.tmp-*"))
+            + glob.glob(os.path.join(glob.escape(directory), f"{name}.npz.tmp-*"))
+            + glob.glob(os.path.join(glob.escape(directory), f"{name}.npz")))  # old format
+
+
+def weights_path(directory: str, name: str) -> str:
+    """The weights file the checkpoint's JSON names (checked by `read_meta`)."""
+    return os.path.join(directory, _verified_record(directory, name)["weights_file"])
+
+
 def save(directory: str, name: str, model, meta: dict | None = None,
          include_optimizer: bool = True) -> str:
     """Writes `directory/name.{npz,json}` atomically; returns the JSON path."""
     os.makedirs(directory, exist_ok=True)
     variables = _variables(model, include_optimizer)
     arrays = {f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
-    npz_path = os.path.join(directory, f"{name}.npz")
-    _atomic_write(npz_path, lambda f: np.savez(f, **arrays))
+    tmp = os.path.join(directory, f"{name}.npz.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    digest = _sha256(tmp)
+    weights_file = f"{name}-{digest[:16]}.npz"
+    os.replace(tmp, os.path.join(directory, weights_file))
     record = {
         "meta": meta or {},
         "paths": [v.path for v in variables],
         "shapes": [list(v.shape) for v in variables],
         "include_optimizer": include_optimizer,
-        "sha256": _sha256(npz_path),
+        "weights_file": weights_file,
+        "sha256": digest,
     }
     json_path = os.path.join(directory, f"{name}.json")
     _atomic_write(json_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    for path in _weights_files(directory, name):  # now unreferenced
+        if os.path.basename(path) != weights_file:
+            os.remove(path)
     return json_path
 
 
@@ -75,7 +102,6 @@ def read_meta(directory: str, name: str) -> dict:
 
 def _verified_record(directory: str, name: str) -> dict:
     json_path = os.path.join(directory, f"{name}.json")
-    npz_path = os.path.join(directory, f"{name}.npz")
     if not os.path.exists(json_path):
         raise CheckpointError(f"No checkpoint {name!r} in {directory} ({json_path} is missing).")
     try:
@@ -83,6 +109,12 @@ def _verified_record(directory: str, name: str) -> dict:
             record = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"Checkpoint metadata {json_path} is corrupt: {e}") from e
+    if not isinstance(record, dict) or "sha256" not in record:
+        raise CheckpointError(f"Checkpoint metadata {json_path} is not a checkpoint "
+                              "record (no sha256).")
+    # Checkpoints written before weights files were content-named used `<name>.npz`.
+    record.setdefault("weights_file", f"{name}.npz")
+    npz_path = os.path.join(directory, record["weights_file"])
     if not os.path.exists(npz_path):
         raise CheckpointError(f"Checkpoint {json_path} has no weights file {npz_path}.")
     digest = _sha256(npz_path)
@@ -111,7 +143,7 @@ def restore(directory: str, name: str, model) -> dict:
             f"{len(record['shapes'])} variables, the model {len(shapes)}; first "
             f"differences (path, model shape, checkpoint shape): {diffs}. The network "
             "config differs from the one that wrote it.")
-    with np.load(os.path.join(directory, f"{name}.npz")) as arrays:
+    with np.load(os.path.join(directory, record["weights_file"])) as arrays:
         for i, variable in enumerate(variables):
             variable.assign(arrays[f"v{i:05d}"])
     return record["meta"]

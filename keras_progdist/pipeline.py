@@ -4,8 +4,10 @@ Work directory layout (every file written atomically):
 
     <workdir>/config.json              network/diffusion config of this run (checked on resume)
     <workdir>/operative_config.gin     the gin config as run
-    <workdir>/teacher/ckpt.{npz,json}  in-progress teacher: weights, EMA, optimizer, RNG, step
-    <workdir>/teacher/final.{npz,json} the finished teacher's sampling (EMA) network
+    <workdir>/teacher/ckpt.json (+ ckpt-<sha>.npz)   in-progress teacher: weights, EMA,
+                                       optimizer, RNG, step
+    <workdir>/teacher/final.json (+ final-<sha>.npz) the finished teacher's sampling
+                                       (EMA) network
     <workdir>/student_<N>/ckpt|final   the same for each distillation stage
     <workdir>/stages.json              one line per finished stage (steps, updates, loss,
                                        seconds of the process that finished it), derived

@@ -131,4 +131,4 @@ def test_teacher_and_distillation_run_on_jax_without_tensorflow(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "STAGES [2, 1]" in result.stdout
     assert "input ArrayBatches" in result.stdout
-    assert (tmp_path / "student_00001" / "final.npz").exists()
+    assert (tmp_path / "student_00001" / "final.json").exists()

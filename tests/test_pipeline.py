@@ -264,7 +264,7 @@ def test_corrupt_checkpoint_is_detected(trained_workdir, tmp_path):
 
     copy = str(tmp_path / "copy")
     shutil.copytree(trained_workdir, copy)
-    path = os.path.join(copy, "teacher", "final.npz")
+    path = checkpoint.weights_path(os.path.join(copy, "teacher"), "final")
     with open(path, "r+b") as f:
         f.seek(os.path.getsize(path) // 2)
         byte = f.read(1)
