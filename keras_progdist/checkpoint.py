@@ -95,6 +95,12 @@ def exists(directory: str, name: str) -> bool:
     return os.path.exists(os.path.join(directory, f"{name}.json"))
 
 
+def recorded_sha256(directory: str, name: str) -> str:
+    """The weights' sha256 as the JSON records it (no re-hash: an identity, not a check)."""
+    with open(os.path.join(directory, f"{name}.json")) as f:
+        return json.load(f)["sha256"]
+
+
 def read_meta(directory: str, name: str) -> dict:
     """The metadata of a checkpoint, after checking it is complete and uncorrupted."""
     return _verified_record(directory, name)["meta"]

@@ -104,8 +104,9 @@ class EvaluationInterrupted(RuntimeError):
 
 def _model_identity(experiment, stage: str) -> str:
     """The sha256 of a stage's final weights: a cached score belongs to those weights."""
-    with open(os.path.join(experiment.path(stage), "final.json")) as f:
-        return json.load(f)["sha256"]
+    from keras_progdist import checkpoint
+
+    return checkpoint.recorded_sha256(experiment.path(stage), "final")
 
 
 def _cached_result(path: str, key: dict):
