@@ -9,7 +9,10 @@ teacher with `2N` steps. For `i ~ U{1..N}`, `t = i/N`, `t' = t - 0.5/N`, `t'' = 
 
 `x~` is the `x_hat` that makes one student DDIM step from `z_t` land exactly on `z_t''`;
 when `t'' = 0` it is the teacher's second `x_hat`. The student minimizes the
-`snr_trunc`-weighted x-MSE to `x~`.
+weighted x-MSE to `x~` (the paper weights it by truncated SNR, `max(SNR, 1)`).
+
+The teacher runs in inference mode (no dropout); the student trains with
+`student_dropout`, 0 by default as in the paper's distillation configs.
 """
 
 from __future__ import annotations
@@ -79,11 +82,16 @@ class Distiller(keras.Model):
         weighting: weighting of the x-MSE to `x~` (`snr_trunc` in the paper).
         num_steps: the student's initial step count `N`.
         seed: seed of `i`, `z_t` noise.
+        student_dropout: dropout rate of the student's residual blocks (the paper's
+            students use 0 whatever the teacher was trained with).
+
+    Only the student's weights are trainable, whatever `network` comes in (an EMA
+    network is flagged non-trainable, and that flag travels in its config).
     """
 
     def __init__(self, network, schedule="cosine", parameterization: str = "v",
                  weighting: str = "snr_trunc", num_steps: int = 1, seed: int = 0,
-                 **kwargs):
+                 student_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if isinstance(network, dict):
             network = keras.saving.deserialize_keras_object(network)
@@ -92,8 +100,18 @@ class Distiller(keras.Model):
         self.parameterization = parameterizations.check_parameterization(parameterization)
         self.weighting = losses.check_weighting(weighting)
         self.seed = int(seed)
-        self.teacher = UNet.from_config({**config, "name": "teacher", "dropout": 0.0})
-        self.student = UNet.from_config({**config, "name": "student"})
+        student_dropout = float(student_dropout)
+        if not 0.0 <= student_dropout < 1.0:
+            raise ValueError(f"student_dropout must be in [0, 1), got {student_dropout}.")
+        self.student_dropout = student_dropout
+        # Both are built trainable and the teacher is frozen afterwards: a network built
+        # with trainable=False in its config (an EMA network's) keeps its layers'
+        # variables flagged trainable, and this model would collect them. The teacher
+        # only ever runs with training=False; dropout 0 makes that explicit.
+        self.teacher = UNet.from_config({**config, "name": "teacher", "dropout": 0.0,
+                                         "trainable": True})
+        self.student = UNet.from_config({**config, "name": "student",
+                                         "dropout": student_dropout, "trainable": True})
         copy_weights(network, self.teacher)
         copy_weights(network, self.student)
         self.teacher.trainable = False
@@ -136,10 +154,10 @@ class Distiller(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
                      training=True):
-        images = ops.cast(x, "float32")
-        label = ops.cast(y, "int32") if self.num_classes else None
         if self.num_classes and y is None:
             raise ValueError("Class-conditional distillation needs (image, label) data.")
+        images = ops.cast(x, "float32")
+        label = ops.cast(y, "int32") if self.num_classes else None
         seed = training_seed(self.seed_generator)
         u = keras.random.uniform((ops.shape(images)[0],), seed=TensorSeed(fold_in(seed, 1)))
         eps = keras.random.normal(ops.shape(images), seed=TensorSeed(fold_in(seed, 2)))
@@ -158,6 +176,7 @@ class Distiller(keras.Model):
             "weighting": self.weighting,
             "num_steps": int(ops.convert_to_numpy(self.num_steps)),
             "seed": self.seed,
+            "student_dropout": self.student_dropout,
         }
 
     @classmethod

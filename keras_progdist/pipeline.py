@@ -97,7 +97,8 @@ def teacher(train_steps: int = 1000, learning_rate: float = 2e-4, warmup_steps: 
 def distill(teacher_steps: int = 1024, min_steps: int = 1, updates_per_stage: int = 1000,
             updates_overrides: dict | None = None, learning_rate: float = 5e-5,
             weighting: str = "snr_trunc", checkpoint_every: int = 100,
-            steps_per_execution: int = 10, jit_compile: bool = True) -> dict:
+            steps_per_execution: int = 10, jit_compile: bool = True,
+            student_dropout: float = 0.0) -> dict:
     """Distillation settings.
 
     Args:
@@ -107,6 +108,8 @@ def distill(teacher_steps: int = 1024, min_steps: int = 1, updates_per_stage: in
         updates_overrides: `{num_steps: updates}` for particular stages (paper: 100k
             for 2 and 1 steps).
         learning_rate: start of the linear decay to 0 over each stage.
+        student_dropout: the students' dropout rate (the paper: 0, whatever the
+            teacher used).
     """
     if not _is_power_of_two(teacher_steps):
         raise PipelineError(f"distill.teacher_steps must be a power of two, got "
@@ -133,7 +136,7 @@ def distill(teacher_steps: int = 1024, min_steps: int = 1, updates_per_stage: in
                                 f"of distill.checkpoint_every ({checkpoint_every}).")
     return dict(teacher_steps=teacher_steps, min_steps=min_steps, ladder=ladder,
                 updates=updates, learning_rate=learning_rate, weighting=weighting,
-                checkpoint_every=checkpoint_every,
+                checkpoint_every=checkpoint_every, student_dropout=student_dropout,
                 steps_per_execution=steps_per_execution, jit_compile=jit_compile)
 
 
@@ -349,7 +352,9 @@ class Experiment:
                     distiller = Distiller(previous, schedule=self.schedule,
                                           parameterization=self.diffusion["parameterization"],
                                           weighting=cfg["weighting"], num_steps=n,
-                                          seed=self.diffusion["seed"] + 1, name="distiller")
+                                          seed=self.diffusion["seed"] + 1,
+                                          student_dropout=cfg["student_dropout"],
+                                          name="distiller")
             if compiled_for != updates:
                 # The learning rate decays to 0 over the stage, so a stage of another
                 # length needs another schedule and one more compilation.

@@ -154,3 +154,73 @@ def test_distiller_round_trips_through_keras_saving(tmp_path):
     assert float(loaded.num_steps) == 16.0
     for a, b in zip(loaded.student.get_weights(), distiller.student.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def _small_net(dropout=0.0):
+    return UNet((8, 8, 1), channels=8, channel_mult=(1,), num_res_blocks=1,
+                attention_resolutions=(), num_groups=4, dropout=dropout)
+
+
+def test_trainable_set_is_exactly_the_students_even_from_an_ema_network():
+    import warnings
+
+    teacher = DiffusionModel(_small_net(), parameterization="v", ema_decay=0.99)
+    ema = teacher.sampling_network
+    assert ema is teacher.ema_network and not ema.trainable
+    distiller = Distiller(ema, parameterization="v", num_steps=4, seed=1)
+    student_ids = {id(v) for v in distiller.student.trainable_variables}
+    assert distiller.student.trainable and not distiller.teacher.trainable
+    assert len(distiller.student.trainable_variables) > 0
+    assert {id(v) for v in distiller.trainable_variables} == student_ids
+    assert len(distiller.trainable_variables) == len(distiller.student.trainable_variables)
+
+    ds = data.make_dataset("mnist_embedded", batch_size=8, image_size=8, seed=0)
+    distiller.compile(optimizer=make_optimizer(1e-3, decay_to_zero_steps=6),
+                      jit_compile=True, steps_per_execution=3)
+    teacher_before = [w.copy() for w in distiller.teacher.get_weights()]
+    student_before = [w.copy() for w in distiller.student.get_weights()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distiller.fit(ds, steps_per_epoch=6, verbose=0)
+    assert not [w for w in caught if "Gradients do not exist" in str(w.message)]
+    for before, after in zip(teacher_before, distiller.teacher.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    moved = max(float(np.max(np.abs(a - b)))
+                for a, b in zip(student_before, distiller.student.get_weights()))
+    assert moved > 0.0
+    # Adam keeps slots for the student's variables only (plus its step and rate).
+    slot_shapes = sorted(tuple(v.shape) for v in distiller.optimizer.variables
+                         if len(v.shape) > 0)
+    student_shapes = sorted(tuple(v.shape) for v in distiller.student.trainable_variables
+                            if len(v.shape) > 0)
+    assert slot_shapes == sorted(student_shapes * 2)
+
+
+def _training_outputs(network, seed=0):
+    z = np.random.RandomState(seed).normal(size=(4, 8, 8, 1)).astype("float32")
+    t = np.full((4,), 0.5, "float32")
+    return [ops.convert_to_numpy(network([z, t], training=True)) for _ in range(2)]
+
+
+def test_student_trains_without_dropout_unless_configured():
+    # A teacher trained with dropout (as the paper's are) must not pass it on.
+    network = _small_net(dropout=0.3)
+    # Zero-initialized convolutions after each dropout would hide it: randomize all.
+    rng = np.random.RandomState(0)
+    network.set_weights([rng.normal(0, 0.2, w.shape).astype(w.dtype)
+                         for w in network.get_weights()])
+    default = Distiller(network, parameterization="v", num_steps=4)
+    assert default.student.get_config()["dropout"] == 0.0
+    first, second = _training_outputs(default.student)
+    np.testing.assert_array_equal(first, second)
+
+    with_dropout = Distiller(network, parameterization="v", num_steps=4,
+                             student_dropout=0.3)
+    assert with_dropout.student.get_config()["dropout"] == 0.3
+    assert with_dropout.teacher.get_config()["dropout"] == 0.0
+    first, second = _training_outputs(with_dropout.student)
+    assert float(np.max(np.abs(first - second))) > 1e-4
+    restored = Distiller.from_config(with_dropout.get_config())
+    assert restored.student_dropout == 0.3
+    with pytest.raises(ValueError, match="student_dropout"):
+        Distiller(network, parameterization="v", num_steps=4, student_dropout=1.5)
