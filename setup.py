@@ -30,6 +30,8 @@ setup(
         "gpu": ["tensorflow>=2.21,<3", "tensorboard"],
         "tpu": ["tensorflow-tpu>=2.21,<3", "tensorboard"],
         "jax": ["jax[cpu]>=0.6"],
-        "test": ["pytest>=8", "foolbox==3.3.4"],
+        # torch only runs the reference the FID port is tested against (the weights are
+        # read without it); bin/setup_env.sh installs its CPU build before this extra.
+        "test": ["pytest>=8", "foolbox==3.3.4", "torch>=2.0"],
     },
 )

