@@ -5,7 +5,8 @@ steps on the embedded MNIST digits) and exported through `pipeline.run(mode="exp
 Each SavedModel is then checked in a fresh Python process, as a server would load it:
 every signature, determinism per seed, `generate` against the in-memory model's DDIM,
 a DDIM loop written here over the `denoise` signature, the warm-up records, the `.keras`
-file, and bad requests.
+file, bad requests and the serving limits. Versioning, racing exporters, stale
+temporaries and the JAX subprocess use small in-memory models or the same work directory.
 """
 
 import json
@@ -13,13 +14,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import gin
 import keras
 import numpy as np
 import pytest
 
-from keras_progdist import export, pipeline
+from keras_progdist import export, fileio, pipeline
 from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.networks.unet import UNet
 
@@ -200,12 +202,21 @@ def test_layout_and_models_config(exported):
     root = os.path.join(exported["export_dir"], NAME)
     names = [f"{NAME}-{n}steps" for n in exported["steps"]]
     assert sorted(os.listdir(root)) == sorted(
-        names + [f"{n}.keras" for n in names] + ["models.config"])
-    for n in names:
+        names + [f"{n}.keras" for n in names] + [f"{n}.keras.json" for n in names]
+        + ["models.config"])
+    for n, steps in zip(names, exported["steps"]):
         assert os.listdir(os.path.join(root, n)) == ["1"]
         version = os.path.join(root, n, "1")
         assert os.path.exists(os.path.join(version, "saved_model.pb"))
         assert os.path.exists(os.path.join(version, "variables", "variables.index"))
+        meta = export.read_version_metadata(version)
+        assert meta["version"] == 1 and meta["num_steps"] == steps
+        assert meta["model_name"] == n and len(meta["weights_sha256"]) == 64
+        with open(os.path.join(root, f"{n}.keras.json")) as f:
+            keras_meta = json.load(f)
+        assert keras_meta["weights_sha256"] == meta["weights_sha256"]
+        assert keras_meta["version"] == 1
+        assert keras_meta["file_sha256"] == fileio.sha256_file(os.path.join(root, f"{n}.keras"))
     with open(os.path.join(root, "models.config")) as f:
         config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
     listed = [(c.name, c.base_path, c.model_platform)
@@ -326,26 +337,359 @@ def test_class_conditional_signatures_take_and_check_labels(tmp_path):
         serve(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
 
 
-def test_export_refuses_an_existing_version_unless_overwrite(exported):
-    stages = export.load_workdir_stages(exported["workdir"])
-    assert [n for _, n, _ in stages] == exported["steps"]
-    smallest = [stages[-1]]
-    target = export.stage_paths(exported["export_dir"], NAME, exported["steps"][-1])
-    before = os.path.getmtime(os.path.join(target["saved_model"], "saved_model.pb"))
-    with pytest.raises(export.ExportExistsError, match="overwrite=True"):
-        export.export_workdir(exported["workdir"], exported["export_dir"], NAME)
-    with pytest.raises(export.ExportExistsError, match="already holds version 1"):
-        export.export_stage(smallest[0][2], exported["export_dir"], NAME)
-    assert os.path.getmtime(os.path.join(target["saved_model"], "saved_model.pb")) == before
+def _snapshot(top):
+    """Every path under `top` with its mtime (ns) and, for files, size: a folder whose
+    snapshot is unchanged had nothing written, created, renamed or removed in it."""
+    out = {".": os.lstat(top).st_mtime_ns}
+    for root, dirs, files in os.walk(top):
+        for entry in dirs + files:
+            path = os.path.join(root, entry)
+            stat = os.lstat(path)
+            out[os.path.relpath(path, top)] = (stat.st_mtime_ns,
+                                               stat.st_size if entry in files else None)
+    return out
 
-    result = export.export_stages(smallest, exported["export_dir"], NAME, overwrite=True)
-    assert result["stages"][0]["saved_model"] == target["saved_model"]
-    assert os.path.getmtime(os.path.join(target["saved_model"], "saved_model.pb")) > before
-    assert sorted(os.listdir(target["base_path"])) == ["1"]  # no temporary folder left
+
+def _small_model(seed, num_steps=2):
+    """An 8x8 DiffusionModel whose weights depend on `seed` (fast to export)."""
+    network = UNet((8, 8, 1), channels=8, channel_mult=(1,), num_res_blocks=1,
+                   attention_resolutions=(), num_groups=4, name="network")
+    rng = np.random.default_rng(seed)
+    network.set_weights([w + 0.05 * rng.standard_normal(w.shape).astype(w.dtype)
+                         for w in network.get_weights()])
+    return DiffusionModel(network, ema_decay=None, num_steps=num_steps)
+
+
+class _FakeArchive:
+    """Stands in for the SavedModel where only the version bookkeeping is tested."""
+
+    def write_out(self, path, verbose=False):
+        os.makedirs(path)
+        with open(os.path.join(path, "saved_model.pb"), "w") as f:
+            f.write("fake")
+
+
+def _fake_writes(monkeypatch):
+    monkeypatch.setattr(export, "build_archive", lambda *args, **kwargs: _FakeArchive())
+    monkeypatch.setattr(export, "_write_keras", lambda *args, **kwargs: "skipped")
+
+
+def _fake_version(path, metadata):
+    """A complete version folder as another exporter would leave it (`metadata`: its
+    metadata, or just a weights sha256)."""
+    if isinstance(metadata, str):
+        metadata = {"weights_sha256": metadata}
+    _FakeArchive().write_out(path)
+    os.makedirs(os.path.dirname(os.path.join(path, export.METADATA_FILE)), exist_ok=True)
+    with open(os.path.join(path, export.METADATA_FILE), "w") as f:
+        json.dump(metadata, f)
+
+
+def test_rerunning_the_finished_job_exports_nothing(exported, capsys):
+    before = _snapshot(exported["export_dir"])
+    _parse_gin()
+    try:  # the main job's export again: today's code refused with ExportExistsError
+        pipeline.run(exported["workdir"], "export", export_dir=exported["export_dir"],
+                     experiment_name=NAME, verbose=0)
+    finally:
+        gin.clear_config()
+    result = export.export_workdir(exported["workdir"], exported["export_dir"], NAME)
+    assert result["up_to_date"]
+    assert [(r["version"], r["status"], r["keras_status"]) for r in result["stages"]] == \
+        [(1, "up to date", "up to date")] * len(exported["steps"])
+    assert _snapshot(exported["export_dir"]) == before  # no new version, no rewrite
+    assert capsys.readouterr().out.count("is up to date") == 2 * len(exported["steps"])
+
+
+def test_versions_follow_the_weights(tmp_path):
+    export_dir = str(tmp_path)
+    a, b = _small_model(0), _small_model(1)
+    paths = export.stage_paths(export_dir, "v", 2)
+    first = export.export_stage(a, export_dir, "v")
+    assert (first["version"], first["status"], first["keras_status"]) == \
+        (1, "exported", "exported")
+
+    before = _snapshot(export_dir)
+    again = export.export_stage(a, export_dir, "v")  # same weights: nothing written
+    assert (again["version"], again["status"], again["keras_status"]) == \
+        (1, "up to date", "up to date")
+    assert _snapshot(export_dir) == before
+
+    second = export.export_stage(b, export_dir, "v")  # other weights: the next number
+    assert (second["version"], second["status"]) == (2, "exported")
+    assert second["weights_sha256"] != first["weights_sha256"]
+    assert export.existing_versions(paths["base_path"]) == [1, 2]
+    v1 = os.path.join(paths["base_path"], "1")
+    assert {k: v for k, v in _snapshot(export_dir).items() if k.startswith("v/v-2steps/1/")} \
+        == {k: v for k, v in before.items() if k.startswith("v/v-2steps/1/")}
+    assert export.read_version_metadata(v1)["weights_sha256"] == first["weights_sha256"]
+    with open(paths["keras_metadata"]) as f:
+        keras_meta = json.load(f)  # the .keras follows the newest version
+    assert (keras_meta["version"], keras_meta["weights_sha256"]) == \
+        (2, second["weights_sha256"])
+    assert export.stage_paths(export_dir, "v", 2)["saved_model"] == second["saved_model"]
+
+    v2_pb = os.path.join(second["saved_model"], "saved_model.pb")
+    mtime = os.stat(v2_pb).st_mtime_ns
+    replaced = export.export_stage(b, export_dir, "v", overwrite=True)
+    assert (replaced["version"], replaced["status"], replaced["keras_status"]) == \
+        (2, "replaced", "exported")
+    assert os.stat(v2_pb).st_mtime_ns > mtime
+    assert sorted(os.listdir(paths["base_path"])) == ["1", "2"]  # no temporary left
+
+    # An explicit version: up to date with these weights, refused with others, and a
+    # refused export_stages writes nothing.
+    assert export.export_stage(b, export_dir, "v", version=2)["status"] == "up to date"
+    snapshot = _snapshot(export_dir)
+    with pytest.raises(export.ExportExistsError, match="already holds version 1"):
+        export.export_stages([("student", 2, b)], export_dir, "v", version=1)
+    assert _snapshot(export_dir) == snapshot
     with pytest.raises(export.ExportError, match="positive integer"):
-        export.export_stages(smallest, exported["export_dir"], NAME, version=0)
+        export.export_stages([("student", 2, b)], export_dir, "v", version=0)
     with pytest.raises(export.ExportError, match="Export name"):
-        export.export_stages(smallest, exported["export_dir"], "a/b")
+        export.export_stages([("student", 2, b)], export_dir, "a/b")
+
+    # A version written before metadata existed holds unknown weights: never reused.
+    os.remove(os.path.join(second["saved_model"], export.METADATA_FILE))
+    third = export.export_stage(b, export_dir, "v")
+    assert (third["version"], third["status"]) == (3, "exported")
+
+
+def test_serving_limits_are_enforced_in_every_signature(exported):
+    import tensorflow as tf
+
+    paths = export.stage_paths(exported["export_dir"], NAME, exported["steps"][-1])
+    limits = {"max_steps": 1024, "max_batch": 256}  # the defaults for a 2-step stage
+    assert export.read_version_metadata(paths["saved_model"])["limits"] == limits
+    with open(paths["keras_metadata"]) as f:
+        assert json.load(f)["limits"] == limits
+    loaded = tf.saved_model.load(paths["saved_model"])
+    serve, generate = loaded.signatures["serving_default"], loaded.signatures["generate"]
+    denoise = loaded.signatures["denoise"]
+    noise = exported["noise"]
+
+    _expect_refused(generate, r"steps must be <= max_steps=1024", noise=noise,
+                    steps=np.int32(1025))
+    start = time.perf_counter()  # refused before the first step, not after 10**9
+    _expect_refused(generate, r"steps must be <= max_steps=1024", noise=noise,
+                    steps=np.int32(10 ** 9))
+    assert time.perf_counter() - start < 30
+    too_many = np.zeros((257,) + noise.shape[1:], np.float32)
+    _expect_refused(serve, "seed holds more than max_batch=256",
+                    seed=np.arange(257, dtype=np.int32))
+    _expect_refused(generate, "noise holds more than max_batch=256", noise=too_many,
+                    steps=np.int32(1))
+    _expect_refused(denoise, "z holds more than max_batch=256", z=too_many,
+                    t=np.zeros(257, np.float32))
+    _expect_refused(serve, "seed is empty", seed=np.zeros(0, np.int32))
+    _expect_refused(generate, "noise is empty", noise=noise[:0], steps=np.int32(2))
+    _expect_refused(denoise, "z is empty", z=noise[:0], t=np.zeros(0, np.float32))
+    assert serve(seed=tf.range(256))["images"].shape[0] == 256  # at the limit it serves
+
+
+def test_limits_are_set_at_export(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    export_dir = str(tmp_path)
+    model = _small_model(2)
+    with pytest.raises(export.ExportError, match="max_steps=1 is below"):
+        export.export_stages([("s", 2, model)], export_dir, "lim", max_steps=1)
+    with pytest.raises(export.ExportError, match="max_batch must be"):
+        export.export_stage(model, export_dir, "lim", max_batch=0)
+    with pytest.raises(export.ExportError, match="Warm-up batch sizes"):
+        export.export_stage(model, export_dir, "lim", max_batch=2, warmup_batch_sizes=(4,))
+    assert not os.listdir(export_dir)
+
+    record = export.export_stages([("s", 2, model)], export_dir, "lim", max_steps=6,
+                                  max_batch=3)["stages"][0]
+    assert record["limits"] == {"max_steps": 6, "max_batch": 3}
+    metadata = export.read_version_metadata(record["saved_model"])
+    assert metadata["limits"] == record["limits"]
+    loaded = tf.saved_model.load(record["saved_model"])
+    serve, generate = loaded.signatures["serving_default"], loaded.signatures["generate"]
+    noise = np.zeros((3, 8, 8, 1), np.float32)
+    assert generate(noise=tf.constant(noise), steps=tf.constant(6))["images"].shape[0] == 3
+    _expect_refused(generate, "steps must be <= max_steps=6", noise=noise, steps=np.int32(7))
+    _expect_refused(serve, "seed holds more than max_batch=3",
+                    seed=np.arange(4, dtype=np.int32))
+    # Other limits are another model to serve: a new version, not "up to date".
+    other = {**metadata, "limits": {"max_steps": 6, "max_batch": 4}}
+    base = os.path.dirname(record["saved_model"])
+    assert export._plan_version(base, other, None, False) == {"version": 2, "action": "new"}
+    assert export._plan_version(base, metadata, None, False)["action"] == "up to date"
+
+
+def test_a_version_claimed_meanwhile_goes_to_the_next_number(tmp_path, monkeypatch):
+    _fake_writes(monkeypatch)
+    export_dir = str(tmp_path)
+    model = _small_model(3)
+    base = export.stage_paths(export_dir, "race", 2)["base_path"]
+    real_rename = export._rename_noreplace
+    claims = []
+
+    def other_exporter_claims_first(sha):
+        # Another process renames its version in between our plan and our rename.
+        def rename(src, dst):
+            if not claims:
+                claims.append(dst)
+                _fake_version(dst, sha)
+            return real_rename(src, dst)
+        return rename
+
+    monkeypatch.setattr(export, "_rename_noreplace", other_exporter_claims_first("c" * 64))
+    record = export.export_stage(model, export_dir, "race")
+    assert claims == [os.path.join(base, "1")]
+    assert (record["version"], record["status"]) == (2, "exported")
+    assert export.read_version_metadata(os.path.join(base, "1"))["weights_sha256"] == "c" * 64
+    assert export.read_version_metadata(os.path.join(base, "2"))["weights_sha256"] == \
+        record["weights_sha256"]
+    assert sorted(os.listdir(base)) == ["1", "2"]  # our build folder went into 2
+
+    # An explicit version that someone else takes meanwhile: a clear error, no litter.
+    claims.clear()
+    with pytest.raises(export.ExportExistsError, match="claimed version 5"):
+        export.export_stage(model, export_dir, "race", version=5)
+    assert sorted(os.listdir(base)) == ["1", "2", "5"]
+
+    # The other exporter wrote these very weights (and settings): ours is up to date.
+    claims.clear()
+    other = _small_model(4)
+    same = export.stage_metadata(other, "race", 2, export.serving_limits(2))
+    monkeypatch.setattr(export, "_rename_noreplace", other_exporter_claims_first(same))
+    result = export.export_stage(other, export_dir, "race")
+    assert claims == [os.path.join(base, "6")]
+    assert (result["version"], result["status"]) == (6, "up to date")
+    assert sorted(os.listdir(base)) == ["1", "2", "5", "6"]
+
+
+RACE = textwrap.dedent(r"""
+    import json, os, sys, time
+    sys.path.insert(0, "tests")
+    from test_export import _small_model
+    from keras_progdist import export
+    export_dir, seed, ready, go = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    model = _small_model(seed)
+    open(ready, "w").close()
+    while not os.path.exists(go):  # both start exporting at the same moment
+        time.sleep(0.005)
+    try:
+        r = export.export_stage(model, export_dir, "race")
+        print("RESULT " + json.dumps([r["version"], r["status"], r["weights_sha256"]]))
+    except export.ExportExistsError as e:
+        print("RESULT " + json.dumps(["refused", str(e)]))
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_exporting_at_once_get_different_versions(tmp_path):
+    export_dir, go = str(tmp_path / "out"), str(tmp_path / "go")
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, export_dir, str(seed),
+                               str(tmp_path / f"ready{seed}"), go], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (10, 11)]
+    try:
+        deadline = time.time() + 300
+        while not all(os.path.exists(tmp_path / f"ready{s}") for s in (10, 11)):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                [p.communicate() for p in procs if p.poll() is not None]
+            time.sleep(0.05)
+        open(go, "w").close()
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = []
+    for (stdout, stderr), p in zip(outputs, procs):
+        assert p.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.split("RESULT ", 1)[1]))
+        print(stdout)  # "claimed by another export meanwhile" when the renames collided
+    exported_ = sorted(r for r in results if r[0] != "refused")
+    assert exported_, results
+    assert [r[0] for r in exported_] == list(range(1, len(exported_) + 1))
+    assert len({r[2] for r in exported_}) == len(exported_)  # one version per weights
+    base = export.stage_paths(export_dir, "race", 2)["base_path"]
+    assert sorted(os.listdir(base)) == [str(r[0]) for r in exported_]  # nothing left over
+    for version, _, sha in exported_:
+        meta = export.read_version_metadata(os.path.join(base, str(version)))
+        assert meta["weights_sha256"] == sha
+
+
+def test_stale_temporaries_of_killed_exports_are_removed(tmp_path, monkeypatch):
+    _fake_writes(monkeypatch)
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    dead = finished.pid
+    live = subprocess.Popen(["sleep", "120"])
+    try:
+        root = tmp_path / "litter"
+        base = root / "litter-2steps"
+        stale = [base / f".tmp-1-{dead}", base / f".version.tmp-{dead}-0a1b2c3d",
+                 base / f".replaced-2.tmp-{dead}-0a1b2c3d", base / f".old-2-{dead}",
+                 root / f"litter-2steps.keras.tmp-{dead}.keras",
+                 root / f"litter-2steps.keras.tmp-{dead}-0a1b2c3d.keras",
+                 root / f"litter-2steps.keras.json.tmp-{dead}-0a1b2c3d",
+                 root / f"models.config.tmp-{dead}"]
+        kept = [base / f".tmp-1-{live.pid}", base / f".version.tmp-{live.pid}-0a1b2c3d",
+                root / f"litter-2steps.keras.tmp-{live.pid}-0a1b2c3d.keras"]
+        for path in stale + kept:
+            if path.name.startswith("."):
+                _FakeArchive().write_out(str(path))
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("partial")
+        _fake_version(str(base / "2"), "2" * 64)
+        # An overwrite killed between its renames: version 3 only exists moved aside.
+        _fake_version(str(base / f".old-3-{dead}"), "3" * 64)
+
+        record = export.export_stages([("student", 2, _small_model(5))], str(tmp_path),
+                                      "litter")["stages"][0]
+        assert [p for p in stale if p.exists()] == []
+        assert [p for p in kept if not p.exists()] == []
+        assert export.read_version_metadata(str(base / "3"))["weights_sha256"] == "3" * 64
+        assert record["version"] == 4
+        assert sorted(os.listdir(base)) == sorted(["2", "3", "4"] + [p.name for p in kept
+                                                                     if p.parent == base])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_export_subprocess_runs_the_running_package(tmp_path, monkeypatch):
+    # Another keras_progdist first on the child's path (the cwd of `python -m`, and
+    # PYTHONPATH): the child must still import this one.
+    decoy = tmp_path / "keras_progdist"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('decoy keras_progdist imported')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    missing = str(tmp_path / "no_such_run")
+    with pytest.raises(export.ExportError) as info:
+        export._export_in_subprocess(missing, str(tmp_path / "out"), "n", False, None,
+                                     "/models")
+    assert "decoy" not in str(info.value)
+    assert f"Work directory {missing} does not exist" in str(info.value)
+    assert not os.path.exists(missing) and not os.path.exists(tmp_path / "out")
+
+    command, env = export._subprocess_command("w", "e", "n", False, None, "/models",
+                                              None, None)
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(export.__file__)))
+    assert export.package_parent() == parent
+    assert env["PYTHONPATH"].split(os.pathsep)[:2] == [parent, str(tmp_path)]
+    assert command[:4] == [sys.executable, "-c", export._BOOTSTRAP, parent]
+
+
+def test_export_only_reads_the_workdir(exported, tmp_path):
+    before = _snapshot(exported["workdir"])
+    result = export.export_workdir(exported["workdir"], str(tmp_path / "out"), NAME)
+    assert [r["status"] for r in result["stages"]] == ["exported"] * len(exported["steps"])
+    assert _snapshot(exported["workdir"]) == before
+
+    missing = str(tmp_path / "no_such_run")
+    with pytest.raises(export.ExportError, match="Work directory .* does not exist"):
+        export.export_workdir(missing, str(tmp_path / "out2"), NAME)
+    assert not os.path.exists(missing) and not os.path.exists(tmp_path / "out2")
 
 
 JAX_EXPORT = textwrap.dedent(r"""
@@ -358,12 +702,11 @@ JAX_EXPORT = textwrap.dedent(r"""
     gin.parse_config_files_and_bindings(["gin/tiny.gin"], bindings)
     pipeline.run(workdir, "export", export_dir=export_dir, experiment_name="tiny",
                  verbose=0)
-    try:
-        pipeline.run(workdir, "export", export_dir=export_dir, experiment_name="tiny",
-                     verbose=0)
-        print("REFUSED none")
-    except export.ExportExistsError as e:
-        print("REFUSED", type(e).__name__)
+    print("AGAIN")  # the same job again: every stage up to date, nothing written
+    pipeline.run(workdir, "export", export_dir=export_dir, experiment_name="tiny",
+                 verbose=0)
+    result = export.export_workdir(workdir, export_dir, "tiny", max_batch=8)
+    print("NEW LIMITS", json.dumps([(r["version"], r["status"]) for r in result["stages"]]))
 """)
 
 
@@ -374,11 +717,18 @@ def test_jax_backend_exports_through_a_tensorflow_subprocess(exported):
     stdout = _run_python(JAX_EXPORT, exported["workdir"], export_dir,
                          json.dumps(GIN_BINDINGS), backend="jax", timeout=600)
     assert "exporting through TensorFlow in a subprocess" in stdout
-    assert "REFUSED ExportExistsError" in stdout
+    first, again = stdout.split("AGAIN", 1)
+    assert first.count("is up to date") == 0
+    assert again.split("NEW LIMITS")[0].count("is up to date") == len(exported["steps"])
+    # Other limits are another model: the next version of every stage.
+    versions = json.loads(stdout.split("NEW LIMITS ", 1)[1].splitlines()[0])
+    assert versions == [[2, "exported"]] * len(exported["steps"])
     import tensorflow as tf
 
     steps = exported["steps"][-1]
     paths = export.stage_paths(export_dir, NAME, steps)
+    assert paths["version"] == 2
+    assert export.read_version_metadata(paths["saved_model"])["limits"]["max_batch"] == 8
     loaded = tf.saved_model.load(paths["saved_model"])
     images = loaded.signatures["generate"](noise=tf.constant(exported["noise"]),
                                            steps=tf.constant(steps))["images"].numpy()
