@@ -1,13 +1,21 @@
 """A TensorFlow-free input pipeline: shuffled numpy batches from in-memory arrays.
 
-The in-memory datasets (`mnist_embedded`, `fashion_mnist`) fit in host memory, so on a
-host without TensorFlow (the JAX GPU machine) they are preprocessed once with
-`keras.ops` and served as numpy batches. `model.fit` takes the stream as a Python
+The in-memory datasets (`mnist_embedded`, `fashion_mnist`, `image_folder`) fit in host
+memory, so on a host without TensorFlow (the JAX GPU machine) they are preprocessed once
+with `keras.ops` and served as numpy batches. `model.fit` takes the stream as a Python
 generator (`ArrayBatches.stream()`), on every backend.
 
 The stream is a pure function of `seed`: epoch `e` visits the examples in the order
 `np.random.default_rng([seed, e]).permutation(n)`, and flips (if asked) are drawn from
 the same generator, so two streams with one seed are equal batch for batch.
+
+Multi-host JAX: Keras' JAX trainer takes each process's *local* part of the global batch
+(`jax.make_array_from_process_local_data`), so every process must feed different
+examples, batches of one shape, and the same number of batches per epoch (a process
+that ends its epoch early leaves the others waiting in a collective). `ArrayBatches`
+therefore keeps examples `index::count` of the data (by default `jax.process_index()` of
+`jax.process_count()` when JAX is the Keras backend) and visits `total // count` of them
+every epoch on every process.
 """
 
 from __future__ import annotations
@@ -17,13 +25,53 @@ from typing import Iterator
 import numpy as np
 
 
+class EmptyDatasetError(ValueError):
+    """A dataset (or this process's shard of it) has no examples: training on it would
+    only produce `nan` losses, so it is refused when the pipeline is built."""
+
+
+def default_shard() -> tuple:
+    """`(index, count)` of this process: `(jax.process_index(), jax.process_count())`
+    when JAX is the Keras backend, else `(0, 1)`.
+
+    Under TensorFlow, `tf.distribute` shards the tf.data pipeline through its
+    `InputContext` instead, so this never imports JAX on another backend.
+    """
+    import keras
+
+    if keras.config.backend() != "jax":
+        return 0, 1
+    import jax
+
+    return int(jax.process_index()), int(jax.process_count())
+
+
+def shard_slice(n: int, index: int, count: int) -> slice:
+    """The examples of shard `index` of `count` among `n`: every `count`-th one from
+    `index` (disjoint shards that together cover all `n`)."""
+    _check_shard((index, count))
+    return slice(index, n, count)
+
+
+def _check_shard(shard) -> None:
+    try:
+        index, count = shard
+    except (TypeError, ValueError):
+        raise ValueError(f"shard must be (index, count), got shard={shard!r}.") from None
+    if not (isinstance(index, (int, np.integer)) and isinstance(count, (int, np.integer))
+            and 0 <= index < count):
+        raise ValueError(f"shard=(index, count) needs 0 <= index < count, got {shard}.")
+
+
 class ArrayBatches:
     """Batches of float32 images in [-1, 1] (NHWC): tuples `(x,)` or `(x, label)`.
 
     Args:
-        images: float32 `(N, H, W, C)` in [-1, 1], already preprocessed.
+        images: float32 `(N, H, W, C)` in [-1, 1], already preprocessed: the whole
+            dataset, or only this shard's part when `total_examples` is given.
         labels: int32 `(N,)`, or None for unlabelled data.
-        batch_size: examples per batch.
+        batch_size: examples per batch this process yields (with several processes the
+            global batch is `batch_size * count`).
         shuffle: a new permutation every epoch.
         seed: seed of the permutations and flips.
         repeat: run forever (else one epoch).
@@ -31,24 +79,60 @@ class ArrayBatches:
         random_flip: flip each example left-right with probability 1/2.
         drop_remainder: drop an epoch's last partial batch (static shapes; with
             `repeat`, batches never straddle two epochs).
-        shard: `(index, count)`: keep examples `index::count`, e.g. one JAX process
-            of several.
+        shard: `(index, count)`: keep examples `index::count`, e.g. one JAX process of
+            several. None (the default) asks `default_shard()`: the JAX process index
+            and count when JAX is the backend, else `(0, 1)`.
+        total_examples: if given, `images` and `labels` are already this shard's part
+            (`shard_slice(total_examples, index, count)` of the whole), e.g. when each
+            process decoded only its own files; they are not sliced again.
+
+    Raises:
+        EmptyDatasetError: no examples, or none left in this shard.
+        ValueError: a bad shard, labels asked of unlabelled data, or a batch larger
+            than an epoch with `drop_remainder`.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None, batch_size: int,
                  shuffle: bool = True, seed: int = 0, repeat: bool = True,
                  with_labels: bool = False, random_flip: bool = False,
-                 drop_remainder: bool = True, shard: tuple = (0, 1)):
-        index, count = shard
-        if not 0 <= index < count:
-            raise ValueError(f"shard=(index, count) needs 0 <= index < count, got {shard}.")
-        self.images = np.ascontiguousarray(images[index::count], dtype=np.float32)
-        self.labels = None if labels is None else np.asarray(labels[index::count], np.int32)
+                 drop_remainder: bool = True, shard: tuple | None = None,
+                 total_examples: int | None = None):
+        shard = default_shard() if shard is None else tuple(shard)
+        _check_shard(shard)
+        index, count = int(shard[0]), int(shard[1])
+        if total_examples is None:
+            total = len(images)
+            part = shard_slice(total, index, count)
+            images = images[part]
+            labels = None if labels is None else labels[part]
+        else:
+            total = int(total_examples)
+            expected = len(range(*shard_slice(total, index, count).indices(total)))
+            if len(images) != expected:
+                raise ValueError(f"shard {shard} of {total} examples has {expected}, "
+                                 f"but {len(images)} images were given.")
+        if total == 0:
+            raise EmptyDatasetError("The dataset is empty (0 examples): nothing to train "
+                                    "on. Check the data folder or files.")
+        # Shards differ in size by at most one; each epoch visits only `total // count`
+        # of a shard's examples so that all processes run the same number of batches.
+        # Which ones are left out changes with every shuffled epoch.
+        self.examples_per_epoch = total // count if count > 1 else total
+        if self.examples_per_epoch == 0:
+            raise EmptyDatasetError(
+                f"The dataset is empty on this process: {total} examples split over "
+                f"{count} processes leave shard {index} with none per epoch.")
+        self.shard, self.total_examples = (index, count), total
+        self.images = np.ascontiguousarray(images, dtype=np.float32)
+        self.labels = None if labels is None else np.asarray(labels, np.int32)
         if with_labels and self.labels is None:
             raise ValueError("with_labels=True, but the data has no labels.")
-        if len(self.images) < batch_size and drop_remainder:
-            raise ValueError(f"batch_size={batch_size} is larger than the {len(self.images)} "
-                             "examples and drop_remainder=True: no batch would come out.")
+        if self.examples_per_epoch < batch_size and drop_remainder:
+            raise ValueError(f"batch_size={batch_size} is larger than the "
+                             f"{self.examples_per_epoch} examples"
+                             + (f" per epoch of shard {index} of {count}" if count > 1
+                                else "")
+                             + " and drop_remainder=True: no batch would come out.")
         self.batch_size = int(batch_size)
         self.shuffle, self.seed, self.repeat = shuffle, int(seed), repeat
         self.with_labels, self.random_flip = with_labels, random_flip
@@ -60,28 +144,43 @@ class ArrayBatches:
 
     @property
     def num_examples(self) -> int:
+        """Examples held by this process (its shard)."""
         return len(self.images)
 
     def __iter__(self) -> Iterator:
         return self.stream()
 
-    def stream(self):
-        """A generator of batches (a new one starts from the first epoch again)."""
-        n, b = len(self.images), self.batch_size
-        epoch = 0
+    @property
+    def batches_per_epoch(self) -> int:
+        m, b = self.examples_per_epoch, self.batch_size
+        return m // b if self.drop_remainder else -(-m // b)
+
+    def stream(self, start_batch: int = 0):
+        """A generator of batches from batch `start_batch` of the stream on.
+
+        `stream(k)` yields exactly what `stream()` yields after its first `k` batches,
+        without producing them (a resumed run reads the batches it would have read).
+        """
+        n, b, m = len(self.images), self.batch_size, self.examples_per_epoch
+        epoch, skip = divmod(int(start_batch), self.batches_per_epoch)
+        if not self.repeat and epoch > 0:
+            return
         while True:
             rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(n) if self.shuffle else np.arange(n)
-            stop = n - n % b if self.drop_remainder else n
-            for start in range(0, stop, b):
+            order = (rng.permutation(n) if self.shuffle else np.arange(n))[:m]
+            stop = m - m % b if self.drop_remainder else m
+            flips = rng.random(m) < 0.5 if self.random_flip else None
+            for position, start in enumerate(range(0, stop, b)):
+                if position < skip:
+                    continue
                 idx = order[start:start + b]
                 x = self.images[idx]
                 if self.random_flip:
-                    flip = rng.random(len(idx)) < 0.5
+                    flip = flips[start:start + b]
                     x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
                 # Keras takes generator items as tuples: (x,) or (x, label), which it
                 # unpacks as tf.data's x or (x, label).
                 yield (x, self.labels[idx]) if self.with_labels else (x,)
-            epoch += 1
+            epoch, skip = epoch + 1, 0
             if not self.repeat:
                 return

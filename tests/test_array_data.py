@@ -132,3 +132,114 @@ def test_teacher_and_distillation_run_on_jax_without_tensorflow(tmp_path):
     assert "STAGES [2, 1]" in result.stdout
     assert "input ArrayBatches" in result.stdout
     assert (tmp_path / "student_00001" / "final.json").exists()
+
+
+# ------------------------------------------------------ multi-process sharding, empty
+
+
+def _epoch_ids(batches):
+    return sorted(sum((_ids(b) for b in batches), []))
+
+
+@pytest.mark.parametrize("n", [12, 13, 14])
+@pytest.mark.parametrize("count", [2, 3])
+def test_process_shards_are_disjoint_cover_the_data_and_run_in_step(count, n):
+    x, y = _coded(n)
+    parts = [ArrayBatches(x, y, batch_size=1, seed=5, repeat=False, with_labels=True,
+                          shard=(k, count)) for k in range(count)]
+    held = [set(p.images[:, 0, 0, 0].astype(int)) for p in parts]
+    assert set().union(*held) == set(range(n))                       # covering
+    assert sum(len(h) for h in held) == n                             # disjoint
+    for k, p in enumerate(parts):
+        assert held[k] == set(range(k, n, count))
+        np.testing.assert_array_equal(p.labels, y[k::count])          # labels follow
+    epochs = [list(p) for p in parts]
+    # Every process: the same number of batches of the same shape in an epoch (a
+    # process that stopped early would leave the others waiting in a collective).
+    assert [len(e) for e in epochs] == [n // count] * count
+    assert {b[0].shape for e in epochs for b in e} == {(1, 2, 2, 1)}
+    seen = [_epoch_ids(e) for e in epochs]
+    assert not set(seen[0]) & set(seen[1])
+    # Shuffled epochs leave out a different example of a larger shard each time.
+    stream = ArrayBatches(x, y, batch_size=1, seed=5, shard=(0, count)).stream()
+    m = n // count
+    visited = {i for _ in range(20 * m) for i in _ids(next(stream))}
+    assert visited == held[0]
+
+
+def test_single_process_stream_is_unchanged_by_sharding_support():
+    # One process: shard (0, 1) and the default give today's stream exactly.
+    x, y = _coded(10)
+    a = ArrayBatches(x, y, batch_size=3, seed=2).stream()
+    b = ArrayBatches(x, y, batch_size=3, seed=2, shard=(0, 1)).stream()
+    rng = np.random.default_rng([2, 0])
+    first = rng.permutation(10)[:3].tolist()
+    assert _ids(next(a)) == _ids(next(b)) == first
+
+
+def test_presharded_images_are_not_sliced_again():
+    x, y = _coded(7)
+    whole = ArrayBatches(x, y, batch_size=2, shuffle=False, repeat=False, shard=(1, 3))
+    part = ArrayBatches(x[1::3], y[1::3], batch_size=2, shuffle=False, repeat=False,
+                        shard=(1, 3), total_examples=7)
+    assert [_ids(b) for b in whole] == [_ids(b) for b in part] == [[1, 4]]
+    with pytest.raises(ValueError, match=r"shard \(1, 3\) of 7 examples has 2"):
+        ArrayBatches(x, y, batch_size=2, shard=(1, 3), total_examples=7)
+
+
+def _fake_jax_processes(monkeypatch, index, count):
+    """Pretend to be process `index` of `count` of a multi-host JAX job: the one
+    thing that cannot run here is a real multi-process JAX runtime."""
+    import jax
+    import keras
+
+    monkeypatch.setattr(keras.config, "backend", lambda: "jax")
+    monkeypatch.setattr(jax, "process_index", lambda: index)
+    monkeypatch.setattr(jax, "process_count", lambda: count)
+
+
+def test_default_shard_is_the_jax_process(monkeypatch):
+    from keras_progdist import array_data
+
+    x, y = _coded(10)
+    _fake_jax_processes(monkeypatch, 1, 2)
+    assert array_data.default_shard() == (1, 2)
+    batches = ArrayBatches(x, y, batch_size=5, shuffle=False, repeat=False)
+    assert batches.shard == (1, 2)
+    assert [_ids(b) for b in batches] == [[1, 3, 5, 7, 9]]
+    # make_dataset's batch_size is the global batch: each process yields its part.
+    ds = data.make_dataset(batch_size=16, pipeline="numpy", shuffle=False,
+                           with_labels=True)
+    mnist, labels = data.load_images("mnist_embedded")
+    x0, y0 = next(iter(ds))
+    assert ds.shard == (1, 2) and ds.num_examples == 2500 and x0.shape[0] == 8
+    np.testing.assert_array_equal(np.round((x0 + 1) * 127.5), mnist[1:16:2])
+    np.testing.assert_array_equal(y0, labels[1:16:2])
+    with pytest.raises(ValueError, match="batch_size=15 is the global batch.*2 JAX"):
+        data.make_dataset(batch_size=15, pipeline="numpy")
+
+
+def test_default_shard_is_whole_data_off_jax_or_on_one_process(monkeypatch):
+    import jax
+    import keras
+
+    from keras_progdist import array_data
+
+    monkeypatch.setattr(keras.config, "backend", lambda: "tensorflow")
+    monkeypatch.setattr(jax, "process_count", lambda: 4)  # must not be asked
+    assert array_data.default_shard() == (0, 1)
+    _fake_jax_processes(monkeypatch, 0, 1)
+    assert array_data.default_shard() == (0, 1)
+
+
+def test_empty_data_and_empty_shards_are_refused():
+    from keras_progdist.array_data import EmptyDatasetError
+
+    x, y = _coded(0)
+    with pytest.raises(EmptyDatasetError, match=r"dataset is empty \(0 examples\)"):
+        ArrayBatches(x, y, batch_size=1)
+    x, y = _coded(2)
+    with pytest.raises(EmptyDatasetError, match="2 examples split over 3 processes"):
+        ArrayBatches(x, y, batch_size=1, shard=(0, 3))
+    with pytest.raises(ValueError, match="0 <= index < count"):
+        ArrayBatches(x, y, batch_size=1, shard=(3, 3))

@@ -420,3 +420,107 @@ def test_unprepared_tfds_data_dir_says_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError,
                        match=r"manual_dir=.*lacks \['Imagenet64_train_part1_npz.zip'"):
         data.make_dataset("imagenet64", data_dir=tmp_path, manual_dir=tmp_path)
+
+
+# ------------------------------------------------- decompression bombs, empty data
+
+
+def _gzip_stream(path, header, payload_mib):
+    """A gzip file of `header` then `payload_mib` MiB of zeros, written in pieces
+    (so making it takes no memory either): about 1 KiB on disk per MiB inflated."""
+    import zlib
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: gzip framing
+    zeros = bytes(1 << 20)
+    with open(path, "wb") as f:
+        f.write(comp.compress(header))
+        for _ in range(payload_mib):
+            f.write(comp.compress(zeros))
+        f.write(comp.flush())
+
+
+def _peak_traced_bytes(fn):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_gzip_bomb_with_small_header_fails_fast_in_little_memory(tmp_path):
+    # Declares one 28x28 image, inflates to 256 MiB: the old reader inflated it all
+    # (and a 2 GiB one took 19 s and 4 GiB of memory) before seeing the mismatch.
+    bomb = tmp_path / "bomb-images-idx3-ubyte.gz"
+    _gzip_stream(bomb, bytes([0, 0, 8, 3]) + struct.pack(">3I", 1, 28, 28), 256)
+    assert bomb.stat().st_size < 1 << 20
+
+    def read():
+        with pytest.raises(data.IdxFormatError,
+                           match=r"bomb-images-idx3-ubyte\.gz.*trailing bytes"):
+            data.read_idx(bomb)
+
+    assert _peak_traced_bytes(read) < 8 << 20
+
+
+def test_header_declaring_gigabytes_is_refused_before_reading(tmp_path):
+    # 2^31 images of 28x28 (1.7 TB declared) in a file of a few bytes.
+    huge = tmp_path / "huge-images-idx3-ubyte.gz"
+    _gzip_stream(huge, bytes([0, 0, 8, 3]) + struct.pack(">3I", 1 << 31, 28, 28), 4)
+
+    def read():
+        with pytest.raises(data.IdxFormatError,
+                           match=r"huge-images-idx3-ubyte\.gz.*1683627180032 data bytes"
+                                 r".*more than the 1073741824 allowed"):
+            data.read_idx(huge)
+
+    assert _peak_traced_bytes(read) < 8 << 20
+    # Four uint32 dimensions overflow int64 products; Python ints do not.
+    dims = tmp_path / "dims.idx"
+    dims.write_bytes(bytes([0, 0, 8, 4]) + struct.pack(">4I", *[0xFFFFFFFF] * 4))
+    with pytest.raises(data.IdxFormatError, match="more than the"):
+        data.read_idx(dims)
+
+
+def test_max_bytes_is_a_bound_and_plain_files_read_the_same(tmp_path):
+    labels = np.arange(200, dtype=np.uint8) % 10
+    gz = tmp_path / "labels.gz"
+    _write_idx(gz, labels)
+    np.testing.assert_array_equal(data.read_idx(gz, 1), labels)
+    with pytest.raises(data.IdxFormatError, match=r"200 data bytes, more than the 100"):
+        data.read_idx(gz, max_bytes=100)
+    plain = tmp_path / "labels.idx"
+    plain.write_bytes(gzip.decompress(gz.read_bytes()))
+    np.testing.assert_array_equal(data.read_idx(plain, 1), labels)
+    plain.write_bytes(plain.read_bytes() + b"\0")
+    with pytest.raises(data.IdxFormatError, match=r"labels\.idx.*trailing bytes"):
+        data.read_idx(plain)
+    plain.write_bytes(bytes([0, 0, 8]))
+    with pytest.raises(data.IdxFormatError, match=r"3 bytes where the idx header needs 4"):
+        data.read_idx(plain)
+
+
+@pytest.mark.parametrize("pipeline", ["tf.data", "numpy"])
+def test_idx_with_zero_items_is_refused_as_empty(tmp_path, pipeline):
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((0, 28, 28)))
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros((0,)))
+    with pytest.raises(data.EmptyDatasetError,
+                       match=r"'fashion_mnist' split 'train' is empty: 0 examples"):
+        data.make_dataset("fashion_mnist", data_dir=tmp_path, pipeline=pipeline,
+                          batch_size=1)
+
+
+def test_empty_tfds_split_is_refused(tfds_dir):
+    with pytest.raises(data.EmptyDatasetError, match=r"'cifar10' split 'train\[:0\]' is empty"):
+        data.make_dataset("cifar10", split="train[:0]", data_dir=tfds_dir[0])
+
+
+def test_input_pipeline_left_without_examples_is_refused(idx_dir):
+    ctx = tf.distribute.InputContext(num_input_pipelines=64, input_pipeline_id=50,
+                                     num_replicas_in_sync=64)
+    with pytest.raises(data.EmptyDatasetError, match="pipeline 50: its 40 examples"):
+        data.make_dataset("fashion_mnist", data_dir=idx_dir[0], batch_size=64,
+                          input_context=ctx)
