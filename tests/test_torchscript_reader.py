@@ -381,3 +381,8 @@ def test_a_killed_builds_temporary_is_removed_by_the_next_load(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(
         [weights.CACHE_FILE, weights.CACHE_FILE + ".sha256", live.name])
     weights.verify_weight_cache(weights.cache_path(str(tmp_path)))
+    # With a good cache in place nothing is rebuilt; the load still cleans up.
+    stale = tmp_path / f"{weights.CACHE_FILE}{fileio.TMP_MARK}{_dead_pid()}-deadbeef"
+    stale.write_bytes(b"x")
+    weights.load_weight_arrays(str(tmp_path))
+    assert not stale.exists() and live.exists()
