@@ -1,5 +1,7 @@
 """FID / KID maths on synthetic features with known answers (numpy only, fast)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -157,3 +159,138 @@ def test_reference_stats_round_trip_keyed_by_dataset_split_and_protocol(tmp_path
         metrics.load_reference_stats("cifar10", "test", cache_dir=str(tmp_path))
     with pytest.raises(metrics.ReferenceStatsNotFoundError, match="protocol='other'"):
         metrics.load_reference_stats("cifar10", "train", protocol="other", cache_dir=str(tmp_path))
+
+
+# -- the reference-statistics cache -----------------------------------------------------
+def _build_counter(features):
+    calls = []
+
+    def build():
+        calls.append(1)
+        return features
+
+    return build, calls
+
+
+def test_reference_stats_of_two_data_dirs_are_two_cache_entries(tmp_path):
+    from keras_progdist.evaluation import report
+
+    cfg = dict(split="train", num_reference=100)
+    keys = [report.reference_key(cfg, {"name": "fashion_mnist", "data_dir": d,
+                                       "image_size": 16})
+            for d in (str(tmp_path / "a"), str(tmp_path / "b"))]
+    # The folder is resolved: a relative or symlinked spelling of one folder is one key.
+    os.symlink(tmp_path / "a", tmp_path / "link")
+    assert report.reference_key(cfg, {"name": "fashion_mnist", "image_size": 16,
+                                      "data_dir": str(tmp_path / "link")}) == keys[0]
+    assert keys[0]["data_dir"] == os.path.realpath(str(tmp_path / "a"))
+    assert keys[0] != keys[1]
+    rng = np.random.default_rng(10)
+    paths = []
+    for key, offset in zip(keys, (0.0, 1.0)):
+        build, calls = _build_counter(rng.normal(size=(20, 4)) + offset)
+        stats = metrics.cached_reference_stats("fmnist", "train", build, key=key,
+                                               cache_dir=str(tmp_path))
+        assert stats["built"] and calls == [1]
+        paths.append(stats["path"])
+    assert paths[0] != paths[1]
+    assert len(os.listdir(os.path.dirname(paths[0]))) == 2
+    for key, path, offset in zip(keys, paths, (0.0, 1.0)):
+        build, calls = _build_counter(None)
+        stats = metrics.cached_reference_stats("fmnist", "train", build, key=key,
+                                               cache_dir=str(tmp_path))
+        assert not stats["built"] and calls == [] and stats["path"] == path
+        assert abs(stats["mu"].mean() - offset) < 0.5
+    # Every setting that changes the images changes the key.
+    base = {"name": "fashion_mnist", "image_size": 16}
+    variants = [{"image_size": 32}, {"resize": "nearest"}, {"name": "mnist_embedded"},
+                {"manual_dir": str(tmp_path)}]
+    for variant in variants:
+        assert report.reference_key(cfg, {**base, **variant}) != \
+            report.reference_key(cfg, base), variant
+    assert report.reference_key({**cfg, "num_reference": 50}, base) != \
+        report.reference_key(cfg, base)
+    assert report.reference_key({**cfg, "split": "test"}, base) != \
+        report.reference_key(cfg, base)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "checksum", "empty"])
+def test_unreadable_reference_stats_are_rebuilt_with_a_warning(tmp_path, damage):
+    rng = np.random.default_rng(11)
+    features = rng.normal(size=(40, 6)).astype(np.float32)
+    key = {"data_dir": "/x", "num_reference": 40}
+    build, calls = _build_counter(features)
+    first = metrics.cached_reference_stats("ds", "train", build, key=key,
+                                           cache_dir=str(tmp_path))
+    path = first["path"]
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif damage == "garbage":
+        with open(path, "wb") as f:
+            f.write(b"not a zip file at all")
+    elif damage == "empty":
+        open(path, "wb").close()
+    else:  # a well-formed npz whose contents no longer match the stored sha256
+        with np.load(path) as data:
+            arrays = {name: data[name] for name in data.files}
+        arrays["mu"] = arrays["mu"] + 1.0
+        np.savez(path[:-4], **arrays)
+    with pytest.raises(metrics.CorruptReferenceStatsError):
+        metrics.load_reference_stats("ds", "train", cache_dir=str(tmp_path), key=key)
+    with pytest.warns(metrics.ReferenceStatsRebuiltWarning):
+        again = metrics.cached_reference_stats("ds", "train", build, key=key,
+                                               cache_dir=str(tmp_path))
+    assert again["built"] and len(calls) == 2
+    np.testing.assert_array_equal(again["mu"], first["mu"])
+    np.testing.assert_array_equal(again["sigma"], first["sigma"])
+    loaded = metrics.load_reference_stats("ds", "train", cache_dir=str(tmp_path), key=key)
+    np.testing.assert_array_equal(loaded["features"], features)
+
+
+_WRITER = """
+import sys
+import os
+
+import numpy as np
+sys.path.insert(0, {root!r})
+from keras_progdist.evaluation import metrics
+features = np.full(({rows}, 256), float(sys.argv[1]), np.float32)
+mu, sigma = features.mean(0).astype(np.float64), np.eye(256)
+for _ in range({repeats}):
+    metrics.save_reference_stats("ds", "train", mu, sigma, len(features),
+                                 cache_dir={cache!r}, features=features, key={{"k": 1}})
+"""
+
+
+def test_concurrent_writers_of_one_key_never_leave_a_corrupt_file(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = _WRITER.format(root=root, rows=2000, repeats=15, cache=str(tmp_path))
+    start = str(time.time() + 2.0)
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(value), start],
+                                stderr=subprocess.PIPE, text=True) for value in (1, 2)]
+    loads, errors = 0, []
+    while any(w.poll() is None for w in writers):
+        try:
+            stats = metrics.load_reference_stats("ds", "train", cache_dir=str(tmp_path),
+                                                 key={"k": 1})
+        except metrics.ReferenceStatsNotFoundError:
+            continue
+        except Exception as e:  # noqa: BLE001  any failure is the bug this guards
+            errors.append(repr(e))
+            continue
+        # One writer's file whole, never a mix of the two.
+        assert np.unique(stats["features"]).size == 1
+        loads += 1
+    stderr = [w.communicate()[1] for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], stderr
+    assert not errors, errors[:3]
+    assert loads > 0
+    final = metrics.load_reference_stats("ds", "train", cache_dir=str(tmp_path), key={"k": 1})
+    assert final["features"].shape == (2000, 256)
+    folder = os.path.dirname(final["path"])
+    assert os.listdir(folder) == [os.path.basename(final["path"])], "temporaries left"

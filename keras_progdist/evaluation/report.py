@@ -1,13 +1,19 @@
 """`--mode=eval`: FID/KID of the teacher, undistilled DDIM and every distilled stage.
 
-Writes to `<workdir>/eval/`: `metrics.json`, `report.md`, `fid_vs_steps.png`
-(distilled vs undistilled DDIM vs the teacher at its full step count, log-x) and one
-sample grid per evaluated model. Real-data features are computed once per
-(dataset, split, preprocessing, protocol) and cached with the FID statistics.
+Writes to `<workdir>/eval/`: `metrics.json`, `report.md`, the plot
+(`fid_vs_steps.png`, or `kid_vs_steps.png` when FID is not available: named by what it
+plots), one sample grid per evaluated model, and `runs/<model>.json` (each model's
+scores, saved as soon as they exist). A model whose sample files
+(`samples.write_experiment_samples`, in `<workdir>/eval/samples/`) are complete and
+match its weights and the settings is scored from those files; the others are sampled
+in process from the same noise, so both give the same scores. `score_sample_dir`
+scores a folder of sample files without any model (e.g. files made on a GPU host).
+Real-data features are cached by everything that changes them (`reference_key`).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -16,9 +22,10 @@ import gin
 import keras
 import numpy as np
 
-from keras_progdist import data, images
+from keras_progdist import data, fileio, images
 from keras_progdist.distribute import describe_device
 from keras_progdist.evaluation import metrics
+from keras_progdist.evaluation import samples as sample_files
 
 
 class EvaluationError(ValueError):
@@ -28,7 +35,8 @@ class EvaluationError(ValueError):
 @gin.configurable("evaluate")
 def settings(num_samples: int = 1000, num_reference: int = 5000,
              ddim_steps=(1, 2, 4, 8), teacher_steps=None, batch_size: int = 100,
-             split: str = "train", seed: int = 2024, cache_dir: str | None = None) -> dict:
+             split: str = "train", seed: int = 2024, cache_dir: str | None = None,
+             max_file_mb: float = sample_files.DEFAULT_MAX_FILE_MB) -> dict:
     """Evaluation settings.
 
     Args:
@@ -36,65 +44,164 @@ def settings(num_samples: int = 1000, num_reference: int = 5000,
         num_reference: real images for the reference statistics (all when larger).
         ddim_steps: step counts of the undistilled teacher DDIM curve.
         teacher_steps: extra teacher step counts (its full count is always added).
-        batch_size: sampling and feature batch size.
+        batch_size: sampling and feature batch size (the noise of sample `i` is drawn
+            in the batch `i // batch_size`, so this is part of the protocol).
         split: the real split the statistics come from (the paper: training set).
         seed: first seed of the generated noise (all models see the same noise).
+        cache_dir: root of the reference-statistics cache (default
+            `metrics.default_cache_dir()`).
+        max_file_mb: the largest sample file `--mode=sample` writes, in MiB.
+
+    Returns:
+        The settings as a dict.
     """
     for name, value in (("num_samples", num_samples), ("num_reference", num_reference),
                         ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 2:
             raise EvaluationError(f"evaluate.{name} must be an integer >= 2, got {value!r}.")
+    if not max_file_mb > 0:
+        raise EvaluationError(f"evaluate.max_file_mb must be positive, got {max_file_mb!r}.")
     return dict(num_samples=num_samples, num_reference=num_reference,
                 ddim_steps=tuple(int(s) for s in ddim_steps),
                 teacher_steps=tuple(int(s) for s in (teacher_steps or ())),
-                batch_size=batch_size, split=split, seed=seed, cache_dir=cache_dir)
+                batch_size=batch_size, split=split, seed=seed, cache_dir=cache_dir,
+                max_file_mb=float(max_file_mb))
+
+
+def _dataset_bindings(bindings: dict | None = None) -> dict:
+    """The `dataset.*` settings in force: gin's bindings over `make_dataset`'s defaults."""
+    bindings = dict(gin.get_bindings("dataset") if bindings is None else bindings)
+    defaults = {name: p.default for name, p in
+                inspect.signature(data.make_dataset).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **bindings}
 
 
 def _dataset_key(bindings: dict, split: str) -> tuple:
-    name = bindings.get("name", "mnist_embedded")
-    key = f"{name}-{bindings.get('image_size') or 'native'}-{bindings.get('resize', 'bilinear')}"
+    bindings = _dataset_bindings(bindings)
+    name = bindings["name"]
+    key = f"{name}-{bindings.get('image_size') or 'native'}-{bindings.get('resize')}"
     return name, key
 
 
-def reference_features(fid_model, cfg: dict, verbose: bool = True) -> np.ndarray:
-    """FID features of the real images, cached by dataset + preprocessing + protocol."""
+def _resolved(path):
+    return None if path is None else os.path.realpath(os.path.expanduser(str(path)))
+
+
+def reference_key(cfg: dict, bindings: dict | None = None) -> dict:
+    """Everything that changes the real images' features: the reference cache key.
+
+    The real images are the first `num_reference` of the split in stored order (no
+    shuffle, no flip), so the evaluation seed does not enter. The backend does: its
+    resize and its FID network agree with the other backend's only to ~1e-5.
+
+    Args:
+        cfg: `settings()`.
+        bindings: the `dataset.*` bindings (default: gin's).
+
+    Returns:
+        A JSON-able dict.
+    """
+    b = _dataset_bindings(bindings)
+    return {"dataset": b["name"], "data_dir": _resolved(b.get("data_dir")),
+            "manual_dir": _resolved(b.get("manual_dir")), "split": cfg["split"],
+            "image_size": b.get("image_size"), "resize": b.get("resize"),
+            "num_reference": cfg["num_reference"],
+            "selection": "first num_reference in stored order, no flip",
+            "pixels": "uint8 round(preprocess(image))",
+            "backend": keras.backend.backend()}
+
+
+def _digest(value) -> str:
+    import hashlib
+
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def reference_features(fid_model, cfg: dict, verbose: int = 1,
+                       bindings: dict | None = None) -> np.ndarray:
+    """FID features of the real images, cached by `reference_key`.
+
+    A cache entry that cannot be read (truncated, bad checksum, not a zip) is rebuilt
+    with a `metrics.ReferenceStatsRebuiltWarning`.
+
+    Args:
+        fid_model: from `evaluation.load_fid_network()` (None: loaded when needed).
+        cfg: `settings()`.
+        verbose: 0 silent, 1 a progress bar, 2 plain lines.
+        bindings: the `dataset.*` bindings (default: gin's).
+
+    Returns:
+        float32 [num_reference, 2048].
+    """
     from keras_progdist import evaluation
 
-    bindings = gin.get_bindings("dataset")
-    name, key = _dataset_key(bindings, cfg["split"])
-    split = f"{cfg['split']}-n{cfg['num_reference']}"
-    try:
-        cached = metrics.load_reference_stats(key, split, cache_dir=cfg["cache_dir"])
-        if cached.get("features") is not None:
-            return cached["features"]
-    except metrics.ReferenceStatsNotFoundError:
-        pass
-    real, _ = data.load_images(name, split=cfg["split"],
-                               data_dir=bindings.get("data_dir"),
-                               manual_dir=bindings.get("manual_dir"),
-                               image_size=bindings.get("image_size"),
-                               resize=bindings.get("resize", "bilinear"),
-                               limit=cfg["num_reference"])
-    if verbose:
-        print(f"[eval] reference features of {len(real)} real {name} images", flush=True)
-    features = evaluation.compute_features(fid_model, real, batch_size=cfg["batch_size"],
-                                           verbose=verbose)
-    mu, sigma = metrics.feature_statistics(features)
-    metrics.save_reference_stats(key, split, mu, sigma, len(features),
-                                 cache_dir=cfg["cache_dir"], features=features)
-    return features
+    b = _dataset_bindings(bindings)
+    name, readable = _dataset_key(b, cfg["split"])
+
+    def build():
+        real, _ = data.load_images(name, split=cfg["split"], data_dir=b.get("data_dir"),
+                                   manual_dir=b.get("manual_dir"),
+                                   image_size=b.get("image_size"),
+                                   resize=b.get("resize", "bilinear"),
+                                   limit=cfg["num_reference"])
+        if verbose:
+            print(f"[eval] reference features of {len(real)} real {name} images",
+                  flush=True)
+        model = fid_model if fid_model is not None else evaluation.load_fid_network()
+        return evaluation.compute_features(model, real, batch_size=cfg["batch_size"],
+                                           verbose=verbose == 1)
+
+    stats = metrics.cached_reference_stats(readable, f"{cfg['split']}-n{cfg['num_reference']}",
+                                           build, key=reference_key(cfg, b),
+                                           cache_dir=cfg["cache_dir"])
+    if verbose >= 2 and stats["built"]:
+        print(f"[eval] reference statistics cached in {stats['path']}", flush=True)
+    return stats["features"]
 
 
 def generate(model, num_steps: int, cfg: dict, num_classes=None) -> np.ndarray:
-    """`num_samples` DDIM samples in [-1, 1] from the evaluation's fixed noise."""
+    """`num_samples` DDIM samples in [-1, 1] from the evaluation's fixed noise.
+
+    The same samples `samples.write_experiment_samples` stores (see
+    `samples.generate_range`).
+    """
+    return sample_files.generate_range(model, num_steps, 0, cfg["num_samples"],
+                                       cfg["num_samples"], cfg["batch_size"],
+                                       cfg["seed"], num_classes)
+
+
+def fake_features(fid_model, source, cfg: dict, sample_dir: str | None = None) -> np.ndarray:
+    """FID features of generated samples, batched exactly as in-process scoring batches.
+
+    Args:
+        fid_model: from `evaluation.load_fid_network()`.
+        source: float samples in [-1, 1] (in process), or a samples manifest whose
+            files are read one by one from `sample_dir`.
+        cfg: `settings()` (its `batch_size` is the feature batch).
+        sample_dir: the folder of the manifest's files.
+
+    Returns:
+        float32 [num_samples, 2048].
+    """
+    from keras_progdist import evaluation
+
+    batch = cfg["batch_size"]
+    if not isinstance(source, dict):
+        return evaluation.compute_features(fid_model, source, batch_size=batch)
+    total = source["protocol"]["num_samples"]
+    if total <= batch:
+        return evaluation.compute_features(fid_model, sample_files.load_samples(
+            source, sample_dir), batch_size=batch)
     out = []
-    for start in range(0, cfg["num_samples"], cfg["batch_size"]):
-        count = min(cfg["batch_size"], cfg["num_samples"] - start)
-        noise = keras.random.normal((count,) + model.image_shape,
-                                    seed=cfg["seed"] + start)
-        label = (np.arange(start, start + count) % num_classes).astype("int32") \
-            if num_classes else None
-        out.append(model.sample(noise=noise, num_steps=num_steps, label=label))
+    for pixels in sample_files.iter_batches(source, sample_dir, batch):
+        count = len(pixels)
+        if count < batch:
+            # `compute_features` pads a short last batch by repeating its last image,
+            # so the network always runs at one batch shape; do the same here.
+            pixels = np.concatenate([pixels, np.repeat(pixels[-1:], batch - count, 0)])
+        out.append(evaluation.compute_features(fid_model, pixels, batch_size=batch)[:count])
     return np.concatenate(out)
 
 
@@ -109,6 +216,37 @@ def _model_identity(experiment, stage: str) -> str:
     return checkpoint.recorded_sha256(experiment.path(stage), "final")
 
 
+def evaluation_runs(experiment, cfg: dict) -> list:
+    """The models an evaluation scores, in report order.
+
+    Args:
+        experiment: a `pipeline.Experiment` with at least a finished teacher.
+        cfg: `settings()`.
+
+    Returns:
+        dicts with `kind` (`ddim`, `teacher`, `distilled`), `num_steps`, `stage`,
+        `model` (a `DiffusionModel`) and `weights_sha256`.
+
+    Raises:
+        EvaluationError: no finished teacher.
+    """
+    try:
+        stage_models = experiment.stage_models()
+    except ValueError as e:
+        raise EvaluationError(f"Nothing to evaluate in {experiment.workdir}: {e}") from None
+    _, teacher_full, teacher_model = stage_models[0]
+    runs = [("ddim", s, "teacher", teacher_model) for s in cfg["ddim_steps"]
+            if s < teacher_full]
+    runs += [("teacher", s, "teacher", teacher_model)
+             for s in sorted(set(cfg["teacher_steps"]))
+             if s < teacher_full and s not in cfg["ddim_steps"]]
+    runs.append(("teacher", teacher_full, "teacher", teacher_model))
+    runs += [("distilled", n, stage, model) for stage, n, model in stage_models[1:]]
+    return [{"kind": kind, "num_steps": steps, "stage": stage, "model": model,
+             "weights_sha256": _model_identity(experiment, stage)}
+            for kind, steps, stage, model in runs]
+
+
 def _cached_result(path: str, key: dict):
     if not os.path.exists(path):
         return None
@@ -120,71 +258,146 @@ def _cached_result(path: str, key: dict):
     return record.get("result") if record.get("key") == key else None
 
 
-def evaluate_experiment(experiment, verbose: bool = True,
-                        deadline: float | None = None) -> dict:
+def _score_protocol(cfg: dict, bindings: dict | None = None) -> dict:
+    # What a score depends on besides the weights (and the sample files, when used).
+    protocol = {k: cfg[k] for k in ("num_samples", "num_reference", "split", "seed")}
+    protocol["noise_batch_size"] = cfg["batch_size"]
+    protocol["dataset"] = _dataset_key(_dataset_bindings(bindings), cfg["split"])[1]
+    protocol["reference"] = _digest(reference_key(cfg, bindings))
+    return protocol
+
+
+def usable_sample_files(sample_dir: str | None, name: str, weights_sha256: str,
+                        num_steps: int, cfg: dict):
+    """The manifest of `name` in `sample_dir` when its files can stand in for sampling.
+
+    Usable means: complete, every file matching its sha256, the same weights, and
+    the evaluation's num_samples, seed, noise batch size and steps.
+
+    Returns:
+        `(manifest, None)`, or `(None, why not)`; `(None, None)` when there is none.
+    """
+    if not sample_dir:
+        return None, None
+    path = sample_files.manifest_path(sample_dir, name)
+    if not os.path.exists(path):
+        return None, None
+    try:
+        manifest = sample_files.read_manifest(path)
+        proto = manifest["protocol"]
+        wanted = {"weights_sha256": weights_sha256, "num_samples": cfg["num_samples"],
+                  "seed": cfg["seed"], "noise_batch_size": cfg["batch_size"],
+                  "num_steps": num_steps}
+        found = {"weights_sha256": manifest.get("weights_sha256"),
+                 **{k: proto.get(k) for k in wanted if k != "weights_sha256"}}
+        if found != wanted:
+            diff = {k: (found[k], wanted[k]) for k in wanted if found[k] != wanted[k]}
+            return None, f"made for other weights or settings (files, eval) = {diff}"
+        sample_files.check_complete(manifest, sample_dir)
+    except (sample_files.SampleFilesError, KeyError) as e:
+        return None, str(e)
+    return manifest, None
+
+
+def _score(fid_model, real, kind, steps, cfg, out_dir, source, sample_dir=None,
+           sample_seconds=None) -> dict:
+    start = time.time()
+    if isinstance(source, dict):
+        grid = sample_files.load_samples(source, sample_dir, 64)
+    else:
+        grid = source[:64]
+    images.save_grid(grid, os.path.join(out_dir, f"{kind}_{steps:05d}steps.png"))
+    features = fake_features(fid_model, source, cfg, sample_dir)
+    scores = metrics.fid_and_kid(real, features)
+    result = {"kind": kind, "num_steps": steps, **_jsonable(scores),
+              "sample_seconds": sample_seconds,
+              "eval_seconds": time.time() - start + (sample_seconds or 0.0),
+              "backend": keras.backend.backend(), "device": describe_device()}
+    if isinstance(source, dict):
+        result.update(source="files", sample_backend=source["protocol"]["backend"],
+                      samples_sha256=sample_files.samples_sha256(source))
+    else:
+        result["source"] = "in-process"
+    return result
+
+
+def _line(result: dict, how: str) -> str:
+    fid = "" if result.get("fid") is None else f"FID {result['fid']:.2f}, "
+    return (f"[eval] {result['kind']} {result['num_steps']} steps: {fid}KID×1e3 "
+            f"{1e3 * result['kid']:.2f} ± {1e3 * (result.get('kid_std_err') or 0):.2f} "
+            f"({how})")
+
+
+def evaluate_experiment(experiment, verbose: int = 1, deadline: float | None = None,
+                        sample_dir: str | None = None) -> dict:
     """Evaluates every finished stage of `experiment`; returns the metrics dict.
 
     Each model's scores are saved as soon as they exist (`eval/runs/*.json`, keyed by
-    the model's weights and the evaluation settings), so an interrupted evaluation goes
-    on where it stopped and a re-run after one more stage scores only that stage.
+    the model's weights, the evaluation settings and, when scored from files, the
+    files' sha256), so an interrupted evaluation goes on where it stopped and a re-run
+    after one more stage scores only that stage. A model with usable sample files in
+    `sample_dir` is scored from them instead of being sampled here.
 
     Args:
         experiment: a `pipeline.Experiment` with at least a finished teacher.
-        verbose: progress bars and the table on stdout.
+        verbose: 0 quiet; 1 progress bars and the table; 2 one plain line per model
+            (for logs: no ANSI codes or backspaces) and the table.
         deadline: `time.time()` after which no new model is started; the finished
             ones are kept and `EvaluationInterrupted` is raised.
-    """
-    from keras_progdist import evaluation
+        sample_dir: where to look for sample files (default `<workdir>/eval/samples`;
+            "" never uses files).
 
+    Returns:
+        The report dict written to `metrics.json`.
+    """
+    verbose = int(verbose)
     cfg = settings()
-    try:
-        stage_models = experiment.stage_models()
-    except ValueError as e:
-        raise EvaluationError(f"Nothing to evaluate in {experiment.workdir}: {e}") from None
+    runs = evaluation_runs(experiment, cfg)
     out_dir = experiment.path("eval")
+    if sample_dir is None:
+        sample_dir = os.path.join(out_dir, "samples")
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
-    teacher_name, teacher_full, teacher_model = stage_models[0]
-    runs = [("ddim", s, "teacher", teacher_model) for s in cfg["ddim_steps"]
-            if s < teacher_full]
-    runs += [("teacher", s, "teacher", teacher_model)
-             for s in sorted(set(cfg["teacher_steps"]))
-             if s < teacher_full and s not in cfg["ddim_steps"]]
-    runs.append(("teacher", teacher_full, "teacher", teacher_model))
-    runs += [("distilled", n, stage, model) for stage, n, model in stage_models[1:]]
     num_classes = experiment.network_config["num_classes"]
-    protocol = {k: cfg[k] for k in ("num_samples", "num_reference", "split", "seed")}
-    protocol["dataset"] = _dataset_key(gin.get_bindings("dataset"), cfg["split"])[1]
-    fid_model = real = None
+    protocol = _score_protocol(cfg)
+    state = {"fid_model": None, "real": None}
     results = []
-    progress = keras.utils.Progbar(len(runs), unit_name="model") if verbose else None
-    for kind, steps, stage, model in runs:
-        path = os.path.join(out_dir, "runs", f"{kind}_{steps:05d}.json")
-        key = {**protocol, "weights_sha256": _model_identity(experiment, stage)}
+    progress = keras.utils.Progbar(len(runs), unit_name="model") if verbose == 1 else None
+    for run in runs:
+        kind, steps = run["kind"], run["num_steps"]
+        name = sample_files.model_name(kind, steps)
+        path = os.path.join(out_dir, "runs", f"{name}.json")
+        manifest, why_not = usable_sample_files(sample_dir, name, run["weights_sha256"],
+                                                steps, cfg)
+        key = {**protocol, "weights_sha256": run["weights_sha256"]}
+        if manifest is not None:
+            key["samples_sha256"] = sample_files.samples_sha256(manifest)
         result = _cached_result(path, key)
         if result is None:
             if deadline is not None and time.time() > deadline:
                 raise EvaluationInterrupted(
                     f"[eval] time budget spent after {len(results)} of {len(runs)} "
                     f"models; their scores are saved in {out_dir}/runs. Re-run to go on.")
-            if fid_model is None:
-                fid_model = evaluation.load_fid_network()
-                real = reference_features(fid_model, cfg, verbose)
-            start = time.time()
-            fake = generate(model, steps, cfg, num_classes)
-            sample_seconds = time.time() - start
-            images.save_grid(fake[:64],
-                             os.path.join(out_dir, f"{kind}_{steps:05d}steps.png"))
-            features = evaluation.compute_features(fid_model, fake,
-                                                   batch_size=cfg["batch_size"])
-            scores = metrics.fid_and_kid(real, features)
-            result = {"kind": kind, "num_steps": steps, **_jsonable(scores),
-                      "sample_seconds": sample_seconds,
-                      "eval_seconds": time.time() - start,
-                      "backend": keras.backend.backend(), "device": describe_device()}
-            _write(path, json.dumps({"key": key, "result": result}, indent=1))
+            fid_model, real = _fid_and_reference(state, cfg, verbose)
+            if why_not and verbose:
+                print(f"[eval] {name}: sample files not used ({why_not}); sampling here",
+                      flush=True)
+            if manifest is not None:
+                result = _score(fid_model, real, kind, steps, cfg, out_dir, manifest,
+                                sample_dir, manifest.get("sample_seconds"))
+            else:
+                start = time.time()
+                fake = generate(run["model"], steps, cfg, num_classes)
+                result = _score(fid_model, real, kind, steps, cfg, out_dir, fake,
+                                sample_seconds=time.time() - start)
+            fileio.atomic_write_json(path, {"key": key, "result": result})
+            how = result["source"]
+        else:
+            how = "saved earlier"
         results.append(result)
         if progress:
             progress.add(1)
+        elif verbose >= 2:
+            print(_line(result, how), flush=True)
     report = {
         "workdir": experiment.workdir,
         "backend": keras.backend.backend(),
@@ -195,23 +408,123 @@ def evaluate_experiment(experiment, verbose: bool = True,
         "stages": experiment.finished_stages(),
         "results": results,
     }
-    _write(os.path.join(out_dir, "metrics.json"), json.dumps(report, indent=1))
-    _write(os.path.join(out_dir, "report.md"), markdown(report))
-    plot(results, os.path.join(out_dir, "fid_vs_steps.png"))
-    print(markdown(report), flush=True)
+    return _write_report(report, out_dir, verbose)
+
+
+def _fid_and_reference(state: dict, cfg: dict, verbose: int, bindings=None):
+    # The FID network and the real features are loaded only when a model needs
+    # scoring: a re-run with every score saved needs neither.
+    from keras_progdist import evaluation
+
+    if state["fid_model"] is None:
+        state["fid_model"] = evaluation.load_fid_network()
+        state["real"] = reference_features(state["fid_model"], cfg, verbose, bindings)
+    return state["fid_model"], state["real"]
+
+
+def _write_report(report: dict, out_dir: str, verbose: int) -> dict:
+    name = plot_filename(report["results"])
+    for stale in {"fid_vs_steps.png", "kid_vs_steps.png"} - {name}:
+        # A plot under the other metric's name would be from an older run.
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    report["plot"] = name
+    fileio.atomic_write_text(os.path.join(out_dir, "metrics.json"),
+                             json.dumps(report, indent=1))
+    fileio.atomic_write_text(os.path.join(out_dir, "report.md"), markdown(report))
+    plot(report["results"], os.path.join(out_dir, name))
+    if verbose:
+        print(markdown(report), flush=True)
     return report
+
+
+_KIND_ORDER = {"ddim": 0, "teacher": 1, "distilled": 2}
+
+
+def score_sample_dir(sample_dir: str, out_dir: str | None = None, verbose: int = 1,
+                     deadline: float | None = None, bindings: dict | None = None) -> dict:
+    """Scores every complete model in a folder of sample files; no models needed.
+
+    For files made elsewhere (e.g. `--mode=sample` on a GPU host): copy the folder
+    (npz files and manifests) and score it with the same gin configuration (the
+    `dataset.*` and `evaluate.*` bindings give the real images and the cache).
+    Scores are saved per model in `<out_dir>/runs/`, keyed by the weights' sha256
+    (from the manifest), the protocol and the files' sha256.
+
+    Args:
+        sample_dir: the folder with `<model>.json` manifests and their npz files.
+        out_dir: where results go (default: `sample_dir`).
+        verbose: 0 quiet, 1 progress bars and the table, 2 plain lines and the table.
+        deadline: `time.time()` after which no new model is started.
+        bindings: the `dataset.*` bindings (default: gin's).
+
+    Returns:
+        The report dict written to `<out_dir>/metrics.json`.
+
+    Raises:
+        EvaluationError: no complete manifest in `sample_dir`.
+    """
+    verbose = int(verbose)
+    out_dir = out_dir or sample_dir
+    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    manifests = []
+    for manifest in sample_files.find_manifests(sample_dir):
+        try:
+            sample_files.check_complete(manifest, sample_dir)
+        except sample_files.SampleFilesError as e:
+            if verbose:
+                print(f"[eval] skipping {manifest['model']}: {e}", flush=True)
+            continue
+        manifests.append(manifest)
+    if not manifests:
+        raise EvaluationError(f"No complete sample files in {sample_dir}.")
+    manifests.sort(key=lambda m: (_KIND_ORDER.get(m["kind"], 3),
+                                  -m["num_steps"] if m["kind"] == "distilled"
+                                  else m["num_steps"]))
+    state = {"fid_model": None, "real": None}
+    results = []
+    progress = keras.utils.Progbar(len(manifests), unit_name="model")         if verbose == 1 else None
+    for manifest in manifests:
+        proto = manifest["protocol"]
+        cfg = {**settings(), "num_samples": proto["num_samples"], "seed": proto["seed"],
+               "batch_size": proto["noise_batch_size"]}
+        key = {**_score_protocol(cfg, bindings),
+               "weights_sha256": manifest["weights_sha256"],
+               "samples_sha256": sample_files.samples_sha256(manifest)}
+        path = os.path.join(out_dir, "runs", f"{manifest['model']}.json")
+        result = _cached_result(path, key)
+        how = "saved earlier"
+        if result is None:
+            if deadline is not None and time.time() > deadline:
+                raise EvaluationInterrupted(
+                    f"[eval] time budget spent after {len(results)} of {len(manifests)} "
+                    f"models; their scores are saved in {out_dir}/runs. Re-run to go on.")
+            fid_model, real = _fid_and_reference(state, cfg, verbose, bindings)
+            result = _score(fid_model, real, manifest["kind"], manifest["num_steps"], cfg,
+                            out_dir, manifest, sample_dir, manifest.get("sample_seconds"))
+            result["weights_sha256"] = manifest["weights_sha256"]
+            fileio.atomic_write_json(path, {"key": key, "result": result})
+            how = "files"
+        results.append(result)
+        if progress:
+            progress.add(1)
+        elif verbose >= 2:
+            print(_line(result, how), flush=True)
+    report = {
+        "workdir": sample_dir,
+        "backend": keras.backend.backend(),
+        "device": describe_device(),
+        "num_samples": results[0]["num_fake"],
+        "num_reference": results[0]["num_real"],
+        "dataset": dict(gin.get_bindings("dataset") if bindings is None else bindings),
+        "results": results,
+    }
+    return _write_report(report, out_dir, verbose)
 
 
 def _jsonable(scores: dict) -> dict:
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v)
             for k, v in scores.items()}
-
-
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _fmt(value, digits=2):
@@ -236,8 +549,22 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_filename(results: list) -> str:
+    """`fid_vs_steps.png` when every model has a FID, else `kid_vs_steps.png`."""
+    return "fid_vs_steps.png" if all(r["fid"] is not None for r in results) \
+        else "kid_vs_steps.png"
+
+
 def plot(results: list, path: str) -> str:
-    """FID (or KID when FID is unavailable) against steps, log-log, one line per kind."""
+    """FID (or KID when FID is unavailable) against steps, log-log, one line per kind.
+
+    Args:
+        results: the report's `results`.
+        path: the PNG to write; name it with `plot_filename(results)`.
+
+    Returns:
+        `path`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
