@@ -13,11 +13,15 @@ numpy, identical on every backend.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
+import re
 
 import numpy as np
+
+from keras_progdist import fileio
+
+from keras_progdist._keras_compat import sync_training_state
 
 
 class CheckpointError(ValueError):
@@ -31,29 +35,47 @@ def _variables(model, include_optimizer: bool = True):
     return variables
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+_sha256 = fileio.sha256_file
+# A weights file is named by the checkpoint and never by a path: a record naming
+# `../x.npz` or `/abs/x.npz` must not load weights from outside the checkpoint folder.
+_WEIGHTS_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.npz$")
+_REQUIRED_KEYS = ("sha256", "shapes", "paths", "include_optimizer")
 
 
 def _weights_files(directory: str, name: str) -> list:
-    """Every weights file of checkpoint `name`, current, stale or half-written."""
+    """Finished weights files of checkpoint `name`, current or stale."""
     return (glob.glob(os.path.join(glob.escape(directory), f"{name}-*.npz"))
-            + glob.glob(os.path.join(glob.escape(directory), f"{name}-*.npz.tmp-*"))
-            + glob.glob(os.path.join(glob.escape(directory), f"{name}.npz.tmp-*"))
             + glob.glob(os.path.join(glob.escape(directory), f"{name}.npz")))  # old format
+
+
+def _remove_unreferenced(directory: str, name: str, keep: str | None) -> None:
+    """Removes `name`'s weights files other than `keep`, and its temporaries whose
+    writer is dead. A live writer's temporary is never touched (the workdir lock keeps
+    two runs apart; this keeps a stray one from breaking the other)."""
+    for path in _weights_files(directory, name):
+        if os.path.basename(path) != keep:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+    fileio.remove_stale_temps(directory, f"{name}*.npz")
+
+
+def _canonical_path(path: str) -> str:
+    """A variable path without Keras' process-wide uniquifying suffixes
+    (`seed_generator_12` -> `seed_generator`), which differ between processes."""
+    return re.sub(r"_\d+(?=/|$)", "", path)
+
+
+def remove(directory: str, name: str) -> None:
+    """Deletes checkpoint `name` (its JSON first, so a kill leaves no record of
+    missing weights), then its weights files."""
+    json_path = os.path.join(directory, f"{name}.json")
+    try:
+        os.remove(json_path)
+    except FileNotFoundError:
+        pass
+    _remove_unreferenced(directory, name, keep=None)
 
 
 def weights_path(directory: str, name: str) -> str:
@@ -65,16 +87,23 @@ def save(directory: str, name: str, model, meta: dict | None = None,
          include_optimizer: bool = True) -> str:
     """Writes `directory/name.{npz,json}` atomically; returns the JSON path."""
     os.makedirs(directory, exist_ok=True)
+    # Mid-epoch on JAX the variables may hold no values until the trainer syncs them.
+    sync_training_state(model)
     variables = _variables(model, include_optimizer)
     arrays = {f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
-    tmp = os.path.join(directory, f"{name}.npz.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = _sha256(tmp)
-    weights_file = f"{name}-{digest[:16]}.npz"
-    os.replace(tmp, os.path.join(directory, weights_file))
+    tmp = fileio.temp_name(os.path.join(directory, f"{name}.npz"))
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        weights_file = f"{name}-{digest[:16]}.npz"
+        os.replace(tmp, os.path.join(directory, weights_file))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     record = {
         "meta": meta or {},
         "paths": [v.path for v in variables],
@@ -84,10 +113,8 @@ def save(directory: str, name: str, model, meta: dict | None = None,
         "sha256": digest,
     }
     json_path = os.path.join(directory, f"{name}.json")
-    _atomic_write(json_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
-    for path in _weights_files(directory, name):  # now unreferenced
-        if os.path.basename(path) != weights_file:
-            os.remove(path)
+    fileio.atomic_write_text(json_path, json.dumps(record, indent=1))
+    _remove_unreferenced(directory, name, keep=weights_file)
     return json_path
 
 
@@ -97,8 +124,7 @@ def exists(directory: str, name: str) -> bool:
 
 def recorded_sha256(directory: str, name: str) -> str:
     """The weights' sha256 as the JSON records it (no re-hash: an identity, not a check)."""
-    with open(os.path.join(directory, f"{name}.json")) as f:
-        return json.load(f)["sha256"]
+    return _read_record(directory, name)["sha256"]
 
 
 def read_meta(directory: str, name: str) -> dict:
@@ -106,28 +132,60 @@ def read_meta(directory: str, name: str) -> dict:
     return _verified_record(directory, name)["meta"]
 
 
-def _verified_record(directory: str, name: str) -> dict:
+def _recovery(json_path: str, name: str) -> str:
+    """The one action that recovers from a damaged checkpoint `name`."""
+    what = ("re-train that stage (the stages after it are kept)" if name == "final"
+            else "restart that stage from its beginning")
+    return (f"Delete {json_path} (the record; its weights file is cleaned up on the next "
+            f"run) and re-run the same command to {what}.")
+
+
+def _read_record(directory: str, name: str) -> dict:
+    """The JSON record of checkpoint `name`, with every key checked; no weights read."""
     json_path = os.path.join(directory, f"{name}.json")
     if not os.path.exists(json_path):
         raise CheckpointError(f"No checkpoint {name!r} in {directory} ({json_path} is missing).")
     try:
         with open(json_path) as f:
             record = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"Checkpoint metadata {json_path} is corrupt: {e}") from e
-    if not isinstance(record, dict) or "sha256" not in record:
-        raise CheckpointError(f"Checkpoint metadata {json_path} is not a checkpoint "
-                              "record (no sha256).")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"Checkpoint metadata {json_path} is corrupt: {e}. "
+                              f"{_recovery(json_path, name)}") from e
+    if not isinstance(record, dict):
+        raise CheckpointError(f"Checkpoint metadata {json_path} is not a checkpoint record. "
+                              f"{_recovery(json_path, name)}")
+    missing = [key for key in _REQUIRED_KEYS if key not in record]
+    if missing:
+        raise CheckpointError(f"Checkpoint metadata {json_path} lacks the key(s) {missing}. "
+                              f"{_recovery(json_path, name)}")
     # Checkpoints written before weights files were content-named used `<name>.npz`.
     record.setdefault("weights_file", f"{name}.npz")
+    record.setdefault("meta", {})
+    weights_file = record["weights_file"]
+    if not isinstance(weights_file, str) or not _WEIGHTS_FILE.match(weights_file):
+        raise CheckpointError(
+            f"Checkpoint metadata {json_path} names the weights file {weights_file!r}; "
+            "only a plain .npz file name in the checkpoint's own folder is accepted. "
+            f"{_recovery(json_path, name)}")
+    if len(record["paths"]) != len(record["shapes"]):
+        raise CheckpointError(f"Checkpoint metadata {json_path} records "
+                              f"{len(record['paths'])} paths but {len(record['shapes'])} "
+                              f"shapes. {_recovery(json_path, name)}")
+    return record
+
+
+def _verified_record(directory: str, name: str) -> dict:
+    record = _read_record(directory, name)
+    json_path = os.path.join(directory, f"{name}.json")
     npz_path = os.path.join(directory, record["weights_file"])
     if not os.path.exists(npz_path):
-        raise CheckpointError(f"Checkpoint {json_path} has no weights file {npz_path}.")
+        raise CheckpointError(f"Checkpoint {json_path} has no weights file {npz_path}. "
+                              f"{_recovery(json_path, name)}")
     digest = _sha256(npz_path)
     if digest != record.get("sha256"):
         raise CheckpointError(
             f"Checkpoint {npz_path} is corrupt: its sha256 is {digest}, the metadata "
-            f"recorded {record.get('sha256')}. Delete it to restart that stage.")
+            f"recorded {record.get('sha256')}. {_recovery(json_path, name)}")
     return record
 
 
@@ -141,6 +199,14 @@ def restore(directory: str, name: str, model) -> dict:
     record = _verified_record(directory, name)
     variables = _variables(model, record["include_optimizer"])
     shapes = [list(v.shape) for v in variables]
+    paths = [_canonical_path(v.path) for v in variables]
+    recorded = [_canonical_path(p) for p in record["paths"]]
+    if shapes == record["shapes"] and paths != recorded:
+        diffs = [(r, p) for p, r in zip(paths, recorded) if p != r][:3]
+        raise CheckpointError(
+            f"Checkpoint {name!r} in {directory} holds variables under other names than "
+            f"this model's (first differences, checkpoint vs model: {diffs}): it was "
+            "written by another network or model.")
     if shapes != record["shapes"]:
         diffs = [(p, s, r) for p, s, r in zip(record["paths"], shapes, record["shapes"])
                  if s != r][:3]

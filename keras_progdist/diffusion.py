@@ -15,9 +15,10 @@ from typing import Sequence
 
 import keras
 from keras import ops
-from keras.src.losses.loss import scale_loss_for_distribution
 
 from keras_progdist import losses, parameterizations, samplers
+from keras_progdist._keras_compat import (pack_jax_train_state, scale_loss_for_distribution,
+                                          unpack_jax_train_state)
 from keras_progdist.networks.unet import UNet
 from keras_progdist.random_utils import TensorSeed, fold_in, replica_id
 from keras_progdist.schedules import Schedule, alpha_sigma, get_schedule
@@ -176,18 +177,20 @@ class DiffusionModel(keras.Model):
     def _ema_update_stateless(self, state):
         if self.ema_network is None:
             return state
-        trainable, non_trainable, optimizer_vars, metrics_vars = state
+        parts = unpack_jax_train_state(state)
+        trainable = parts["trainable_variables"]
+        non_trainable = list(parts["non_trainable_variables"])
+        optimizer_vars = parts["optimizer_variables"]
         index_t = {id(v): i for i, v in enumerate(self.trainable_variables)}
         index_n = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
         index_o = {id(v): i for i, v in enumerate(self.optimizer.variables)}
         decay = self._ema_decay_at(optimizer_vars[index_o[id(self.optimizer.iterations)]])
-        non_trainable = list(non_trainable)
         for w, w_ema in self._ema_pairs():
             j = index_n[id(w_ema)]
             value = trainable[index_t[id(w)]] if id(w) in index_t else \
                 non_trainable[index_n[id(w)]]
             non_trainable[j] = decay * non_trainable[j] + (1.0 - decay) * value
-        return trainable, non_trainable, optimizer_vars, metrics_vars
+        return pack_jax_train_state({**parts, "non_trainable_variables": non_trainable})
 
     # -- inference ------------------------------------------------------------------
     def denoise(self, z, t, label=None, use_ema: bool = True, clip: bool = False):

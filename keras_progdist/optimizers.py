@@ -6,6 +6,8 @@ import gin
 import keras
 from keras import ops
 
+from keras_progdist._keras_compat import learning_rate_variable
+
 
 @keras.saving.register_keras_serializable(package="keras_progdist")
 class WarmupConstant(keras.optimizers.schedules.LearningRateSchedule):
@@ -75,7 +77,7 @@ def reset_optimizer(optimizer) -> None:
 
     A float learning rate is itself one of `optimizer.variables`; it is kept.
     """
-    learning_rate = getattr(optimizer, "_learning_rate", None)
+    learning_rate = learning_rate_variable(optimizer)
     for variable in optimizer.variables:
         if variable is not learning_rate:
             variable.assign(ops.zeros(variable.shape, variable.dtype))

@@ -10,21 +10,8 @@ from __future__ import annotations
 
 import keras
 from keras import ops
-from keras.src.backend import random_seed_dtype
 
-
-class TensorSeed(keras.random.SeedGenerator):
-    """A fixed seed tensor presented as a `SeedGenerator` (no state, no variable)."""
-
-    def __init__(self, seed):  # pylint: disable=super-init-not-called
-        self._seed = ops.cast(seed, random_seed_dtype())
-        self.name = "tensor_seed"
-
-    def next(self, ordered=True):
-        return self._seed
-
-    def get_config(self):
-        raise TypeError("TensorSeed is a transient wrapper and is never serialized.")
+from keras_progdist._keras_compat import TensorSeed, random_seed_dtype  # noqa: F401
 
 
 def fold_in(seed, value):

@@ -26,10 +26,10 @@ def test_a_kill_between_the_weights_and_the_json_keeps_the_old_checkpoint(
     directory = str(tmp_path)
     checkpoint.save(directory, "ckpt", _model(1.0), meta={"step": 10})
 
-    def killed(path, write):  # the process dies right before the JSON is replaced
+    def killed(path, text):  # the process dies right before the JSON is replaced
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(checkpoint, "_atomic_write", killed)
+    monkeypatch.setattr(checkpoint.fileio, "atomic_write_text", killed)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(directory, "ckpt", _model(2.0), meta={"step": 20})
     monkeypatch.undo()

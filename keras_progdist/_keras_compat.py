@@ -1,0 +1,86 @@
+"""Every use of Keras internals, in one place.
+
+Keras 3 has no public API for a few things this library needs. Each is wrapped here,
+once, and `tests/test_keras_compat.py` checks each against the installed Keras so that
+a release that changes one fails there, loudly, instead of somewhere in training.
+
+- `scale_loss_for_distribution`: divides a loss by the `tf.distribute` replica count,
+  as Keras' own losses do, so a custom `compute_loss` matches a built-in loss.
+- `random_seed_dtype`: the dtype of a backend's `[2]` seed tensors.
+- `learning_rate_variable`: the optimizer's float learning-rate variable (kept when
+  the optimizer's slots are zeroed for a new stage).
+- `sync_training_state`: on JAX, `fit` keeps the training state outside the model's
+  variables between steps of an epoch (it purges their values to save memory); a
+  callback that reads variables mid-epoch must first write the state back.
+- `TensorSeed`: a seed *tensor* presented as a `SeedGenerator` (which `keras.random`
+  accepts); it skips `SeedGenerator.__init__`, which would create a state variable.
+- `unpack_jax_train_state` / `pack_jax_train_state`: the layout of the state tuple the
+  JAX trainer passes to `train_step(state, data)`.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras.src.backend import random_seed_dtype as _random_seed_dtype
+from keras import ops
+from keras.src.losses.loss import scale_loss_for_distribution as _scale_loss
+
+JAX_STATE_FIELDS = ("trainable_variables", "non_trainable_variables",
+                    "optimizer_variables", "metrics_variables")
+
+
+def scale_loss_for_distribution(loss):
+    """`loss / num_replicas_in_sync` inside a `tf.distribute` replica context, else
+    `loss` unchanged (every backend)."""
+    return _scale_loss(loss)
+
+
+def random_seed_dtype() -> str:
+    """The dtype the backend's random ops take for `[2]` seeds (`uint32`/`int64`...)."""
+    return _random_seed_dtype()
+
+
+def learning_rate_variable(optimizer):
+    """The optimizer's learning-rate variable, or None when the rate is a schedule."""
+    value = getattr(optimizer, "_learning_rate", None)
+    return value if isinstance(value, keras.Variable) else None
+
+
+def sync_training_state(model) -> None:
+    """Makes `model.variables` (and its optimizer's) hold the current training state.
+
+    A no-op outside JAX and outside `fit`. On JAX, mid-epoch the trainer holds the
+    state in its own arrays and the variables may hold nothing; call this before
+    reading them from a callback.
+    """
+    if keras.backend.backend() == "jax":
+        model.jax_state_sync()
+
+
+def unpack_jax_train_state(state) -> dict:
+    """The JAX trainer's `train_step` state tuple as a dict keyed by `JAX_STATE_FIELDS`."""
+    if len(state) != len(JAX_STATE_FIELDS):
+        raise RuntimeError(
+            f"The JAX trainer passed a train state of {len(state)} parts; this library "
+            f"expects {len(JAX_STATE_FIELDS)} {JAX_STATE_FIELDS}. The installed Keras "
+            f"({keras.__version__}) changed it: see keras_progdist/_keras_compat.py.")
+    return dict(zip(JAX_STATE_FIELDS, state))
+
+
+def pack_jax_train_state(parts: dict) -> tuple:
+    """The inverse of `unpack_jax_train_state`."""
+    return tuple(parts[field] for field in JAX_STATE_FIELDS)
+
+
+class TensorSeed(keras.random.SeedGenerator):
+    """A fixed seed tensor presented as a `SeedGenerator` (no state, no variable)."""
+
+    def __init__(self, seed):  # pylint: disable=super-init-not-called
+        self._seed = ops.cast(seed, _random_seed_dtype())
+        self.name = "tensor_seed"
+
+    def next(self, ordered=True):
+        return self._seed
+
+    def get_config(self):
+        raise TypeError("TensorSeed is a transient wrapper and is never serialized.")

@@ -1,0 +1,134 @@
+"""Preemption on every backend: a stage stopped by the time budget or by SIGTERM
+mid-epoch saves a checkpoint at the exact step, and the resumed run ends with weights
+identical to those of a run that was never interrupted (teacher and a distillation
+stage). On JAX the runs are made in processes where TensorFlow cannot be imported."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_progdist import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 40 teacher steps and one 40-update stage (4 -> 2 steps), checkpoints every 20, chunks
+# of 5: a stop after the first chunk lands mid-epoch, at step 5.
+PARAMS = [
+    "UNet.channels=8", "UNet.num_groups=4", "UNet.attention_resolutions=()",
+    "dataset.batch_size=16", "dataset.image_size=8",
+    "teacher.train_steps=40", "teacher.checkpoint_every=20", "teacher.steps_per_execution=5",
+    "distill.teacher_steps=4", "distill.min_steps=2", "distill.updates_per_stage=40",
+    "distill.checkpoint_every=20", "distill.steps_per_execution=5",
+]
+
+
+def _command(workdir, mode, flags=()):
+    if keras.backend.backend() == "jax":
+        runner = [os.path.join(ROOT, "tests", "helpers", "run_without_tensorflow.py")]
+    else:
+        runner = [os.path.join(ROOT, "bin", "run.py")]
+    return [sys.executable, *runner, "--gin_file=tiny.gin", f"--workdir={workdir}",
+            f"--mode={mode}", "--verbose=0", *[f"--gin_param={p}" for p in PARAMS],
+            *flags]
+
+
+def _env():
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+            "KERAS_BACKEND": keras.backend.backend()}
+
+
+def _run(workdir, mode, flags=(), expect=0):
+    result = subprocess.run(_command(workdir, mode, flags), capture_output=True, text=True,
+                            env=_env(), timeout=600)
+    assert result.returncode == expect, (
+        f"{mode} {flags}: exit {result.returncode}, expected {expect}\n{result.stdout}\n"
+        f"{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def _sigterm_when(workdir, mode, line_start):
+    """Runs `mode`, sends SIGTERM as soon as a stdout line starts with `line_start`."""
+    process = subprocess.Popen(_command(workdir, mode), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=_env())
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if line.startswith(line_start):
+            process.send_signal(signal.SIGTERM)
+            break
+    output.extend(process.stdout)
+    assert process.wait(timeout=600) == 143, "".join(output)
+    return "".join(output)
+
+
+def _final_weights(workdir, stage):
+    directory = os.path.join(workdir, stage)
+    with np.load(checkpoint.weights_path(directory, "final")) as arrays:
+        return [arrays[k] for k in sorted(arrays.files)]
+
+
+def _assert_same_weights(workdir, reference, stage):
+    ours, theirs = _final_weights(workdir, stage), _final_weights(reference, stage)
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same teacher and stage, never interrupted."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    _run(workdir, "train_teacher")
+    _run(workdir, "distill")
+    return workdir
+
+
+def test_time_budget_stop_mid_epoch_resumes_to_identical_weights(reference, tmp_path):
+    workdir = str(tmp_path / "budget")
+    # The budget runs out while the first chunk compiles: the stop comes after it.
+    first = _run(workdir, "train_teacher", ["--time_budget_s=1"], expect=143)
+    assert "checkpoint saved at step 5" in first
+    assert checkpoint.read_meta(os.path.join(workdir, "teacher"), "ckpt")["step"] == 5
+    second = _run(workdir, "train_teacher")
+    assert "resuming at step 5/40" in second
+    _assert_same_weights(workdir, reference, "teacher")
+
+    # The stage: stop it by SIGTERM once it starts distilling, then resume.
+    stopped = _sigterm_when(workdir, "distill", "[stage] student_00002: distilling")
+    assert "[preempted] student_00002" in stopped
+    step = checkpoint.read_meta(os.path.join(workdir, "student_00002"), "ckpt")["step"]
+    assert 0 < step < 40 and step % 5 == 0
+    resumed = _run(workdir, "distill")
+    assert f"resuming at update {step}/40" in resumed
+    _assert_same_weights(workdir, reference, "student_00002")
+
+
+def test_sigterm_stop_mid_epoch_resumes_to_identical_weights(reference, tmp_path):
+    workdir = str(tmp_path / "sigterm")
+    stopped = _sigterm_when(workdir, "train_teacher", "[run]")
+    assert "[preempted] teacher" in stopped
+    step = checkpoint.read_meta(os.path.join(workdir, "teacher"), "ckpt")["step"]
+    assert 0 < step < 40 and step % 5 == 0
+    resumed = _run(workdir, "train_teacher")
+    assert f"resuming at step {step}/40" in resumed
+    _assert_same_weights(workdir, reference, "teacher")
+
+    # The stage under a time budget: grow it until the stop lands inside the stage.
+    for budget in (2, 4, 8, 16, 32):
+        result = subprocess.run(_command(workdir, "distill", [f"--time_budget_s={budget}"]),
+                                capture_output=True, text=True, env=_env(), timeout=600)
+        assert result.returncode in (0, 143), result.stdout + result.stderr[-3000:]
+        if "checkpoint saved at step" in result.stdout:
+            break
+    else:
+        pytest.fail("no time budget stopped the stage mid-way")
+    assert result.returncode == 143
+    step = checkpoint.read_meta(os.path.join(workdir, "student_00002"), "ckpt")["step"]
+    assert 0 < step < 40
+    resumed = _run(workdir, "distill")
+    assert f"resuming at update {step}/40" in resumed
+    _assert_same_weights(workdir, reference, "student_00002")
