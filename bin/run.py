@@ -24,8 +24,10 @@ flags.DEFINE_multi_string("gin_file", [], "Gin config file(s); bare names are lo
 flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. 'teacher.train_steps=100'.")
 flags.DEFINE_string("workdir", None, "Work directory (checkpoints, samples, logs). "
                     "Default: runs/<first gin file's name>.")
-flags.DEFINE_enum("mode", "all", ["train_teacher", "distill", "export", "eval", "all"],
-                  "What to run.")
+flags.DEFINE_enum("mode", "all",
+                  ["train_teacher", "distill", "sample", "export", "eval", "all"],
+                  "What to run. sample: write every model's evaluation samples as .npz "
+                  "files (eval/samples/), which eval then scores, on any host.")
 flags.DEFINE_string("export_dir", os.path.join(ROOT, "saved_models"),
                     "Export root for SavedModels and .keras files.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing export version.")
@@ -79,12 +81,27 @@ def main(argv):
         strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
     except distribute.StrategyError as e:
         raise app.UsageError(str(e)) from None
+    if FLAGS.verbose not in (0, 1, 2):
+        raise app.UsageError(f"--verbose must be 0, 1 or 2, got {FLAGS.verbose}.")
     try:
         pipeline.run(workdir, FLAGS.mode, strategy=strategy, export_dir=FLAGS.export_dir,
                      overwrite=FLAGS.overwrite, experiment_name=name,
                      verbose=FLAGS.verbose, time_budget_s=FLAGS.time_budget_s)
-    except pipeline.PipelineError as e:
-        raise app.UsageError(str(e)) from None
+    except Exception as e:  # noqa: BLE001  (re-raised below unless it is ours)
+        if not _is_library_error(e):
+            raise
+        # A problem with the settings, the data or the workdir: the message says what
+        # to do, so print it alone (no traceback, no flag help) and exit non-zero.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def _is_library_error(error: Exception) -> bool:
+    """Errors this library raises on purpose (bad settings, data, files), as opposed to
+    bugs, which keep their traceback."""
+    return (type(error).__module__.startswith("keras_progdist.")
+            and isinstance(error, (ValueError, FileNotFoundError, FileExistsError,
+                                   RuntimeError, OSError)))
 
 
 if __name__ == "__main__":

@@ -26,19 +26,20 @@ import json
 import math
 import os
 import time
-from typing import Sequence
 
 import gin
 import keras
 import numpy as np
 
-from keras_progdist import checkpoint, data, distribute, images, parameterizations
-from keras_progdist.diffusion import DiffusionModel, copy_weights
+from keras_progdist import (checkpoint, data, distribute, fileio, images, losses,
+                            parameterizations, validation)
+from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.distillation import Distiller
 from keras_progdist.evaluation import report  # registers the evaluate.* gin bindings
 from keras_progdist.networks.unet import UNet
-from keras_progdist.optimizers import make_optimizer, reset_optimizer
+from keras_progdist.optimizers import make_optimizer
 from keras_progdist.schedules import Schedule
+from keras_progdist.workdir import WorkDir, stage_name
 
 import inspect
 
@@ -51,7 +52,7 @@ UNetConfigurable = gin.external_configurable(
 ScheduleConfigurable = gin.external_configurable(Schedule, name="Schedule")
 
 SAMPLE_SEED = 1234
-MODES = ("train_teacher", "distill", "export", "eval", "all")
+MODES = ("train_teacher", "distill", "sample", "export", "eval", "all")
 
 
 class PipelineError(ValueError):
@@ -68,10 +69,10 @@ def diffusion(parameterization: str = "v", weighting: str = "snr_trunc",
               ema_decay: float | None = 0.9999, seed: int = 0) -> dict:
     """The diffusion settings of the teacher (DESIGN.md §1)."""
     parameterizations.check_parameterization(parameterization)
-    from keras_progdist import losses
     losses.check_weighting(weighting)
-    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-        raise PipelineError(f"diffusion.ema_decay must be in [0, 1) or None, got {ema_decay}.")
+    if ema_decay is not None:
+        ema_decay = validation.fraction("diffusion.ema_decay", ema_decay)
+    validation.nonnegative_int("diffusion.seed", seed)
     return dict(parameterization=parameterization, weighting=weighting,
                 ema_decay=ema_decay, seed=seed)
 
@@ -82,8 +83,13 @@ def teacher(train_steps: int = 1000, learning_rate: float = 2e-4, warmup_steps: 
             checkpoint_every: int = 100, steps_per_execution: int = 10,
             jit_compile: bool = True) -> dict:
     """Teacher training settings (paper, CIFAR-10: lr 2e-4, 1000 warm-up, clip 1)."""
-    _positive(train_steps=train_steps, checkpoint_every=checkpoint_every,
+    _positive("teacher", train_steps=train_steps, checkpoint_every=checkpoint_every,
               steps_per_execution=steps_per_execution)
+    validation.positive_float("teacher.learning_rate", learning_rate)
+    validation.nonnegative_int("teacher.warmup_steps", warmup_steps)
+    validation.optional_positive_float("teacher.global_clipnorm", global_clipnorm)
+    validation.nonnegative_float("teacher.weight_decay", weight_decay)
+    validation.boolean("teacher.jit_compile", jit_compile)
     if train_steps % checkpoint_every:
         raise PipelineError(f"teacher.train_steps ({train_steps}) must be a multiple of "
                             f"teacher.checkpoint_every ({checkpoint_every}).")
@@ -119,16 +125,24 @@ def distill(teacher_steps: int = 1024, min_steps: int = 1, updates_per_stage: in
     if min_steps >= teacher_steps:
         raise PipelineError(f"distill.min_steps ({min_steps}) must be below "
                             f"distill.teacher_steps ({teacher_steps}).")
-    from keras_progdist import losses
     losses.check_weighting(weighting)
-    overrides = {int(k): int(v) for k, v in (updates_overrides or {}).items()}
+    validation.positive_float("distill.learning_rate", learning_rate)
+    validation.fraction("distill.student_dropout", student_dropout)
+    validation.boolean("distill.jit_compile", jit_compile)
+    if not isinstance(updates_overrides, (dict, type(None))):
+        raise PipelineError(f"distill.updates_overrides must be a dict {{num_steps: "
+                            f"updates}}, got {updates_overrides!r}.")
+    overrides = {validation.positive_int("distill.updates_overrides key", k): v
+                 for k, v in (updates_overrides or {}).items()}
     ladder = stage_ladder(teacher_steps, min_steps)
     unknown = sorted(set(overrides) - set(ladder))
     if unknown:
         raise PipelineError(f"distill.updates_overrides names step counts {unknown} that "
                             f"are not stages; the stages are {ladder}.")
-    _positive(updates_per_stage=updates_per_stage, checkpoint_every=checkpoint_every,
-              steps_per_execution=steps_per_execution)
+    _positive("distill", updates_per_stage=updates_per_stage,
+              checkpoint_every=checkpoint_every, steps_per_execution=steps_per_execution)
+    for n, u in overrides.items():
+        validation.positive_int(f"distill.updates_overrides[{n}]", u)
     updates = {n: overrides.get(n, updates_per_stage) for n in ladder}
     for n, u in updates.items():
         if u % checkpoint_every:
@@ -153,17 +167,21 @@ def _is_power_of_two(n) -> bool:
     return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
 
 
-def _positive(**values):
+def _positive(scope: str, **values):
     for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise PipelineError(f"{name} must be a positive integer, got {value!r}.")
+        validation.positive_int(f"{scope}.{name}", value)
 
 
 class Experiment:
     """Everything a run needs, built and checked up front from the gin config."""
 
-    def __init__(self, workdir: str, strategy=None, deadline: float | None = None):
+    def __init__(self, workdir: str, strategy=None, deadline: float | None = None,
+                 guard: "PreemptionGuard | None" = None):
         self.workdir = workdir
+        # `run` installs the guard's SIGTERM handler for the whole run, so a signal at
+        # any moment (between stages too) ends in a clean stop.
+        self.guard = guard if guard is not None else PreemptionGuard(deadline)
+        self.wd = WorkDir(workdir)
         self.strategy = strategy
         self.deadline = deadline
         self.diffusion = diffusion()
@@ -172,9 +190,6 @@ class Experiment:
         self.schedule = ScheduleConfigurable()
         self.dataset = data.make_dataset()
         self.image_shape, self.batch_size, self.with_labels = data.batch_spec(self.dataset)
-        # One stream for every fit() of the run: a numpy generator goes on where the
-        # last fit() stopped instead of replaying the first batches.
-        self.train_data = data.fit_input(self.dataset)
         self.network_config = self._network_config()
 
     def _network_config(self) -> dict:
@@ -196,17 +211,20 @@ class Experiment:
 
     # -- work directory ------------------------------------------------------------
     def path(self, *parts) -> str:
-        return os.path.join(self.workdir, *parts)
+        return self.wd.path(*parts)
 
-    def check_workdir(self) -> None:
-        """Records the run's config, or checks it against the one already there."""
-        os.makedirs(self.workdir, exist_ok=True)
+    def check_workdir(self, write: bool = True) -> None:
+        """Checks the run's config against the one recorded in the workdir.
+
+        Args:
+            write: record the config (and the operative gin config) when training; a
+                run that only reads the workdir (export, eval) writes nothing there.
+        """
         record = {"network": self.network_config, "diffusion": self.diffusion,
                   "schedule": self.schedule.get_config()}
         path = self.path("config.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                existing = json.load(f)
+        existing = self.wd.read_config()
+        if existing is not None:
             for key in ("network", "diffusion", "schedule"):
                 if _canon(existing.get(key)) != _canon(record[key]):
                     diff = {k: (existing[key].get(k), record[key].get(k))
@@ -215,10 +233,12 @@ class Experiment:
                         f"The {key} config in {path} (written by the run that trained "
                         f"this workdir) does not match the gin config: (workdir, gin) = "
                         f"{diff}. Use a new --workdir or the original config.")
-        else:
-            _write_json(path, record)
-        with open(self.path("operative_config.gin"), "w") as f:
-            f.write(gin.operative_config_str() or gin.config_str())
+        if not write:
+            return
+        if existing is None:
+            self.wd.write_json("config.json", record)
+        fileio.atomic_write_text(self.path("operative_config.gin"),
+                                 gin.operative_config_str() or gin.config_str())
 
     def scope(self):
         return self.strategy.scope() if self.strategy is not None else \
@@ -256,7 +276,7 @@ class Experiment:
         """One entry per finished stage, in ladder order, read from the `final`
         checkpoints themselves (so a kill between two writes cannot lose a stage)."""
         entries = []
-        for stage in ["teacher"] + [f"student_{n:05d}" for n in self.distill_cfg["ladder"]]:
+        for stage in ["teacher"] + [stage_name(n) for n in self.distill_cfg["ladder"]]:
             if checkpoint.exists(self.path(stage), "final"):
                 meta = checkpoint.read_meta(self.path(stage), "final")
                 entries.append({k: meta[k] for k in
@@ -270,6 +290,9 @@ class Experiment:
                  "loss": loss, "seconds": seconds}
         checkpoint.save(self.path(stage), "final", network, meta={"step": updates, **entry},
                         include_optimizer=False)
+        # The resume checkpoint (weights, optimizer slots: ~4x the final weights) has
+        # served its purpose once the stage is final.
+        checkpoint.remove(self.path(stage), "ckpt")
         print(f"[stage] {stage}: {num_steps} steps, {updates} updates, loss {loss:.5f}, "
               f"{seconds:.1f} s", flush=True)
         return self._finished(stage, num_steps)
@@ -280,7 +303,7 @@ class Experiment:
         grid = f"teacher_{num_steps:05d}steps.png" if stage == "teacher" else f"{stage}.png"
         if not os.path.exists(self.path("samples", grid)):
             self.sample_grid(sampler, num_steps, grid)
-        _write_json(self.path("stages.json"), self.finished_stages())
+        self.wd.write_json("stages.json", self.finished_stages())
         return sampler
 
     def callbacks(self, checkpointer: StepCheckpoint, stage: str):
@@ -303,6 +326,9 @@ class Experiment:
             print("[stage] teacher: finished earlier, skipping", flush=True)
             return self._finished("teacher", steps)
         start = time.time()
+        # Seeded initialization: a run and its re-run start from the same weights (a
+        # resumed run restores them anyway).
+        keras.utils.set_random_seed(self.diffusion["seed"])
         with self.scope():
             model = DiffusionModel(self.new_network(), schedule=self.schedule,
                                    num_steps=steps, name="teacher_model", **self.diffusion)
@@ -318,10 +344,9 @@ class Experiment:
             print(f"[stage] teacher: resuming at step {done}/{cfg['train_steps']}",
                   flush=True)
         every = cfg["checkpoint_every"]
-        with PreemptionGuard(self.deadline) as guard:
-            saver = StepCheckpoint(directory, model, every, "teacher", done, guard)
-            history = resumable_fit(model, self.train_data, cfg["train_steps"], every, done,
-                                    self.callbacks(saver, "teacher"), saver, verbose)
+        saver = StepCheckpoint(directory, model, every, "teacher", done, self.guard)
+        history = resumable_fit(model, self.dataset, cfg["train_steps"], every, done,
+                                self.callbacks(saver, "teacher"), saver, verbose)
         loss = _last_loss(history, directory)
         return self._finish_stage("teacher", model.sampling_network, steps,
                                   cfg["train_steps"], loss, time.time() - start)
@@ -334,17 +359,18 @@ class Experiment:
                 f"No trained teacher in {self.workdir} (teacher/final.json is missing): "
                 "run --mode=train_teacher first, or --mode=all.")
         previous = self.load_final("teacher", cfg["teacher_steps"]).network
-        distiller, compiled_for = None, None
+        distiller = None
         for n in cfg["ladder"]:
-            stage = f"student_{n:05d}"
+            stage = stage_name(n)
             directory = self.path(stage)
             if checkpoint.exists(directory, "final"):
                 print(f"[stage] {stage}: finished earlier, skipping", flush=True)
                 previous = self._finished(stage, n).network
                 continue
-            if self.deadline is not None and time.time() > self.deadline:
-                raise Preempted(f"[preempted] time budget spent before {stage}; finished "
-                                "stages are saved. Re-run the same command to go on.")
+            if self.guard.requested:
+                raise Preempted(f"[preempted] SIGTERM or time budget before {stage}; "
+                                "finished stages are saved. Re-run the same command to "
+                                "go on.")
             start = time.time()
             updates = cfg["updates"][n]
             if distiller is None:
@@ -355,30 +381,20 @@ class Experiment:
                                           seed=self.diffusion["seed"] + 1,
                                           student_dropout=cfg["student_dropout"],
                                           name="distiller")
-            if compiled_for != updates:
-                # The learning rate decays to 0 over the stage, so a stage of another
-                # length needs another schedule and one more compilation.
-                with self.scope():
-                    distiller.compile(
-                        optimizer=make_optimizer(cfg["learning_rate"],
-                                                 decay_to_zero_steps=updates,
-                                                 global_clipnorm=1.0),
-                        **distribute.fit_settings(self.strategy, cfg["jit_compile"],
-                                                  cfg["steps_per_execution"]))
-                    distiller.optimizer.build(distiller.trainable_variables)
-                compiled_for = updates
-            distiller.start_stage(previous, n)
-            reset_optimizer(distiller.optimizer)
+            with self.scope():
+                distiller.prepare_stage(
+                    previous, n, updates, cfg["learning_rate"], global_clipnorm=1.0,
+                    **distribute.fit_settings(self.strategy, cfg["jit_compile"],
+                                              cfg["steps_per_execution"]))
             done = 0
             if checkpoint.exists(directory, "ckpt"):
                 done = checkpoint.restore(directory, "ckpt", distiller)["step"]
                 print(f"[stage] {stage}: resuming at update {done}/{updates}", flush=True)
             every = cfg["checkpoint_every"]
             print(f"[stage] {stage}: distilling {2 * n} -> {n} steps", flush=True)
-            with PreemptionGuard(self.deadline) as guard:
-                saver = StepCheckpoint(directory, distiller, every, stage, done, guard)
-                history = resumable_fit(distiller, self.train_data, updates, every, done,
-                                        self.callbacks(saver, stage), saver, verbose)
+            saver = StepCheckpoint(directory, distiller, every, stage, done, self.guard)
+            history = resumable_fit(distiller, self.dataset, updates, every, done,
+                                    self.callbacks(saver, stage), saver, verbose)
             loss = _last_loss(history, directory)
             previous = self._finish_stage(stage, distiller.student, n, updates, loss,
                                           time.time() - start).network
@@ -389,7 +405,7 @@ class Experiment:
         models = [("teacher", self.distill_cfg["teacher_steps"],
                    self.load_final("teacher", self.distill_cfg["teacher_steps"]))]
         for n in self.distill_cfg["ladder"]:
-            stage = f"student_{n:05d}"
+            stage = stage_name(n)
             if checkpoint.exists(self.path(stage), "final"):
                 models.append((stage, n, self.load_final(stage, n)))
         return models
@@ -481,21 +497,37 @@ class StepCheckpoint(keras.callbacks.Callback):
             self._save(logs)
 
 
+def input_at(dataset, step: int):
+    """The stage's training input from its batch `step` on.
+
+    Batch `k` of a stage is the same whether the stage ran in one piece or was stopped
+    and resumed (a new process, a new `fit`), so a resumed stage reproduces the
+    uninterrupted one. A numpy stream is a pure function of its seed and is advanced
+    by arithmetic; a tf.data pipeline (seeded) skips `step` batches.
+    """
+    if isinstance(dataset, data.ArrayBatches):
+        return dataset.stream(start_batch=step)
+    return dataset.skip(step) if step else dataset
+
+
 def resumable_fit(model, dataset, total_steps: int, every: int, done: int, callbacks,
                   checkpointer: StepCheckpoint, verbose: int):
     """`model.fit` from step `done` to `total_steps` in epochs of `every` steps.
 
     A run preempted mid-epoch first finishes that epoch's remainder, so checkpoints
-    stay on multiples of `every` afterwards.
+    stay on multiples of `every` afterwards. Each `fit` reads `input_at(dataset,
+    step)`: Keras may read ahead of the steps it runs, so a stream is never shared.
     """
     history = None
     remainder = (every - done % every) % every
     if remainder and done < total_steps:
-        history = model.fit(dataset, epochs=1, steps_per_epoch=remainder,
+        history = model.fit(input_at(dataset, done), epochs=1, steps_per_epoch=remainder,
                             callbacks=callbacks, verbose=verbose, shuffle=False)
         done += remainder
     if done < total_steps and not checkpointer.preempted:
-        history = model.fit(dataset, epochs=total_steps // every,
+        # Epoch numbering keeps `done // every` epochs behind it, so the input starts
+        # at the first batch of epoch `done // every`, which is `done`.
+        history = model.fit(input_at(dataset, done), epochs=total_steps // every,
                             steps_per_epoch=every, initial_epoch=done // every,
                             callbacks=callbacks, verbose=verbose, shuffle=False)
     if checkpointer.preempted:
@@ -516,11 +548,25 @@ def _canon(value):
     return json.loads(json.dumps(value, sort_keys=True))
 
 
-def _write_json(path: str, value) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+def _validate_run_settings(mode: str, experiment_name: str | None, workdir: str) -> dict:
+    """Checks every setting the requested modes will use, before any of them runs.
+
+    Returns:
+        The evaluation settings (empty when no evaluation is asked for).
+    """
+    diffusion(), teacher(), distill()  # each raises on a bad value
+    cfg = {}
+    if mode in ("eval", "sample", "all"):
+        cfg = report.settings()
+    if mode in ("export", "all"):
+        from keras_progdist import export
+
+        export._check_name(experiment_name or export._default_name(workdir))
+    return cfg
+
+
+def _input_kind(dataset) -> str:
+    return "numpy batches" if isinstance(dataset, data.ArrayBatches) else "tf.data"
 
 
 def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved_models",
@@ -528,33 +574,55 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
         verbose: int = 1, time_budget_s: float | None = None) -> Experiment:
     """Runs `mode` (one of `MODES`) of the gin-configured experiment in `workdir`.
 
+    Every setting the requested modes use is checked first, so a bad one fails before
+    any training. Modes that write the workdir (training, sampling, evaluation) hold
+    its lock for the whole run; `export` only reads it.
+
     With `time_budget_s`, training checkpoints and exits (`Preempted`, code 143) once
-    the budget is spent, and evaluation starts no new model after it; the same call
-    again goes on from there. Each piece then fits a fixed slot (e.g. a 10-minute
-    job on a lent GPU).
+    the budget is spent, and sampling and evaluation start no new model after it; the
+    same call again goes on from there, so each piece fits a fixed job slot.
+
+    Raises:
+        PipelineError, validation.ConfigError, WorkDirError: bad settings, a busy or
+            missing workdir, or a workdir trained with another config.
     """
     if mode not in MODES:
         raise PipelineError(f"Unknown mode {mode!r}; allowed: {', '.join(MODES)}.")
-    if time_budget_s is not None and time_budget_s <= 0:
-        raise PipelineError(f"time_budget_s must be positive, got {time_budget_s}.")
+    if time_budget_s is not None:
+        validation.positive_float("time_budget_s", time_budget_s)
     deadline = None if time_budget_s is None else time.time() + time_budget_s
-    experiment = Experiment(workdir, strategy, deadline)
-    experiment.check_workdir()
-    print(f"[run] {mode} in {workdir}: network {experiment.param_count:,} parameters, "
-          f"images {experiment.image_shape}, batch {experiment.batch_size}, "
-          f"stages {experiment.distill_cfg['ladder']}, backend {keras.backend.backend()}, "
-          f"input {type(experiment.dataset).__name__}",
-          flush=True)
-    if mode in ("train_teacher", "all"):
-        experiment.train_teacher(verbose)
-    if mode in ("distill", "all"):
-        experiment.distill(verbose)
-    if mode in ("export", "all"):
-        from keras_progdist import export
-        export.export_experiment(experiment, export_dir, experiment_name, overwrite)
-    if mode in ("eval", "all"):
+    _validate_run_settings(mode, experiment_name, workdir)
+    writes = mode != "export"
+    if not writes or mode in ("distill", "eval", "sample"):
+        # These modes need what an earlier run trained: never create the folder.
+        WorkDir(workdir).require()
+    lock = WorkDir(workdir).lock(mode) if writes else contextlib.nullcontext()
+    with lock:
+        # SIGTERM during training stops at the next step with a checkpoint; elsewhere
+        # (export, sampling, evaluation: each result written atomically as it is made)
+        # it ends the process as usual.
+        with PreemptionGuard(deadline) as guard:
+            experiment = Experiment(workdir, strategy, deadline, guard)
+            experiment.check_workdir(write=mode in ("train_teacher", "distill", "all"))
+            print(f"[run] {mode} in {workdir}: network {experiment.param_count:,} "
+                  f"parameters, images {experiment.image_shape}, batch "
+                  f"{experiment.batch_size}, stages {experiment.distill_cfg['ladder']}, "
+                  f"backend {keras.backend.backend()}, "
+                  f"input {_input_kind(experiment.dataset)}", flush=True)
+            if mode in ("train_teacher", "all"):
+                experiment.train_teacher(verbose)
+            if mode in ("distill", "all"):
+                experiment.distill(verbose)
+        if mode in ("export", "all"):
+            from keras_progdist import export
+            export.export_experiment(experiment, export_dir, experiment_name, overwrite)
         try:
-            report.evaluate_experiment(experiment, deadline=deadline)
+            if mode == "sample":
+                from keras_progdist.evaluation import samples
+                samples.write_experiment_samples(experiment, verbose=verbose,
+                                                 deadline=deadline)
+            if mode in ("eval", "all"):
+                report.evaluate_experiment(experiment, verbose=verbose, deadline=deadline)
         except report.EvaluationInterrupted as e:
             raise Preempted(str(e)) from None
     return experiment

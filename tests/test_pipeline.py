@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -158,7 +159,7 @@ BAD_INPUTS = [
     ("logsnr range reversed", ["Schedule.logsnr_min=30.0"], "train_teacher", ValueError,
      "logsnr_min must be below logsnr_max"),
     ("EMA decay out of range", ["diffusion.ema_decay=1.5"], "train_teacher",
-     pipeline.PipelineError, "diffusion.ema_decay must be in"),
+     ValueError, "diffusion.ema_decay must be a number in [0, 1), got 1.5"),
     ("teacher steps not a power of two", ["distill.teacher_steps=100"], "distill",
      pipeline.PipelineError, "teacher_steps must be a power of two, got 100"),
     ("min steps not a power of two", ["distill.min_steps=3"], "distill",
@@ -170,7 +171,7 @@ BAD_INPUTS = [
     ("stage length vs checkpoint interval", ["distill.updates_per_stage=15"], "distill",
      pipeline.PipelineError, "not a multiple of distill.checkpoint_every (10)"),
     ("zero teacher steps", ["teacher.train_steps=0"], "train_teacher",
-     pipeline.PipelineError, "train_steps must be a positive integer, got 0"),
+     ValueError, "teacher.train_steps must be a positive integer, got 0"),
     ("teacher steps vs checkpoint interval", ["teacher.train_steps=55"], "train_teacher",
      pipeline.PipelineError, "must be a multiple of teacher.checkpoint_every (10)"),
     ("attention at a missing resolution", ["UNet.attention_resolutions=(4,)"],
@@ -178,7 +179,7 @@ BAD_INPUTS = [
     ("image size vs downsampling", ["dataset.image_size=15"], "train_teacher",
      ValueError, "not divisible by the downsampling factor 2"),
     ("dropout out of range", ["UNet.dropout=1.5"], "train_teacher", ValueError,
-     "dropout must be in [0, 1), got 1.5"),
+     "UNet.dropout must be a number in [0, 1), got 1.5"),
     ("unknown dataset", ["dataset.name='cifar100'"], "train_teacher", ValueError,
      "cifar100"),
     ("missing data folder", ["dataset.name='fashion_mnist'",
@@ -193,9 +194,22 @@ BAD_INPUTS = [
     ("labelled data, unconditional net", ["dataset.with_labels=True"], "train_teacher",
      pipeline.PipelineError, "the UNet is unconditional: set UNet.num_classes"),
     ("unknown mode", [], "train", pipeline.PipelineError,
-     "Unknown mode 'train'; allowed: train_teacher, distill, export, eval, all"),
-    ("distillation without a teacher", [], "distill", pipeline.PipelineError,
-     "No trained teacher in"),
+     "Unknown mode 'train'; allowed: train_teacher, distill, sample, export, eval, all"),
+    ("distillation without a teacher", [], "distill", ValueError,
+     "does not exist: nothing has been trained there"),
+    # Settings of later modes are checked before the teacher trains.
+    ("negative distillation learning rate", ["distill.learning_rate=-1.0"], "all",
+     ValueError, "distill.learning_rate must be a finite number > 0, got -1.0"),
+    ("evaluation sample count not a number", ["evaluate.num_samples='x'"], "all",
+     ValueError, "evaluate.num_samples must be an integer >= 2, got 'x'"),
+    ("learning rate as a word", ["teacher.learning_rate='fast'"], "train_teacher",
+     ValueError, "teacher.learning_rate must be a finite number > 0, got 'fast'"),
+    ("channels as a string", ["UNet.channels='16'"], "train_teacher", ValueError,
+     "UNet.channels must be a positive integer, got '16'"),
+    ("negative clipping norm", ["teacher.global_clipnorm=-1.0"], "train_teacher",
+     ValueError, "teacher.global_clipnorm must be a finite number > 0, got -1.0"),
+    ("student dropout out of range", ["distill.student_dropout=1.0"], "all", ValueError,
+     "distill.student_dropout must be a number in [0, 1), got 1.0"),
 ]
 
 
@@ -216,6 +230,36 @@ def test_bad_input_fails_before_training(tmp_path, case, bindings, mode, error, 
         assert not os.path.exists(str(tmp_path / "work" / "teacher" / "ckpt.json"))
     finally:
         gin.clear_config()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"time_budget_s": float("nan")}, "time_budget_s must be a finite number > 0, got nan"),
+    ({"time_budget_s": -5.0}, "time_budget_s must be a finite number > 0, got -5.0"),
+    ({"experiment_name": "bad name"}, "Export name 'bad name' must be letters"),
+], ids=["nan budget", "negative budget", "bad export name"])
+def test_run_arguments_are_checked_before_training(tmp_path, kwargs, message):
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")], SMALL)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            pipeline.run(str(tmp_path / "work"), "all", verbose=0, **kwargs)
+        assert not os.path.exists(str(tmp_path / "work" / "teacher"))
+    finally:
+        gin.clear_config()
+
+
+def test_runtime_errors_print_the_message_alone(tmp_path):
+    """A run-time problem (here: distilling in an empty workdir) is one line on stderr
+    and exit code 1, not a usage error with the flag help."""
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bin", "run.py"), "--gin_file=tiny",
+         f"--workdir={tmp_path / 'empty'}", "--mode=distill"],
+        capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "No trained teacher" in errors[0], result.stderr
+    assert "--gin_file" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_unknown_gin_binding_is_a_usage_error(tmp_path):
@@ -292,7 +336,7 @@ def test_eval_writes_metrics_report_and_plot(trained_workdir, tmp_path):
     for r in report["results"]:
         assert r["fid"] is None and "2048" in r["fid_note"]
         assert np.isfinite(r["kid"]) and np.isfinite(r["kid_std_err"])
-    for name in ("report.md", "fid_vs_steps.png", "distilled_00001steps.png"):
+    for name in ("report.md", "kid_vs_steps.png", "distilled_00001steps.png"):
         assert os.path.exists(os.path.join(copy, "eval", name))
 
     # Scores are kept per model: with one model's scores gone and no time left, the
@@ -303,7 +347,7 @@ def test_eval_writes_metrics_report_and_plot(trained_workdir, tmp_path):
     assert len(kept) == 5
     with pytest.raises(pipeline.Preempted):
         _in_process(copy, "eval", EVAL_SMALL, time_budget_s=1e-9)
-    again = _in_process(copy, "eval", EVAL_SMALL)
+    _in_process(copy, "eval", EVAL_SMALL)
     assert {f: os.path.getmtime(os.path.join(runs, f)) for f in kept} == kept
     assert os.path.exists(os.path.join(runs, "distilled_00001.json"))
     with open(os.path.join(copy, "eval", "metrics.json")) as f:
@@ -313,5 +357,9 @@ def test_eval_writes_metrics_report_and_plot(trained_workdir, tmp_path):
 def test_eval_of_an_empty_workdir_says_so(tmp_path):
     from keras_progdist.evaluation.report import EvaluationError
 
+    with pytest.raises(ValueError, match="does not exist: nothing has been trained"):
+        _in_process(str(tmp_path / "missing"), "eval")
+    assert not os.path.exists(tmp_path / "missing"), "eval must not create a workdir"
+    (tmp_path / "empty").mkdir()
     with pytest.raises(EvaluationError, match="Nothing to evaluate"):
         _in_process(str(tmp_path / "empty"), "eval")

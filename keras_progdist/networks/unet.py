@@ -232,7 +232,6 @@ class UNet(keras.Model):
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         _validate(image_shape, channels, channel_mult, num_res_blocks,
                   attention_resolutions, dropout, num_classes)
-        height = image_shape[0]
         out_ch = output_channels or image_shape[-1]
 
         z = keras.Input(image_shape, name="z")
@@ -326,6 +325,13 @@ class UNet(keras.Model):
 
 def _validate(image_shape, channels, channel_mult, num_res_blocks,
               attention_resolutions, dropout, num_classes):
+    from keras_progdist import validation
+
+    validation.positive_int("UNet.channels", channels)
+    validation.positive_int("UNet.num_res_blocks", num_res_blocks)
+    validation.fraction("UNet.dropout", dropout)
+    if num_classes is not None:
+        validation.positive_int("UNet.num_classes", num_classes)
     if len(image_shape) != 3 or min(image_shape) < 1:
         raise ValueError(f"image_shape must be (H, W, C) with positive sizes, got "
                          f"{image_shape}.")

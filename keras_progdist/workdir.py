@@ -1,0 +1,173 @@
+"""`WorkDir`: the one owner of a run's work directory.
+
+Layout (every file written atomically, see `fileio`):
+
+    <root>/.lock                      held (flock) by the run that writes here
+    <root>/config.json                network/diffusion/schedule config (checked on resume)
+    <root>/operative_config.gin       the gin config as last run
+    <root>/teacher/ckpt|final         in-progress and finished teacher
+    <root>/student_<NNNNN>/ckpt|final the same for the stage to N steps
+    <root>/stages.json                a JSON list, one entry per finished stage
+    <root>/samples/*.png              sample grids, all stages from the same noise
+    <root>/eval/                      evaluation (scores, report, sample files)
+    <root>/logs/<stage>/              TensorBoard
+
+Stage names are made and parsed here only: `stage_name(N)` and `parse_stage(name)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import socket
+import sys
+import time
+
+from keras_progdist import checkpoint, fileio
+
+TEACHER = "teacher"
+_STUDENT = re.compile(r"^student_(\d{5})$")
+
+
+class WorkDirError(ValueError):
+    """A work directory that is missing, busy, or holds damaged records."""
+
+
+class WorkDirBusyError(WorkDirError):
+    """Another live process holds the work directory's lock."""
+
+
+def stage_name(num_steps: int | None = None) -> str:
+    """`teacher` (no step count) or `student_<N:05d>` for the stage to `N` steps."""
+    return TEACHER if num_steps is None else f"student_{int(num_steps):05d}"
+
+
+def parse_stage(name: str) -> int | None:
+    """The step count of a `student_<N>` stage name; None for the teacher.
+
+    Raises:
+        WorkDirError: a name that is neither.
+    """
+    if name == TEACHER:
+        return None
+    match = _STUDENT.match(name)
+    if not match:
+        raise WorkDirError(f"{name!r} is not a stage name (teacher or student_NNNNN).")
+    return int(match.group(1))
+
+
+class WorkDir:
+    """Paths, stages, the config record and the lock of one work directory.
+
+    Args:
+        root: the folder (created only by `create()` or `lock()`, never on reads).
+    """
+
+    def __init__(self, root: str):
+        self.root = os.fspath(root)
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.root, *parts)
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.root)
+
+    def require(self) -> None:
+        """Raises `WorkDirError` if the folder does not exist (reads never create it)."""
+        if not self.exists():
+            raise WorkDirError(f"Work directory {self.root} does not exist: nothing has "
+                               "been trained there (check --workdir).")
+
+    # -- stages --------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> str:
+        parse_stage(stage)
+        return self.path(stage)
+
+    def is_finished(self, stage: str) -> bool:
+        return checkpoint.exists(self.stage_dir(stage), "final")
+
+    def finished_students(self) -> list:
+        """Step counts of the finished students, largest first."""
+        if not self.exists():
+            return []
+        steps = []
+        for entry in os.listdir(self.root):
+            try:
+                n = parse_stage(entry)
+            except WorkDirError:
+                continue
+            if n is not None and self.is_finished(entry):
+                steps.append(n)
+        return sorted(steps, reverse=True)
+
+    def final_meta(self, stage: str) -> dict:
+        return checkpoint.read_meta(self.stage_dir(stage), "final")
+
+    def final_sha256(self, stage: str) -> str:
+        """The finished stage's weights sha256 as recorded (an identity, not a check)."""
+        return checkpoint.recorded_sha256(self.stage_dir(stage), "final")
+
+    # -- config record -------------------------------------------------------------
+    def read_config(self) -> dict | None:
+        """The recorded run config (`config.json`), or None if there is none.
+
+        Raises:
+            WorkDirError: unreadable JSON, or one without the expected sections.
+        """
+        path = self.path("config.json")
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise WorkDirError(f"{path} is unreadable ({e}); restore it or use a new "
+                               "--workdir.") from e
+        for key in ("network", "diffusion", "schedule"):
+            if not isinstance(record, dict) or not isinstance(record.get(key), dict):
+                raise WorkDirError(f"{path} has no {key!r} section: it is damaged or not "
+                                   "this library's; restore it or use a new --workdir.")
+        return record
+
+    def write_json(self, name: str, value) -> str:
+        path = self.path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fileio.atomic_write_json(path, value)
+        return path
+
+    # -- lock ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, purpose: str = "run"):
+        """Holds the work directory exclusively for the `with` block.
+
+        The lock is an `flock` on `<root>/.lock`: the OS releases it when the process
+        ends, however it ends, so a killed run never leaves the folder locked.
+
+        Raises:
+            WorkDirBusyError: another process holds it; the message names that process.
+        """
+        os.makedirs(self.root, exist_ok=True)
+        path = self.path(".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            holder = holder or "holder unknown"
+            raise WorkDirBusyError(
+                f"Work directory {self.root} is in use by another run ({holder}). Wait "
+                "for it to end, stop it, or use another --workdir.") from None
+        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "purpose": purpose, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                             "command": " ".join(sys.argv)[:500]})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        try:
+            yield self
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
