@@ -5,10 +5,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(KPD_TEST_DEPS=1 bash "$ROOT/bin/setup_env.sh" | tail -n 1)"
 cd "$ROOT"
 export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2}"
+echo "== Lint (ruff: unused and undefined names, syntax)"
+"$VENV/bin/ruff" check --quiet .
 echo "== TensorFlow backend: all tests"
 KERAS_BACKEND=tensorflow "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "$@"
-echo "== JAX backend: backend-agnostic tests (the slow end-to-end runs are TF-only here)"
+echo "== JAX backend: backend-agnostic tests, preemption (TensorFlow made unimportable)"
 KERAS_BACKEND=jax "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_schedules.py tests/test_parameterizations.py tests/test_losses.py \
   tests/test_samplers.py tests/test_unet.py tests/test_diffusion.py \
-  tests/test_distillation.py tests/test_checkpoint.py "$@"
+  tests/test_distillation.py tests/test_checkpoint.py tests/test_array_data.py \
+  tests/test_image_folder.py tests/test_preemption.py tests/test_workdir.py "$@"

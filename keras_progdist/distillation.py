@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import keras
 from keras import ops
-from keras.src.losses.loss import scale_loss_for_distribution
 
 from keras_progdist import losses, parameterizations
-from keras_progdist.diffusion import (copy_weights, diffuse, network_denoise,
-                                      training_seed)
+from keras_progdist._keras_compat import scale_loss_for_distribution
+from keras_progdist.diffusion import (DiffusionModel, copy_weights, diffuse,
+                                      network_denoise, training_seed)
 from keras_progdist.networks.unet import UNet
+from keras_progdist.optimizers import make_optimizer, reset_optimizer
 from keras_progdist.random_utils import TensorSeed, fold_in
 from keras_progdist.parameterizations import expand_to
 from keras_progdist.samplers import ddim_step
@@ -129,10 +130,95 @@ class Distiller(keras.Model):
         return inputs
 
     def start_stage(self, network, num_steps: int) -> None:
-        """Begins a stage: teacher and student both become `network`; N = `num_steps`."""
+        """Begins a stage: teacher and student both become `network`; N = `num_steps`.
+
+        Only the weights and `N` change; the optimizer is left as it is. To run a
+        stage with `fit`, use `prepare_stage`, which also gives the stage a fresh
+        optimizer and learning-rate schedule.
+        """
         copy_weights(network, self.teacher)
         copy_weights(network, self.student)
         self.num_steps.assign(float(num_steps))
+
+    def prepare_stage(self, network, num_steps: int, updates: int,
+                      learning_rate: float = 5e-5, global_clipnorm: float | None = 1.0,
+                      jit_compile: bool = True, steps_per_execution: int = 1) -> None:
+        """Makes the next `fit` of `updates` steps one whole stage to `num_steps` steps.
+
+        The learning rate decays linearly from `learning_rate` to 0 over the stage
+        (`LinearToZero`), so the schedule must be as long as the stage: the model is
+        (re)compiled when the stage length or settings change (one compilation serves
+        every stage of one length), and the optimizer's slots and step are zeroed.
+        Without this, a second stage would start where the first one's rate ended: 0.
+
+        Args:
+            network: the new stage's teacher (e.g. the previous stage's `student`).
+            num_steps: the student's step count `N`.
+            updates: optimizer updates of the stage (what the next `fit` will run).
+            learning_rate, global_clipnorm: Adam settings of the stage.
+            jit_compile, steps_per_execution: as in `compile`.
+        """
+        settings = (int(updates), float(learning_rate), global_clipnorm, bool(jit_compile),
+                    int(steps_per_execution))
+        if getattr(self, "_stage_settings", None) != settings:
+            self.compile(optimizer=make_optimizer(learning_rate, decay_to_zero_steps=updates,
+                                                  global_clipnorm=global_clipnorm),
+                         jit_compile=jit_compile, steps_per_execution=steps_per_execution)
+            self.optimizer.build(self.trainable_variables)
+            self._stage_settings = settings
+        self.start_stage(network, num_steps)
+        reset_optimizer(self.optimizer)
+
+    def student_model(self, num_steps: int | None = None) -> "DiffusionModel":
+        """The student as a `DiffusionModel` that samples in `num_steps` (default `N`).
+
+        It holds a copy of the student's weights, so it stays as it is when training
+        goes on. `model.sample(batch_size=16, seed=0)` samples it.
+        """
+        network = UNet.from_config({**self.student.get_config(), "name": "network",
+                                    "dropout": 0.0, "trainable": True})
+        copy_weights(self.student, network)
+        steps = int(ops.convert_to_numpy(self.num_steps)) if num_steps is None else num_steps
+        return DiffusionModel(network, schedule=self.schedule,
+                              parameterization=self.parameterization,
+                              weighting=self.weighting, ema_decay=None, num_steps=steps,
+                              name=f"student_{steps}")
+
+    def distill_ladder(self, dataset, min_steps: int = 1, updates_per_stage: int = 1000,
+                       learning_rate: float = 5e-5, callbacks=None, verbose: int = 1,
+                       jit_compile: bool = True, steps_per_execution: int = 1) -> list:
+        """Distills stage after stage: `N -> N/2 -> ... -> min_steps` steps.
+
+        Stage one distills the current teacher (the network this `Distiller` was built
+        from, or the last `start_stage`) into `N` = `num_steps` steps; each next stage
+        takes the previous student as its teacher and halves `N`.
+
+        Args:
+            dataset: training data, as for `fit` (repeating, e.g. a tf.data pipeline).
+            min_steps: step count of the last stage.
+            updates_per_stage: optimizer updates of each stage (the paper: 50k).
+            learning_rate: start of each stage's linear decay to 0.
+            callbacks, verbose: passed to every stage's `fit`.
+            jit_compile, steps_per_execution: as in `compile`.
+
+        Returns:
+            One `DiffusionModel` per stage, in order (`N`, `N/2`, ...), each sampling in
+            its own step count.
+        """
+        num_steps = int(ops.convert_to_numpy(self.num_steps))
+        if min_steps < 1 or min_steps > num_steps:
+            raise ValueError(f"min_steps must be in [1, {num_steps}], got {min_steps}.")
+        students, network = [], self.teacher
+        while num_steps >= min_steps:
+            self.prepare_stage(network, num_steps, updates_per_stage, learning_rate,
+                               jit_compile=jit_compile,
+                               steps_per_execution=steps_per_execution)
+            self.fit(dataset, epochs=1, steps_per_epoch=updates_per_stage,
+                     callbacks=callbacks, verbose=verbose)
+            students.append(self.student_model(num_steps))
+            network = students[-1].network
+            num_steps //= 2
+        return students
 
     def _denoiser(self, network, label, training):
         def denoise(z, t):

@@ -1,0 +1,110 @@
+"""WorkDir: stage names, the config record, and the lock that keeps two runs apart."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from keras_progdist import workdir as workdir_lib
+from keras_progdist.workdir import WorkDir, WorkDirBusyError, WorkDirError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_stage_names_round_trip():
+    assert workdir_lib.stage_name() == "teacher"
+    assert workdir_lib.stage_name(4) == "student_00004"
+    assert workdir_lib.parse_stage("student_00004") == 4
+    assert workdir_lib.parse_stage("teacher") is None
+    for bad in ("student_4", "student_00004x", "../teacher", "logs"):
+        with pytest.raises(WorkDirError, match="not a stage name"):
+            workdir_lib.parse_stage(bad)
+
+
+def test_damaged_config_record_names_the_file_and_the_missing_section(tmp_path):
+    wd = WorkDir(str(tmp_path))
+    assert wd.read_config() is None
+    (tmp_path / "config.json").write_text(json.dumps({"network": {}, "diffusion": {}}))
+    with pytest.raises(WorkDirError, match=r"config.json has no 'schedule' section"):
+        wd.read_config()
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(WorkDirError, match="config.json is unreadable"):
+        wd.read_config()
+
+
+def test_reads_never_create_the_folder(tmp_path):
+    wd = WorkDir(str(tmp_path / "missing"))
+    with pytest.raises(WorkDirError, match="does not exist"):
+        wd.require()
+    assert wd.finished_students() == []
+    assert not os.path.exists(tmp_path / "missing")
+
+
+def test_the_lock_excludes_a_second_holder_in_this_process(tmp_path):
+    wd = WorkDir(str(tmp_path))
+    with wd.lock("train_teacher"):
+        with pytest.raises(WorkDirBusyError, match=f"pid.*{os.getpid()}"):
+            with WorkDir(str(tmp_path)).lock("distill"):
+                pass
+    with wd.lock("again"):  # released at the end of the block
+        pass
+
+
+HOLD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from keras_progdist.workdir import WorkDir
+with WorkDir({path!r}).lock("holder"):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_process_fails_at_once_and_a_killed_holder_frees_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(root=ROOT,
+                                                                 path=str(tmp_path))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        start = time.time()
+        with pytest.raises(WorkDirBusyError) as info:
+            with WorkDir(str(tmp_path)).lock("train_teacher"):
+                pass
+        assert time.time() - start < 5
+        message = str(info.value)
+        assert f'"pid": {holder.pid}' in message and "holder" in message
+    finally:
+        holder.kill()
+        holder.wait()
+    # kill -9 runs no cleanup; the OS releases the lock all the same.
+    with WorkDir(str(tmp_path)).lock("train_teacher"):
+        pass
+
+
+def test_two_training_runs_on_one_workdir(tmp_path):
+    """The real thing: a second bin/run.py on a busy workdir exits 1 at once, naming
+    the first run, and the first run is not disturbed."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    params = ["--gin_param=UNet.channels=8", "--gin_param=UNet.num_groups=4",
+              "--gin_param=teacher.train_steps=400", "--gin_param=dataset.batch_size=8",
+              "--gin_param=dataset.image_size=8", "--gin_param=UNet.attention_resolutions=()"]
+    command = [sys.executable, os.path.join(ROOT, "bin", "run.py"), "--gin_file=tiny",
+               f"--workdir={tmp_path}", "--mode=train_teacher", "--verbose=0", *params]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env)
+    try:
+        for line in first.stdout:
+            if line.startswith("[run]"):
+                break
+        second = subprocess.run(command, capture_output=True, text=True, env=env,
+                                timeout=300)
+        assert second.returncode == 1, second.stderr[-2000:]
+        assert "is in use by another run" in second.stderr
+        assert f'"pid": {first.pid}' in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
