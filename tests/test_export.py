@@ -487,7 +487,7 @@ def test_serving_limits_are_enforced_in_every_signature(exported):
     assert serve(seed=tf.range(256))["images"].shape[0] == 256  # at the limit it serves
 
 
-def test_limits_are_set_at_export(tmp_path, monkeypatch):
+def test_limits_are_set_at_export(tmp_path):
     import tensorflow as tf
 
     export_dir = str(tmp_path)
