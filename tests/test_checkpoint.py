@@ -75,3 +75,102 @@ def test_checkpoints_of_the_previous_format_still_load(tmp_path):
     np.testing.assert_array_equal(_values(restored)[0], 4.0)
     checkpoint.save(directory, "final", _model(5.0))
     assert not os.path.exists(os.path.join(directory, "final.npz"))
+
+
+def _rewrite_record(directory, name, change):
+    import json
+
+    path = os.path.join(directory, f"{name}.json")
+    with open(path) as f:
+        record = json.load(f)
+    change(record)
+    with open(path, "w") as f:
+        json.dump(record, f)
+    return path
+
+
+@pytest.mark.parametrize("weights_file", ["../outside/x.npz", "/tmp/x.npz",
+                                          "sub/x.npz", ".."])
+def test_a_weights_file_outside_the_checkpoint_folder_is_refused(tmp_path, weights_file):
+    directory = str(tmp_path / "stage")
+    checkpoint.save(directory, "final", _model(1.0))
+    # The same (valid) weights, placed where a traversing name would point.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    real = checkpoint.weights_path(directory, "final")
+    os.link(real, outside / "x.npz")
+
+    def point_outside(record):
+        record["weights_file"] = weights_file
+
+    _rewrite_record(directory, "final", point_outside)
+    with pytest.raises(checkpoint.CheckpointError, match="only a plain .npz file name"):
+        checkpoint.restore(directory, "final", _model(0.0))
+
+
+@pytest.mark.parametrize("key", ["shapes", "paths", "sha256"])
+def test_a_record_missing_a_key_names_the_file_and_the_key(tmp_path, key):
+    directory = str(tmp_path)
+    checkpoint.save(directory, "ckpt", _model(1.0), meta={"step": 3})
+    path = _rewrite_record(directory, "ckpt", lambda record: record.pop(key))
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.read_meta(directory, "ckpt")
+    assert path in str(info.value) and repr(key) in str(info.value)
+
+
+def test_a_corrupt_final_says_the_one_action_that_recovers(tmp_path):
+    directory = str(tmp_path)
+    checkpoint.save(directory, "final", _model(1.0))
+    weights = checkpoint.weights_path(directory, "final")
+    with open(weights, "r+b") as f:  # flip one bit in the middle
+        f.seek(os.path.getsize(weights) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.read_meta(directory, "final")
+    message = str(info.value)
+    json_path = os.path.join(directory, "final.json")
+    assert f"Delete {json_path}" in message
+    # Doing what it says works: the stage is simply not finished any more, and the
+    # next save of it removes the damaged weights file.
+    os.remove(json_path)
+    assert not checkpoint.exists(directory, "final")
+    checkpoint.save(directory, "final", _model(2.0))
+    assert not os.path.exists(weights)
+    np.testing.assert_array_equal(_values(_restored(directory))[0], 2.0)
+
+
+def _restored(directory):
+    model = _model(0.0)
+    checkpoint.restore(directory, "final", model)
+    return model
+
+
+def test_cleanup_removes_dead_writers_temporaries_only(tmp_path):
+    import subprocess
+    import sys
+
+    directory = str(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = os.path.join(directory, f"ckpt.npz.tmp-{dead.pid}-deadbeef")
+    live = os.path.join(directory, f"ckpt.npz.tmp-{os.getppid()}-cafe")
+    for path in (stale, live):
+        with open(path, "wb") as f:
+            f.write(b"half written")
+    checkpoint.save(directory, "ckpt", _model(1.0))
+    assert not os.path.exists(stale)
+    assert os.path.exists(live), "another live process's temporary must stay"
+
+
+def test_a_model_with_other_variable_names_is_refused(tmp_path):
+    directory = str(tmp_path)
+    checkpoint.save(directory, "final", _model(1.0))
+
+    def rename(record):
+        record["paths"] = [p.replace("kernel", "other") for p in record["paths"]]
+
+    _rewrite_record(directory, "final", rename)
+    with pytest.raises(checkpoint.CheckpointError, match="other names"):
+        checkpoint.restore(directory, "final", _model(0.0))
