@@ -162,3 +162,27 @@ def fit_settings(strategy, jit_compile: bool, steps_per_execution: int) -> dict:
                              tf.distribute.MultiWorkerMirroredStrategy)):
         settings["steps_per_execution"] = 1
     return settings
+
+
+def is_chief(strategy=None) -> bool:
+    """Whether this process writes the run's files (checkpoints, samples, exports,
+    reports); the others only train.
+
+    - JAX: process 0 of `jax.process_count()` (one process per host).
+    - `tf.distribute` with a cluster (MultiWorkerMirroredStrategy, multi-host TPU):
+      the `chief` task when the cluster has one, else worker 0, as Keras' own
+      checkpointing callbacks decide.
+    - Anything else (one process): True.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.process_index() == 0
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if not task_type:
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    if "chief" in cluster:
+        return task_type == "chief"
+    return task_type == "worker" and int(resolver.task_id or 0) == 0

@@ -181,10 +181,16 @@ class Experiment:
         # `run` installs the guard's SIGTERM handler for the whole run, so a signal at
         # any moment (between stages too) ends in a clean stop.
         self.guard = guard if guard is not None else PreemptionGuard(deadline)
+        # One writer per run: with several processes (multi-host JAX, multi-worker or
+        # TPU pods) the others train in lockstep but write nothing.
+        self.chief = distribute.is_chief(strategy)
         self.wd = WorkDir(workdir)
         self.strategy = strategy
         self.deadline = deadline
         self.diffusion = diffusion()
+        # Every process of a multi-process run must build identical initial weights
+        # (a replicated variable is checked for that), and a re-run the same ones.
+        keras.utils.set_random_seed(self.diffusion["seed"])
         self.teacher_cfg = teacher()
         self.distill_cfg = distill()
         self.schedule = ScheduleConfigurable()
@@ -233,7 +239,7 @@ class Experiment:
                         f"The {key} config in {path} (written by the run that trained "
                         f"this workdir) does not match the gin config: (workdir, gin) = "
                         f"{diff}. Use a new --workdir or the original config.")
-        if not write:
+        if not write or not self.chief:
             return
         if existing is None:
             self.wd.write_json("config.json", record)
@@ -288,6 +294,11 @@ class Experiment:
         """Saves the stage's network (its completion marker), grid, and summary line."""
         entry = {"stage": stage, "num_steps": num_steps, "updates": updates,
                  "loss": loss, "seconds": seconds}
+        if not self.chief:
+            # The chief may still be writing `final`: go on from this process's copy.
+            copy = self.new_network()
+            copy.set_weights(network.get_weights())
+            return self.sampling_model(copy, num_steps)
         checkpoint.save(self.path(stage), "final", network, meta={"step": updates, **entry},
                         include_optimizer=False)
         # The resume checkpoint (weights, optimizer slots: ~4x the final weights) has
@@ -300,6 +311,8 @@ class Experiment:
     def _finished(self, stage: str, num_steps: int) -> DiffusionModel:
         """Loads a finished stage; (re)writes its sample grid and stages.json if missing."""
         sampler = self.load_final(stage, num_steps)
+        if not self.chief:
+            return sampler
         grid = f"teacher_{num_steps:05d}steps.png" if stage == "teacher" else f"{stage}.png"
         if not os.path.exists(self.path("samples", grid)):
             self.sample_grid(sampler, num_steps, grid)
@@ -308,6 +321,8 @@ class Experiment:
 
     def callbacks(self, checkpointer: StepCheckpoint, stage: str):
         callbacks = [checkpointer]
+        if not self.chief:
+            return callbacks
         try:
             import tensorboard  # noqa: F401  The callback needs TF and TensorBoard.
             import tensorflow  # noqa: F401
@@ -344,7 +359,8 @@ class Experiment:
             print(f"[stage] teacher: resuming at step {done}/{cfg['train_steps']}",
                   flush=True)
         every = cfg["checkpoint_every"]
-        saver = StepCheckpoint(directory, model, every, "teacher", done, self.guard)
+        saver = StepCheckpoint(directory, model, every, "teacher", done, self.guard,
+                               write=self.chief)
         history = resumable_fit(model, self.dataset, cfg["train_steps"], every, done,
                                 self.callbacks(saver, "teacher"), saver, verbose)
         loss = _last_loss(history, directory)
@@ -392,7 +408,8 @@ class Experiment:
                 print(f"[stage] {stage}: resuming at update {done}/{updates}", flush=True)
             every = cfg["checkpoint_every"]
             print(f"[stage] {stage}: distilling {2 * n} -> {n} steps", flush=True)
-            saver = StepCheckpoint(directory, distiller, every, stage, done, self.guard)
+            saver = StepCheckpoint(directory, distiller, every, stage, done, self.guard,
+                                   write=self.chief)
             history = resumable_fit(distiller, self.dataset, updates, every, done,
                                     self.callbacks(saver, stage), saver, verbose)
             loss = _last_loss(history, directory)
@@ -461,8 +478,9 @@ class StepCheckpoint(keras.callbacks.Callback):
     """
 
     def __init__(self, directory: str, model, every: int, stage: str, start_step: int,
-                 guard: PreemptionGuard | None = None):
+                 guard: PreemptionGuard | None = None, write: bool = True):
         super().__init__()
+        self.write = write
         self.directory = directory
         self.target = model
         self.every = every
@@ -482,8 +500,9 @@ class StepCheckpoint(keras.callbacks.Callback):
                 f"{self.stage}: the loss became {loss} by step {self.step}; the last "
                 f"good checkpoint in {self.directory} is kept. Lower the learning rate "
                 "or check the data.")
-        checkpoint.save(self.directory, "ckpt", self.target,
-                        meta={"step": self.step, "loss": loss})
+        if self.write:
+            checkpoint.save(self.directory, "ckpt", self.target,
+                            meta={"step": self.step, "loss": loss})
 
     def on_train_batch_end(self, batch, logs=None):
         self.step = self._epoch_start + int(batch) + 1
@@ -596,7 +615,9 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
     if not writes or mode in ("distill", "eval", "sample"):
         # These modes need what an earlier run trained: never create the folder.
         WorkDir(workdir).require()
-    lock = WorkDir(workdir).lock(mode) if writes else contextlib.nullcontext()
+    # Only the writing process locks: the others of a multi-process run share the folder.
+    chief = distribute.is_chief(strategy)
+    lock = WorkDir(workdir).lock(mode) if writes and chief else contextlib.nullcontext()
     with lock:
         # SIGTERM during training stops at the next step with a checkpoint; elsewhere
         # (export, sampling, evaluation: each result written atomically as it is made)
@@ -613,6 +634,10 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
                 experiment.train_teacher(verbose)
             if mode in ("distill", "all"):
                 experiment.distill(verbose)
+        if not chief:
+            print(f"[run] process is not the chief: {mode} leaves export, sampling and "
+                  "evaluation to it", flush=True)
+            return experiment
         if mode in ("export", "all"):
             from keras_progdist import export
             export.export_experiment(experiment, export_dir, experiment_name, overwrite)
