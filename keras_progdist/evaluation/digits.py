@@ -1,0 +1,281 @@
+"""Do the samples read as digits? A small MNIST classifier as a sample-quality probe.
+
+KID on 128 samples says little about a demo's pictures; a classifier says whether a
+sample is a recognisable digit. `train_classifier` fits a small Keras CNN on the
+embedded 5,000 MNIST digits (`mnist_embedded`) at the demo's resolution in seconds,
+deterministically (`seed`), holding out a stratified tenth for its accuracy. It is also
+shown "junk" (Gaussian noise, blurred noise blobs, and averages of two digits of
+different classes) with a uniform target, so that what is not a digit gets a low
+max-softmax instead of an arbitrary confident class (outlier exposure).
+
+`digit_scores(classifier, samples)` then gives, for images in [-1, 1]:
+
+* `mean_confidence`: the mean max-softmax probability,
+* `frac_confident`: the fraction with max-softmax > 0.9,
+* `class_entropy_bits`: the entropy of the histogram of predicted classes (log2(10) =
+  3.32 when every digit is equally frequent; low means mode collapse),
+* `class_counts`.
+
+`evaluate_workdir` scores the teacher, the `steps`-step student and undistilled DDIM at
+`steps` of a finished pipeline work directory from the same noise and writes
+`<workdir>/eval/digits.json` (and `digits.md`). Nothing is pickled or saved besides
+those files: the classifier is retrained (seconds) on every call.
+
+    python -m keras_progdist.evaluation.digits --gin_file=tiny.gin --workdir=runs/tiny
+
+Everything runs on `keras.ops`, on any backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+NUM_CLASSES = 10
+CONFIDENT = 0.9
+
+
+def load_digits(image_size: int = 16, resize: str = "bilinear"):
+    """The embedded 5,000 digits as float32 in [-1, 1] `(N, S, S, 1)` and int32 labels,
+    preprocessed as `data.make_dataset` preprocesses them (rounded to uint8 first)."""
+    from keras_progdist import data
+
+    images, labels = data.load_images("mnist_embedded", image_size=image_size,
+                                      resize=resize)
+    return images.astype(np.float32) / 127.5 - 1.0, labels.astype(np.int32)
+
+
+def split_holdout(labels: np.ndarray, fraction: float = 0.1, seed: int = 0):
+    """Stratified train / held-out index arrays: `fraction` of each class held out."""
+    rng = np.random.RandomState(seed)
+    train, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(round(fraction * len(idx)))
+        held.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
+
+
+def build_classifier(image_size: int = 16) -> keras.Model:
+    """A small CNN: three 3x3 conv blocks (16, 32, 64), global average pool, Dense(10).
+    Outputs logits."""
+    x = keras.Input((image_size, image_size, 1), name="image")
+    h = layers.Conv2D(16, 3, padding="same", activation="relu")(x)
+    h = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(h)
+    h = layers.Conv2D(32, 3, padding="same", activation="relu")(h)
+    h = layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(h)
+    h = layers.Flatten()(h)
+    h = layers.Dropout(0.3)(h)
+    h = layers.Dense(64, activation="relu")(h)
+    out = layers.Dense(NUM_CLASSES, name="logits")(h)
+    return keras.Model(x, out, name="digit_classifier")
+
+
+def _blur(x: np.ndarray, passes: int) -> np.ndarray:
+    for _ in range(passes):  # a 3x3 box filter, `passes` times
+        p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+        x = sum(p[:, i:i + x.shape[1], j:j + x.shape[2]] for i in range(3)
+                for j in range(3)) / 9.0
+    return x
+
+
+def make_junk(images: np.ndarray, labels: np.ndarray, count: int,
+              rng: np.random.RandomState) -> np.ndarray:
+    """Non-digits in [-1, 1] like a failed sampler's: a third Gaussian noise, a third
+    blurred noise thresholded into blobs, a third averages of two digits of different
+    classes."""
+    shape = (count,) + images.shape[1:]
+    n1, n2 = count // 3, count // 3
+    noise = np.clip(rng.normal(0.0, rng.uniform(0.3, 1.0, (n1, 1, 1, 1)),
+                               (n1,) + shape[1:]), -1, 1)
+    field = _blur(rng.normal(size=(n2,) + shape[1:]), 2)
+    field = field / (field.std(axis=(1, 2, 3), keepdims=True) + 1e-6)
+    blobs = np.where(field > rng.uniform(0.3, 1.2, (n2, 1, 1, 1)), 1.0, -1.0)
+    n3 = count - n1 - n2
+    a = rng.randint(len(images), size=n3)
+    b = rng.randint(len(images), size=n3)
+    b = np.where(labels[a] == labels[b], (b + len(images) // NUM_CLASSES) % len(images), b)
+    pairs = np.clip(images[a] + images[b] + 1.0, -1, 1)  # overlay (max-like) of two
+    return np.concatenate([noise, blobs, pairs]).astype(np.float32)
+
+
+def train_classifier(image_size: int = 16, resize: str = "bilinear", seed: int = 0,
+                     epochs: int = 8, batch_size: int = 64, junk_fraction: float = 0.25,
+                     verbose: int = 0):
+    """Fits the classifier on 90% of the embedded digits; deterministic for a seed.
+
+    Args:
+        image_size, resize: as the diffusion model's `dataset.*` (16 / bilinear in the
+            demo).
+        seed: seeds the split, the junk images, the initialization and the shuffling.
+        epochs, batch_size: training length (8 epochs of 4,500 digits: seconds).
+        junk_fraction: junk images per digit, trained towards the uniform distribution.
+        verbose: passed to `fit`.
+
+    Returns:
+        `(classifier, info)`: a logits `keras.Model`, and a dict with the held-out
+        `accuracy`, its `num_heldout` and the training `seconds`.
+    """
+    start = time.time()
+    x, y = load_digits(image_size, resize)
+    train, held = split_holdout(y, 0.1, seed)
+    rng = np.random.RandomState(seed + 1)
+    junk = make_junk(x[train], y[train], int(junk_fraction * len(train)), rng)
+    xs = np.concatenate([x[train], junk])
+    targets = np.concatenate([np.eye(NUM_CLASSES, dtype=np.float32)[y[train]],
+                              np.full((len(junk), NUM_CLASSES), 1.0 / NUM_CLASSES,
+                                      np.float32)])
+    order = rng.permutation(len(xs))
+    keras.utils.set_random_seed(seed)
+    model = build_classifier(image_size)
+    model.compile(optimizer=keras.optimizers.Adam(2e-3),
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    model.fit(xs[order], targets[order], batch_size=batch_size, epochs=epochs,
+              shuffle=True, verbose=verbose)
+    probs = predict_probs(model, x[held])
+    accuracy = float(np.mean(np.argmax(probs, -1) == y[held]))
+    return model, {"accuracy": accuracy, "num_heldout": int(len(held)),
+                   "num_train": int(len(train)), "seconds": time.time() - start,
+                   "image_size": image_size, "resize": resize, "seed": seed}
+
+
+def predict_probs(classifier, samples, batch_size: int = 256) -> np.ndarray:
+    """Softmax probabilities `[N, 10]` of images in [-1, 1] (float) or uint8 [0, 255]."""
+    samples = np.asarray(samples)
+    if samples.dtype == np.uint8:
+        samples = samples.astype(np.float32) / 127.5 - 1.0
+    logits = classifier.predict(np.clip(samples.astype(np.float32), -1, 1),
+                                batch_size=batch_size, verbose=0)
+    return keras.ops.convert_to_numpy(ops.softmax(ops.convert_to_tensor(logits), axis=-1))
+
+
+def digit_scores(classifier, samples) -> dict:
+    """How digit-like `samples` are; see the module docstring for the fields."""
+    probs = predict_probs(classifier, samples)
+    conf = probs.max(-1)
+    counts = np.bincount(probs.argmax(-1), minlength=NUM_CLASSES)
+    p = counts / max(1, counts.sum())
+    entropy = float(-sum(q * math.log2(q) for q in p if q > 0))
+    return {"num_samples": int(len(probs)), "mean_confidence": float(conf.mean()),
+            "frac_confident": float(np.mean(conf > CONFIDENT)),
+            "class_entropy_bits": entropy, "class_counts": counts.tolist()}
+
+
+def evaluate_workdir(experiment, steps: int = 4, num_samples: int = 256,
+                     batch_size: int = 64, seed: int = 2024, classifier=None,
+                     info: dict | None = None, write: bool = True,
+                     verbose: int = 1) -> dict:
+    """Digit scores of the teacher, the `steps`-step student and `steps`-step DDIM.
+
+    All three sample the evaluation's fixed noise (`samples.generate_range`, the same
+    `seed` and `batch_size` as `--mode=eval`), clipped DDIM.
+
+    Args:
+        experiment: a `pipeline.Experiment` with a finished teacher (the student row
+            is left out while its stage has not finished).
+        steps: the student / DDIM step count compared.
+        num_samples, batch_size, seed: the samples.
+        classifier, info: a trained classifier and its info (default: trained here at
+            the experiment's image size).
+        write: write `<workdir>/eval/digits.json` and `digits.md`.
+        verbose: 0 quiet, 1 one line per model.
+
+    Returns:
+        The dict written to `digits.json`.
+    """
+    from keras_progdist import fileio
+    from keras_progdist.evaluation import samples as sample_files
+
+    side = experiment.image_shape[0]
+    if classifier is None:
+        import gin
+
+        resize = dict(gin.get_bindings("dataset")).get("resize", "bilinear")
+        classifier, info = train_classifier(side, resize)
+    if verbose:
+        print(f"[digits] classifier: held-out accuracy {info['accuracy']:.3f} on "
+              f"{info['num_heldout']} real digits ({info['seconds']:.0f} s)", flush=True)
+    num_classes = experiment.network_config["num_classes"]
+    stages = {stage: (n, model) for stage, n, model in experiment.stage_models()}
+    teacher_steps, teacher = stages["teacher"]
+    runs = [("teacher", teacher_steps, teacher), ("ddim", steps, teacher)]
+    student = f"student_{steps:05d}" if f"student_{steps:05d}" in stages else None
+    if student is None:
+        student = next((s for s, (n, _) in stages.items() if n == steps and s != "teacher"),
+                       None)
+    if student is not None:
+        runs.append(("distilled", steps, stages[student][1]))
+    results = []
+    for kind, n, model in runs:
+        start = time.time()
+        fake = sample_files.generate_range(model, n, 0, num_samples, num_samples,
+                                           batch_size, seed, num_classes)
+        result = {"kind": kind, "num_steps": n, **digit_scores(classifier, fake),
+                  "seconds": time.time() - start}
+        results.append(result)
+        if verbose:
+            print(f"[digits] {kind} {n} steps: mean confidence "
+                  f"{result['mean_confidence']:.3f}, {100 * result['frac_confident']:.0f}% "
+                  f"> {CONFIDENT}, class entropy {result['class_entropy_bits']:.2f} bits",
+                  flush=True)
+    real_x, real_y = load_digits(side, info.get("resize", "bilinear"))
+    _, held = split_holdout(real_y, 0.1, info.get("seed", 0))
+    record = {"workdir": experiment.workdir, "classifier": info,
+              "real_heldout": digit_scores(classifier, real_x[held]),
+              "seed": seed, "results": results}
+    if write:
+        out = experiment.path("eval")
+        os.makedirs(out, exist_ok=True)
+        fileio.atomic_write_text(os.path.join(out, "digits.json"),
+                                 json.dumps(record, indent=1))
+        fileio.atomic_write_text(os.path.join(out, "digits.md"), markdown(record))
+    return record
+
+
+def markdown(record: dict) -> str:
+    """The digit scores as a Markdown table."""
+    info = record["classifier"]
+    lines = [f"Digit classifier: held-out accuracy {100 * info['accuracy']:.1f}% on "
+             f"{info['num_heldout']} real digits.", "",
+             "| samples | steps | mean max-softmax | > 0.9 | class entropy (bits) |",
+             "|---|---:|---:|---:|---:|"]
+    rows = [("real (held out)", "—", record["real_heldout"])]
+    rows += [(r["kind"], r["num_steps"], r) for r in record["results"]]
+    for name, steps, r in rows:
+        lines.append(f"| {name} | {steps} | {r['mean_confidence']:.3f} | "
+                     f"{100 * r['frac_confident']:.0f}% | {r['class_entropy_bits']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    import argparse
+
+    import gin
+
+    from keras_progdist import pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gin_file", action="append", default=[])
+    parser.add_argument("--gin_param", action="append", default=[])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--num_samples", type=int, default=256)
+    args = parser.parse_args(argv)
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "gin")
+    files = [f if os.path.exists(f) else os.path.join(root, f) for f in args.gin_file]
+    gin.parse_config_files_and_bindings(files, args.gin_param)
+    experiment = pipeline.Experiment(args.workdir)
+    record = evaluate_workdir(experiment, steps=args.steps, num_samples=args.num_samples)
+    print(markdown(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The digit classifier that checks whether samples read as digits (backend-agnostic)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from keras_progdist.evaluation import digits
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return digits.train_classifier(image_size=16, seed=0)
+
+
+def test_holdout_split_is_stratified_and_disjoint():
+    labels = np.repeat(np.arange(10), 500)
+    train, held = digits.split_holdout(labels, 0.1, seed=0)
+    assert len(held) == 500 and len(train) == 4500
+    assert not set(train) & set(held)
+    assert np.bincount(labels[held]).tolist() == [50] * 10
+    again = digits.split_holdout(labels, 0.1, seed=0)
+    assert np.array_equal(again[1], held)
+
+
+def test_classifier_is_accurate_on_held_out_real_digits(trained):
+    _, info = trained
+    assert info["num_heldout"] == 500
+    assert info["accuracy"] > 0.93, info
+
+
+def test_real_digits_are_confident_and_noise_is_not(trained):
+    classifier, info = trained
+    x, y = digits.load_digits(16)
+    _, held = digits.split_holdout(y, 0.1, info["seed"])
+    real = digits.digit_scores(classifier, x[held])
+    assert real["mean_confidence"] > 0.85, real
+    assert real["frac_confident"] > 0.75, real
+    # Every class is predicted about equally often: near log2(10) bits.
+    assert real["class_entropy_bits"] > 3.2, real
+
+    rng = np.random.RandomState(123)
+    for noise in (rng.uniform(-1, 1, (256, 16, 16, 1)),
+                  np.clip(rng.normal(0, 0.5, (256, 16, 16, 1)), -1, 1)):
+        scores = digits.digit_scores(classifier, noise.astype(np.float32))
+        assert scores["mean_confidence"] < 0.3, scores
+        assert scores["frac_confident"] < 0.05, scores
+
+
+def test_uint8_input_matches_float_input(trained):
+    classifier, _ = trained
+    x, _ = digits.load_digits(16)
+    pixels = np.round((x[:32] + 1.0) * 127.5).astype(np.uint8)
+    np.testing.assert_allclose(digits.predict_probs(classifier, pixels),
+                               digits.predict_probs(classifier, x[:32]), atol=1e-5)
+
+
+def test_class_entropy_of_a_collapsed_set_is_zero(trained):
+    classifier, _ = trained
+    x, y = digits.load_digits(16)
+    ones = x[y == 1][:50]
+    scores = digits.digit_scores(classifier, ones)
+    assert scores["class_counts"][1] >= 45
+    assert scores["class_entropy_bits"] < 0.5
+    assert sum(scores["class_counts"]) == 50
+    assert 0.0 <= scores["class_entropy_bits"] <= math.log2(10)
+
+
+def test_markdown_lists_every_row():
+    record = {"classifier": {"accuracy": 0.97, "num_heldout": 500},
+              "real_heldout": {"mean_confidence": 0.95, "frac_confident": 0.9,
+                               "class_entropy_bits": 3.3},
+              "results": [{"kind": k, "num_steps": n, "mean_confidence": 0.5,
+                           "frac_confident": 0.4, "class_entropy_bits": 3.0}
+                          for k, n in (("teacher", 128), ("ddim", 4), ("distilled", 4))]}
+    text = digits.markdown(record)
+    assert "97.0%" in text
+    assert text.count("\n| ") == 5
