@@ -1,0 +1,209 @@
+"""The public entry points: `make_dataset` (the gin configurable `dataset`),
+`load_images`, `batch_spec`, `fit_input`, and the choice of pipeline.
+
+Arguments are checked here, against the registry, before any pipeline is built;
+the tf.data pipeline (and with it TensorFlow) is imported only when it is chosen.
+"""
+
+import importlib.util
+
+import gin
+import numpy as np
+
+from keras_progdist.data.image_folder import scan_image_folder
+from keras_progdist.data.numpy_pipeline import ArrayBatches, array_images, numpy_batches
+from keras_progdist.data.registry import DATASETS, folder_spec, validate
+
+PIPELINES = ("auto", "tf.data", "numpy")
+
+
+def _tensorflow_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _choose_pipeline(spec, pipeline, input_context):
+    if pipeline not in PIPELINES:
+        raise ValueError(f"Unknown pipeline={pipeline!r}; allowed: {list(PIPELINES)}.")
+    if pipeline == "auto":
+        pipeline = "tf.data" if _tensorflow_available() else "numpy"
+    if pipeline == "numpy" and spec.source == "tfds":
+        raise ValueError(
+            f"Dataset {spec.name!r} is read with tensorflow-datasets, which needs "
+            "TensorFlow; the numpy pipeline serves only the in-memory datasets "
+            f"{sorted(n for n, s in DATASETS.items() if s.source != 'tfds')}.")
+    if pipeline == "numpy" and input_context is not None:
+        raise ValueError("input_context is a tf.distribute object; the numpy pipeline "
+                         "takes no input_context (use pipeline='tf.data').")
+    if pipeline == "tf.data" and not _tensorflow_available():
+        raise ImportError("pipeline='tf.data' needs TensorFlow, which is not installed; "
+                          "use pipeline='numpy' (in-memory datasets) or install it.")
+    return pipeline
+
+
+# The module of the gin selector stays `keras_progdist.data` (as before the split),
+# so saved operative configs and full selectors keep naming it.
+@gin.configurable("dataset", module="keras_progdist.data")
+def make_dataset(
+    name="mnist_embedded",
+    split="train",
+    batch_size=32,
+    image_size=None,
+    data_dir=None,
+    manual_dir=None,
+    shuffle=True,
+    seed=0,
+    repeat=True,
+    with_labels=False,
+    random_flip=False,
+    resize="bilinear",
+    input_context=None,
+    drop_remainder=True,
+    pipeline="auto",
+    channels=None,
+):
+    """Batches of float32 images in [-1, 1], NHWC: a `tf.data.Dataset` or numpy.
+
+    Order of operations: read (sharded by `input_context`), shuffle, repeat,
+    crop/resize/pad, scale to [-1, 1], optional random horizontal flip, batch,
+    prefetch. For a given `seed` the stream is the same on every run.
+
+    Everything that can be checked up front is, before any pipeline is built:
+    arguments, then the files (an image folder's every image), then that there
+    is at least one example (`EmptyDatasetError` rather than nan losses later).
+
+    Args:
+        name: a key of `DATASETS` (default `"mnist_embedded"`); `"image_folder"`
+            reads your own PNG/JPEG files from `data_dir` (see
+            `scan_image_folder` for the layout: class subfolders give labels).
+        split: a split of that dataset (`dataset_info(name)["splits"]`); tfds
+            sources also take tfds slicing such as `"train[:1000]"`.
+        batch_size: global batch size; with `input_context` each pipeline
+            yields `input_context.get_per_replica_batch_size(batch_size)`.
+        image_size: output side (square); None keeps the dataset's default
+            (`dataset_info(name)["image_shape"]`); required for `image_folder`,
+            whose images are center-cropped to a square and resized to it.
+        data_dir: folder with the data: the idx files for `fashion_mnist`
+            (default `/usr/share/datasets/fashion-mnist`), the tfds data dir for
+            tfds datasets (default tfds' own, `~/tensorflow_datasets`), the
+            image folder for `image_folder` (required). Unused by
+            `mnist_embedded`.
+        manual_dir: for tfds datasets not yet prepared, a folder holding the
+            original archives; they are prepared from it into `data_dir`.
+        shuffle: shuffle examples (and tfds files).
+        seed: seed for shuffling and flips.
+        repeat: repeat forever.
+        with_labels: yield `(x, label)` with int32 labels instead of `x`.
+        random_flip: random horizontal flips (CIFAR-10 teacher training).
+        resize: `"bilinear"` (antialiased) or `"pad"` (center pad with -1,
+            lossless, e.g. 28 -> 32).
+        input_context: a `tf.distribute.InputContext`; the data is split into
+            disjoint parts by `input_pipeline_id`.
+        drop_remainder: drop a last partial batch (static batch shape).
+        pipeline: `"tf.data"`, `"numpy"` (in-memory datasets and image
+            folders; no TensorFlow needed: an `ArrayBatches` whose `stream()`
+            feeds `model.fit`), or `"auto"` (tf.data when TensorFlow is
+            installed, else numpy). On JAX with several processes the numpy
+            pipeline gives each process its shard (`jax.process_index()`) and
+            `batch_size // jax.process_count()` examples per batch.
+        channels: `image_folder` only: 1 (grayscale) or 3 (RGB) to convert
+            every image to; None takes the first image's (1 if it is
+            grayscale, else 3). For other datasets None or their own count.
+
+    Returns:
+        `tf.data.Dataset` or `ArrayBatches` of `x` `(B, H, W, C)` float32, or
+        `(x, label)`. `batch_spec` and `fit_input` treat both alike.
+
+    Raises:
+        ValueError: unknown name, split, resize method, pipeline or channels,
+            bad image_size or batch_size, padding to a smaller size, labels
+            asked of unlabelled data (or of an image folder without class
+            subfolders), a tfds dataset on the numpy pipeline.
+        FileNotFoundError: data folder or files missing, tfds data not prepared.
+        EmptyDatasetError: the dataset (or this pipeline's shard) has no examples.
+        CorruptImageError: an image folder's file is not a readable PNG/JPEG.
+    """
+    spec, size = validate(name, split, image_size, resize, with_labels, channels)
+    if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+            or batch_size <= 0):
+        raise ValueError(f"batch_size must be a positive int, got batch_size={batch_size!r}.")
+    pipeline = _choose_pipeline(spec, pipeline, input_context)
+    folder = None
+    if spec.source == "folder":
+        folder = scan_image_folder(data_dir, with_labels=with_labels, channels=channels)
+        spec = folder_spec(spec, folder, size)
+    if pipeline == "numpy":
+        return numpy_batches(spec, split, data_dir, folder, size, resize,
+                             batch_size=batch_size, shuffle=shuffle, seed=seed,
+                             repeat=repeat, with_labels=with_labels,
+                             random_flip=random_flip, drop_remainder=drop_remainder)
+
+    from keras_progdist.data import tf_pipeline
+
+    return tf_pipeline.tf_dataset(
+        spec, split, data_dir, manual_dir, folder, size, resize, batch_size=batch_size,
+        shuffle=shuffle, seed=seed, repeat=repeat, with_labels=with_labels,
+        random_flip=random_flip, input_context=input_context,
+        drop_remainder=drop_remainder)
+
+
+def batch_spec(dataset) -> tuple:
+    """`(image_shape, batch_size, with_labels)` of a `make_dataset` result.
+
+    `batch_size` is None for a tf.data pipeline without `drop_remainder`.
+    """
+    if isinstance(dataset, ArrayBatches):
+        return dataset.image_shape, dataset.batch_size, dataset.with_labels
+    spec = dataset.element_spec
+    with_labels = isinstance(spec, tuple)
+    image_spec = spec[0] if with_labels else spec
+    return (tuple(int(s) for s in image_spec.shape[1:]), image_spec.shape[0], with_labels)
+
+
+def fit_input(dataset):
+    """What `model.fit` takes: the tf.data pipeline itself, or one numpy generator
+    (to be reused across `fit` calls, so the stream goes on rather than restarting)."""
+    return dataset.stream() if isinstance(dataset, ArrayBatches) else dataset
+
+
+def load_images(
+    name,
+    split="train",
+    data_dir=None,
+    manual_dir=None,
+    image_size=None,
+    resize="bilinear",
+    limit=None,
+    channels=None,
+):
+    """A dataset's images as uint8 numpy, preprocessed as in `make_dataset`.
+
+    For reference statistics (FID/KID): the same crop/resize/pad as
+    `make_dataset`, rounded to uint8, in the stored order (no shuffle, no flip).
+    The in-memory datasets and image folders need no TensorFlow here.
+
+    Args:
+        name, split, data_dir, manual_dir, image_size, resize, channels: as in
+            `make_dataset`.
+        limit: keep only the first `limit` images (None: all).
+
+    Returns:
+        `(images, labels)`: uint8 `(N, H, W, C)` and int32 `(N,)`, or
+        `labels=None` for unlabelled datasets.
+
+    Example:
+
+    >>> images, labels = load_images("mnist_embedded", limit=100)
+    >>> images.shape, images.dtype
+    ((100, 28, 28, 1), dtype('uint8'))
+    """
+    spec, size = validate(name, split, image_size, resize, False, channels)
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0
+    ):
+        raise ValueError(f"limit must be a non-negative int or None, got limit={limit!r}.")
+    if spec.source != "tfds":
+        return array_images(spec, split, data_dir, size, resize, limit, channels)
+
+    from keras_progdist.data import tf_pipeline
+
+    return tf_pipeline.tfds_images(spec, split, data_dir, manual_dir, size, resize, limit)

@@ -1,0 +1,14 @@
+"""The errors of the data package, shared by the readers and both pipelines."""
+
+
+class EmptyDatasetError(ValueError):
+    """A dataset (or this process's shard of it) has no examples: training on it would
+    only produce `nan` losses, so it is refused when the pipeline is built."""
+
+
+class IdxFormatError(ValueError):
+    """An idx file (the MNIST / Fashion-MNIST format) is truncated or corrupt."""
+
+
+class CorruptImageError(ValueError):
+    """A file of an image folder is not a readable PNG/JPEG; the message names it."""
