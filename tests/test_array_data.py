@@ -130,7 +130,7 @@ def test_teacher_and_distillation_run_on_jax_without_tensorflow(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "STAGES [2, 1]" in result.stdout
-    assert "input ArrayBatches" in result.stdout
+    assert "input numpy batches" in result.stdout
     assert (tmp_path / "student_00001" / "final.json").exists()
 
 

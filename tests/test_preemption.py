@@ -103,7 +103,7 @@ def test_time_budget_stop_mid_epoch_resumes_to_identical_weights(reference, tmp_
     step = checkpoint.read_meta(os.path.join(workdir, "student_00002"), "ckpt")["step"]
     assert 0 < step < 40 and step % 5 == 0
     resumed = _run(workdir, "distill")
-    assert f"resuming at update {step}/40" in resumed
+    assert f"resuming at step {step}/40" in resumed
     _assert_same_weights(workdir, reference, "student_00002")
 
 
@@ -130,5 +130,5 @@ def test_sigterm_stop_mid_epoch_resumes_to_identical_weights(reference, tmp_path
     step = checkpoint.read_meta(os.path.join(workdir, "student_00002"), "ckpt")["step"]
     assert 0 < step < 40
     resumed = _run(workdir, "distill")
-    assert f"resuming at update {step}/40" in resumed
+    assert f"resuming at step {step}/40" in resumed
     _assert_same_weights(workdir, reference, "student_00002")

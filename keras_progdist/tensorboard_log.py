@@ -1,0 +1,60 @@
+"""What a run shows in TensorBoard beyond Keras' loss curves: each stage's sample grid
+(an image, step = its number of sampling steps) and the evaluation's FID/KID by step
+count. TensorBoard's writer needs TensorFlow; without it (a JAX host) these are no-ops.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+
+def available() -> bool:
+    """Whether TensorFlow and TensorBoard are installed (the writers need both)."""
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("tensorflow", "tensorboard"))
+
+
+def write_image(logdir: str, tag: str, png_path: str, step: int) -> bool:
+    """Logs a PNG (e.g. a stage's sample grid) as image `tag` at `step`.
+
+    Returns:
+        Whether anything was written.
+    """
+    if not available():
+        return False
+    import tensorflow as tf
+    from PIL import Image
+
+    with Image.open(png_path) as im:
+        pixels = np.asarray(im.convert("RGB"))[None]
+    writer = tf.summary.create_file_writer(logdir)
+    with writer.as_default():
+        tf.summary.image(tag, pixels, step=int(step))
+    writer.close()
+    return True
+
+
+def write_eval_scores(logdir: str, results: list) -> bool:
+    """Logs each evaluated model's FID and KID as scalars `<kind>/<metric>` at its step
+    count (teacher, undistilled `ddim`, `distilled`), so the curves read like the
+    report's plot.
+
+    Returns:
+        Whether anything was written.
+    """
+    if not available():
+        return False
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(logdir)
+    with writer.as_default():
+        for result in results:
+            for metric in ("fid", "kid"):
+                value = result.get(metric)
+                if value is not None:
+                    tf.summary.scalar(f"{result['kind']}/{metric}", float(value),
+                                      step=int(result["num_steps"]))
+    writer.close()
+    return True

@@ -1,0 +1,139 @@
+"""The experiment's configuration schema: the gin configurables and their checks.
+
+Each configurable returns a plain dict after checking every value (type and range,
+with the setting's name in the message), so a run can validate all the settings its
+modes will use before any work starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import gin
+
+from keras_progdist import losses, parameterizations, validation
+from keras_progdist.networks.unet import UNet
+from keras_progdist.schedules import Schedule
+
+# UNet takes **kwargs (Keras' name/dtype/...), so without an allowlist gin would accept a
+# misspelled binding such as `UNet.chanels` and silently ignore it.
+UNetConfigurable = gin.external_configurable(
+    UNet, name="UNet",
+    allowlist=[p for p in inspect.signature(UNet.__init__).parameters
+               if p not in ("self", "kwargs", "image_shape", "output_channels")])
+ScheduleConfigurable = gin.external_configurable(Schedule, name="Schedule")
+
+MODES = ("train_teacher", "distill", "sample", "export", "eval", "all")
+
+
+class PipelineError(ValueError):
+    """A configuration or work-directory problem found before any training."""
+
+
+# -- configuration ---------------------------------------------------------------------
+@gin.configurable
+def diffusion(parameterization: str = "v", weighting: str = "snr_trunc",
+              ema_decay: float | None = 0.9999, seed: int = 0) -> dict:
+    """The teacher's diffusion settings: output parameterization, loss weighting, EMA."""
+    parameterizations.check_parameterization(parameterization)
+    losses.check_weighting(weighting)
+    if ema_decay is not None:
+        ema_decay = validation.fraction("diffusion.ema_decay", ema_decay)
+    validation.nonnegative_int("diffusion.seed", seed)
+    return dict(parameterization=parameterization, weighting=weighting,
+                ema_decay=ema_decay, seed=seed)
+
+
+@gin.configurable
+def teacher(train_steps: int = 1000, learning_rate: float = 2e-4, warmup_steps: int = 0,
+            global_clipnorm: float = 1.0, weight_decay: float = 0.0,
+            checkpoint_every: int = 100, steps_per_execution: int = 10,
+            jit_compile: bool = True) -> dict:
+    """Teacher training settings (paper, CIFAR-10: lr 2e-4, 1000 warm-up, clip 1)."""
+    _positive("teacher", train_steps=train_steps, checkpoint_every=checkpoint_every,
+              steps_per_execution=steps_per_execution)
+    validation.positive_float("teacher.learning_rate", learning_rate)
+    validation.nonnegative_int("teacher.warmup_steps", warmup_steps)
+    validation.optional_positive_float("teacher.global_clipnorm", global_clipnorm)
+    validation.nonnegative_float("teacher.weight_decay", weight_decay)
+    validation.boolean("teacher.jit_compile", jit_compile)
+    if train_steps % checkpoint_every:
+        raise PipelineError(f"teacher.train_steps ({train_steps}) must be a multiple of "
+                            f"teacher.checkpoint_every ({checkpoint_every}).")
+    return dict(train_steps=train_steps, learning_rate=learning_rate,
+                warmup_steps=warmup_steps, global_clipnorm=global_clipnorm,
+                weight_decay=weight_decay, checkpoint_every=checkpoint_every,
+                steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+
+
+@gin.configurable
+def distill(teacher_steps: int = 1024, min_steps: int = 1, updates_per_stage: int = 1000,
+            updates_overrides: dict | None = None, learning_rate: float = 5e-5,
+            weighting: str = "snr_trunc", checkpoint_every: int = 100,
+            steps_per_execution: int = 10, jit_compile: bool = True,
+            student_dropout: float = 0.0) -> dict:
+    """Distillation settings.
+
+    Args:
+        teacher_steps: the teacher's DDIM step count; the first student takes half.
+        min_steps: the last stage's step count (default 1).
+        updates_per_stage: optimizer updates per stage (paper: 50k).
+        updates_overrides: `{num_steps: updates}` for particular stages (paper: 100k
+            for 2 and 1 steps).
+        learning_rate: start of the linear decay to 0 over each stage.
+        student_dropout: the students' dropout rate (the paper: 0, whatever the
+            teacher used).
+    """
+    if not _is_power_of_two(teacher_steps):
+        raise PipelineError(f"distill.teacher_steps must be a power of two, got "
+                            f"{teacher_steps}.")
+    if not _is_power_of_two(min_steps):
+        raise PipelineError(f"distill.min_steps must be a power of two, got {min_steps}.")
+    if min_steps >= teacher_steps:
+        raise PipelineError(f"distill.min_steps ({min_steps}) must be below "
+                            f"distill.teacher_steps ({teacher_steps}).")
+    losses.check_weighting(weighting)
+    validation.positive_float("distill.learning_rate", learning_rate)
+    validation.fraction("distill.student_dropout", student_dropout)
+    validation.boolean("distill.jit_compile", jit_compile)
+    if not isinstance(updates_overrides, (dict, type(None))):
+        raise PipelineError(f"distill.updates_overrides must be a dict {{num_steps: "
+                            f"updates}}, got {updates_overrides!r}.")
+    overrides = {validation.positive_int("distill.updates_overrides key", k): v
+                 for k, v in (updates_overrides or {}).items()}
+    ladder = stage_ladder(teacher_steps, min_steps)
+    unknown = sorted(set(overrides) - set(ladder))
+    if unknown:
+        raise PipelineError(f"distill.updates_overrides names step counts {unknown} that "
+                            f"are not stages; the stages are {ladder}.")
+    _positive("distill", updates_per_stage=updates_per_stage,
+              checkpoint_every=checkpoint_every, steps_per_execution=steps_per_execution)
+    for n, u in overrides.items():
+        validation.positive_int(f"distill.updates_overrides[{n}]", u)
+    updates = {n: overrides.get(n, updates_per_stage) for n in ladder}
+    for n, u in updates.items():
+        if u % checkpoint_every:
+            raise PipelineError(f"The stage to {n} steps has {u} updates, not a multiple "
+                                f"of distill.checkpoint_every ({checkpoint_every}).")
+    return dict(teacher_steps=teacher_steps, min_steps=min_steps, ladder=ladder,
+                updates=updates, learning_rate=learning_rate, weighting=weighting,
+                checkpoint_every=checkpoint_every, student_dropout=student_dropout,
+                steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+
+
+def stage_ladder(teacher_steps: int, min_steps: int = 1) -> list:
+    """Student step counts `[T/2, T/4, ..., min_steps]`."""
+    ladder, n = [], teacher_steps // 2
+    while n >= min_steps:
+        ladder.append(n)
+        n //= 2
+    return ladder
+
+
+def _is_power_of_two(n) -> bool:
+    return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
+
+
+def _positive(scope: str, **values):
+    for name, value in values.items():
+        validation.positive_int(f"{scope}.{name}", value)

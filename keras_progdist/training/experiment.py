@@ -1,0 +1,308 @@
+"""`Experiment`: the teacher and the distillation ladder of one gin-configured run.
+
+Every stage, teacher or student, goes through `run_stage`: resume from the stage's
+checkpoint if there is one, train to its last update with checkpoints (and preemption)
+on the way, then finish it (its `final` network, sample grid and `stages.json` entry).
+Finished stages are never redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+import gin
+import keras
+import numpy as np
+
+from keras_progdist import (checkpoint, data, distribute, fileio, images,
+                            parameterizations, tensorboard_log)
+from keras_progdist.diffusion import DiffusionModel
+from keras_progdist.distillation import Distiller
+from keras_progdist.networks.unet import UNet
+from keras_progdist.optimizers import make_optimizer
+from keras_progdist.training.config import (PipelineError, ScheduleConfigurable,
+                                            UNetConfigurable, diffusion, distill, teacher)
+from keras_progdist.training.preemption import (Preempted, PreemptionGuard,
+                                                StepCheckpoint, last_loss, resumable_fit)
+from keras_progdist.workdir import TEACHER, WorkDir, stage_name
+
+SAMPLE_SEED = 1234
+
+
+class Experiment:
+    """Everything a run needs, built and checked up front from the gin config.
+
+    Args:
+        workdir: the run's work directory (see `WorkDir`).
+        strategy: a `tf.distribute` strategy, or None.
+        deadline: a `time.time()` after which training stops at the next chunk.
+        guard: the run's preemption flag (`run` installs its SIGTERM handler).
+    """
+
+    def __init__(self, workdir: str, strategy=None, deadline: float | None = None,
+                 guard: PreemptionGuard | None = None):
+        self.workdir = workdir
+        self.wd = WorkDir(workdir)
+        self.strategy = strategy
+        self.deadline = deadline
+        self.guard = guard if guard is not None else PreemptionGuard(deadline)
+        # One writer per run: with several processes (multi-host JAX, multi-worker or
+        # TPU pods) the others train in lockstep but write nothing.
+        self.chief = distribute.is_chief(strategy)
+        self.diffusion = diffusion()
+        # Every process of a multi-process run must build identical initial weights
+        # (a replicated variable is checked for that), and a re-run the same ones.
+        keras.utils.set_random_seed(self.diffusion["seed"])
+        self.teacher_cfg = teacher()
+        self.distill_cfg = distill()
+        self.schedule = ScheduleConfigurable()
+        self.dataset = data.make_dataset()
+        self.image_shape, self.batch_size, self.with_labels = data.batch_spec(self.dataset)
+        self.network_config = self._network_config()
+
+    def _network_config(self) -> dict:
+        channels = self.image_shape[-1]
+        out = parameterizations.output_channels(self.diffusion["parameterization"],
+                                                channels)
+        network = UNetConfigurable(image_shape=self.image_shape, output_channels=out,
+                                   name="network")
+        config = network.get_config()
+        if config["num_classes"] and not self.with_labels:
+            raise PipelineError(
+                f"UNet.num_classes={config['num_classes']} needs labelled data: set "
+                "dataset.with_labels = True.")
+        if self.with_labels and not config["num_classes"]:
+            raise PipelineError("dataset.with_labels = True but the UNet is "
+                                "unconditional: set UNet.num_classes.")
+        self.param_count = network.count_params()
+        return config
+
+    # -- work directory ------------------------------------------------------------
+    def path(self, *parts) -> str:
+        return self.wd.path(*parts)
+
+    def check_workdir(self, write: bool = True) -> None:
+        """Checks the run's config against the one recorded in the workdir.
+
+        Args:
+            write: record the config (and the operative gin config) when training; a
+                run that only reads the workdir (export, eval) writes nothing there.
+
+        Raises:
+            PipelineError: the workdir was trained with another config.
+        """
+        record = {"network": self.network_config, "diffusion": self.diffusion,
+                  "schedule": self.schedule.get_config()}
+        path = self.path("config.json")
+        existing = self.wd.read_config()
+        if existing is not None:
+            for key in ("network", "diffusion", "schedule"):
+                if _canon(existing[key]) != _canon(record[key]):
+                    diff = {k: (existing[key].get(k), record[key].get(k))
+                            for k in record[key] if existing[key].get(k) != record[key].get(k)}
+                    raise PipelineError(
+                        f"The {key} config in {path} (written by the run that trained "
+                        f"this workdir) does not match the gin config: (workdir, gin) = "
+                        f"{diff}. Use a new --workdir or the original config.")
+        if not write or not self.chief:
+            return
+        if existing is None:
+            self.wd.write_json("config.json", record)
+        fileio.atomic_write_text(self.path("operative_config.gin"),
+                                 gin.operative_config_str() or gin.config_str())
+
+    def scope(self):
+        return self.strategy.scope() if self.strategy is not None else \
+            contextlib.nullcontext()
+
+    def new_network(self, name="network") -> UNet:
+        return UNet.from_config({**self.network_config, "name": name})
+
+    def sampling_model(self, network: UNet, num_steps: int) -> DiffusionModel:
+        """An EMA-free `DiffusionModel` around `network` that samples in `num_steps`."""
+        return DiffusionModel(network, schedule=self.schedule,
+                              parameterization=self.diffusion["parameterization"],
+                              weighting=self.diffusion["weighting"], ema_decay=None,
+                              num_steps=num_steps, name=f"sampler_{num_steps}")
+
+    def sample_grid(self, model: DiffusionModel, num_steps: int, filename: str,
+                    count: int = 16) -> str:
+        noise = keras.random.normal((count,) + self.image_shape, seed=SAMPLE_SEED)
+        label = np.arange(count) % self.network_config["num_classes"] \
+            if self.network_config["num_classes"] else None
+        samples = model.sample(noise=noise, num_steps=num_steps, label=label)
+        return images.save_grid(samples, self.path("samples", filename))
+
+    def load_final(self, stage: str, num_steps: int) -> DiffusionModel:
+        """The finished network of `stage` (`teacher` or `student_<N>`) as a sampler."""
+        directory = self.wd.stage_dir(stage)
+        if not checkpoint.exists(directory, "final"):
+            raise PipelineError(f"Stage {stage!r} has not finished in {self.workdir} "
+                                f"({directory}/final.json is missing).")
+        network = self.new_network()
+        checkpoint.restore(directory, "final", network)
+        return self.sampling_model(network, num_steps)
+
+    def stages(self) -> list:
+        """`[(stage, num_steps)]`: the teacher, then every stage of the ladder."""
+        return [(TEACHER, self.distill_cfg["teacher_steps"])] + \
+            [(stage_name(n), n) for n in self.distill_cfg["ladder"]]
+
+    def finished_stages(self) -> list:
+        """One entry per finished stage, in ladder order, read from the `final`
+        checkpoints themselves (so a kill between two writes cannot lose a stage)."""
+        entries = []
+        for stage, _ in self.stages():
+            if self.wd.is_finished(stage):
+                meta = self.wd.final_meta(stage)
+                entries.append({k: meta[k] for k in
+                                ("stage", "num_steps", "updates", "loss", "seconds")})
+        return entries
+
+    def stage_models(self) -> list:
+        """`[(stage, num_steps, DiffusionModel)]`: the teacher, then every finished
+        student.
+
+        Raises:
+            PipelineError: the teacher has not finished.
+        """
+        (teacher_stage, teacher_steps), *students = self.stages()
+        return [(teacher_stage, teacher_steps, self.load_final(teacher_stage, teacher_steps))] \
+            + [(stage, n, self.load_final(stage, n)) for stage, n in students
+               if self.wd.is_finished(stage)]
+
+    # -- finishing a stage ---------------------------------------------------------
+    def _finish_stage(self, stage: str, network, num_steps: int, updates: int, loss: float,
+                      seconds: float) -> DiffusionModel:
+        """Saves the stage's network (its completion marker), grid, and summary line."""
+        entry = {"stage": stage, "num_steps": num_steps, "updates": updates,
+                 "loss": loss, "seconds": seconds}
+        if not self.chief:
+            # The chief may still be writing `final`: go on from this process's copy.
+            copy = self.new_network()
+            copy.set_weights(network.get_weights())
+            return self.sampling_model(copy, num_steps)
+        directory = self.wd.stage_dir(stage)
+        checkpoint.save(directory, "final", network, meta={"step": updates, **entry},
+                        include_optimizer=False)
+        # The resume checkpoint (weights, optimizer slots: ~4x the final weights) has
+        # served its purpose once the stage is final.
+        checkpoint.remove(directory, "ckpt")
+        print(f"[stage] {stage}: {num_steps} steps, {updates} updates, loss {loss:.5f}, "
+              f"{seconds:.1f} s", flush=True)
+        return self._finished(stage, num_steps)
+
+    def _finished(self, stage: str, num_steps: int) -> DiffusionModel:
+        """Loads a finished stage; (re)writes its sample grid, its TensorBoard image and
+        stages.json when missing."""
+        sampler = self.load_final(stage, num_steps)
+        if not self.chief:
+            return sampler
+        grid = f"teacher_{num_steps:05d}steps.png" if stage == TEACHER else f"{stage}.png"
+        if not os.path.exists(self.path("samples", grid)):
+            path = self.sample_grid(sampler, num_steps, grid)
+            tensorboard_log.write_image(self.path("logs", "samples"), stage, path,
+                                        step=num_steps)
+        self.wd.write_json("stages.json", self.finished_stages())
+        return sampler
+
+    def callbacks(self, checkpointer: StepCheckpoint, stage: str) -> list:
+        callbacks = [checkpointer]
+        if self.chief and tensorboard_log.available():
+            callbacks.append(keras.callbacks.TensorBoard(self.path("logs", stage)))
+        return callbacks
+
+    # -- stages --------------------------------------------------------------------
+    def run_stage(self, stage: str, model, total_steps: int, every: int,
+                  verbose: int) -> tuple:
+        """Trains `model` for `stage` from its checkpoint (if any) to `total_steps`.
+
+        Returns:
+            `(loss, seconds)`: the last loss and this process's training time.
+
+        Raises:
+            Preempted: SIGTERM or the deadline; a checkpoint at the exact step is saved.
+        """
+        start = time.time()
+        directory = self.wd.stage_dir(stage)
+        done = 0
+        if checkpoint.exists(directory, "ckpt"):
+            done = checkpoint.restore(directory, "ckpt", model)["step"]
+            print(f"[stage] {stage}: resuming at step {done}/{total_steps}", flush=True)
+        saver = StepCheckpoint(directory, model, every, stage, done, self.guard,
+                               write=self.chief, total_steps=total_steps,
+                               log_lines=verbose == 2)
+        history = resumable_fit(model, self.dataset, total_steps, every, done,
+                                self.callbacks(saver, stage), saver, verbose)
+        return last_loss(history, directory), time.time() - start
+
+    def train_teacher(self, verbose: int = 1) -> DiffusionModel:
+        """Trains (or resumes, or skips) the teacher; returns its sampling model."""
+        cfg = self.teacher_cfg
+        steps = self.distill_cfg["teacher_steps"]
+        if self.wd.is_finished(TEACHER):
+            print("[stage] teacher: finished earlier, skipping", flush=True)
+            return self._finished(TEACHER, steps)
+        # Seeded initialization: a run and its re-run start from the same weights (a
+        # resumed run restores them anyway).
+        keras.utils.set_random_seed(self.diffusion["seed"])
+        with self.scope():
+            model = DiffusionModel(self.new_network(), schedule=self.schedule,
+                                   num_steps=steps, name="teacher_model", **self.diffusion)
+            model.compile(optimizer=make_optimizer(
+                cfg["learning_rate"], warmup_steps=cfg["warmup_steps"],
+                global_clipnorm=cfg["global_clipnorm"], weight_decay=cfg["weight_decay"]),
+                **distribute.fit_settings(self.strategy, cfg["jit_compile"],
+                                          cfg["steps_per_execution"]))
+            model.optimizer.build(model.trainable_variables)
+        print(f"[stage] teacher: training {cfg['train_steps']} updates", flush=True)
+        loss, seconds = self.run_stage(TEACHER, model, cfg["train_steps"],
+                                       cfg["checkpoint_every"], verbose)
+        return self._finish_stage(TEACHER, model.sampling_network, steps,
+                                  cfg["train_steps"], loss, seconds)
+
+    def distill(self, verbose: int = 1) -> list:
+        """Runs (or resumes) every distillation stage; returns the finished ladder."""
+        cfg = self.distill_cfg
+        if not self.wd.is_finished(TEACHER):
+            raise PipelineError(
+                f"No trained teacher in {self.workdir} (teacher/final.json is missing): "
+                "run --mode=train_teacher first, or --mode=all.")
+        previous = self.load_final(TEACHER, cfg["teacher_steps"]).network
+        distiller = None
+        for n in cfg["ladder"]:
+            stage = stage_name(n)
+            if self.wd.is_finished(stage):
+                print(f"[stage] {stage}: finished earlier, skipping", flush=True)
+                previous = self._finished(stage, n).network
+                continue
+            if self.guard.requested:
+                raise Preempted(f"[preempted] SIGTERM or time budget before {stage}; "
+                                "finished stages are saved. Re-run the same command to "
+                                "go on.")
+            updates = cfg["updates"][n]
+            with self.scope():
+                if distiller is None:
+                    distiller = Distiller(
+                        previous, schedule=self.schedule,
+                        parameterization=self.diffusion["parameterization"],
+                        weighting=cfg["weighting"], num_steps=n,
+                        seed=self.diffusion["seed"] + 1,
+                        student_dropout=cfg["student_dropout"], name="distiller")
+                distiller.prepare_stage(
+                    previous, n, updates, cfg["learning_rate"], global_clipnorm=1.0,
+                    **distribute.fit_settings(self.strategy, cfg["jit_compile"],
+                                              cfg["steps_per_execution"]))
+            print(f"[stage] {stage}: distilling {2 * n} -> {n} steps", flush=True)
+            loss, seconds = self.run_stage(stage, distiller, updates,
+                                           cfg["checkpoint_every"], verbose)
+            previous = self._finish_stage(stage, distiller.student, n, updates, loss,
+                                          seconds).network
+        return self.finished_stages()
+
+
+def _canon(value):
+    return json.loads(json.dumps(value, sort_keys=True))

@@ -1,0 +1,179 @@
+"""Stopping and resuming training at an exact step.
+
+`PreemptionGuard` turns SIGTERM or a deadline into a flag; `StepCheckpoint` acts on it
+after the running `steps_per_execution` chunk (checkpoint at the exact step, stop);
+`resumable_fit` runs `fit` from the checkpoint's step with the data stream positioned
+at that step (`input_at`), so a resumed stage ends with the weights an uninterrupted
+one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import keras
+
+from keras_progdist import checkpoint, data
+
+class Preempted(SystemExit):
+    """SIGTERM arrived or the time budget ran out: a checkpoint at the exact step was
+    written; exit code 143 (re-run the same command to go on)."""
+
+    def __init__(self, message: str):
+        print(message, flush=True)
+        super().__init__(143)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class PreemptionGuard:
+    """Turns SIGTERM, or passing `deadline` (a `time.time()`), into a flag that the
+    checkpoint callback acts on after a step."""
+
+    def __init__(self, deadline: float | None = None):
+        self.deadline = deadline
+        self._signalled = False
+        self._previous = None
+
+    @property
+    def requested(self) -> bool:
+        return self._signalled or (self.deadline is not None and time.time() > self.deadline)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self._signalled = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+class StepCheckpoint(keras.callbacks.Callback):
+    """Checkpoints `model` (+ optimizer, RNG) every `every` steps and on SIGTERM.
+
+    Counts the exact global step (`steps_per_execution` chunks included), refuses to
+    save a NaN/inf loss (the last good checkpoint stays), and on preemption saves at
+    the current step and stops training.
+
+    Args:
+        directory, stage: where the stage's checkpoints go, and its name for messages.
+        model: the model whose variables (and optimizer's) are saved.
+        every: checkpoint interval in steps (one Keras "epoch").
+        start_step: the step training resumes from.
+        guard: SIGTERM / deadline flag, checked after every chunk.
+        write: False on a process that is not the chief (it trains, writes nothing).
+        total_steps, log_lines: with `log_lines`, one plain line per checkpoint
+            (`[stage] step k/total: loss, ms/step`) instead of Keras' "Epoch i/n".
+    """
+
+    def __init__(self, directory: str, model, every: int, stage: str, start_step: int,
+                 guard: PreemptionGuard | None = None, write: bool = True,
+                 total_steps: int | None = None, log_lines: bool = False):
+        super().__init__()
+        self.write = write
+        self.total_steps = total_steps
+        self.log_lines = log_lines
+        self._chunk_start = (start_step, time.time())
+        self.directory = directory
+        self.target = model
+        self.every = every
+        self.stage = stage
+        self.step = start_step
+        self.guard = guard
+        self.preempted = False
+        self._epoch_start = start_step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self.step
+
+    def _save(self, logs):
+        loss = float((logs or {}).get("loss", float("nan")))
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(
+                f"{self.stage}: the loss became {loss} by step {self.step}; the last "
+                f"good checkpoint in {self.directory} is kept. Lower the learning rate "
+                "or check the data.")
+        if self.write:
+            checkpoint.save(self.directory, "ckpt", self.target,
+                            meta={"step": self.step, "loss": loss})
+        if self.log_lines:
+            first, since = self._chunk_start
+            per_step = (time.time() - since) / max(1, self.step - first)
+            print(f"[{self.stage}] step {self.step}/{self.total_steps}: loss {loss:.5f}, "
+                  f"{per_step * 1000:.0f} ms/step" + (", checkpoint saved" if self.write
+                                                      else ""), flush=True)
+            self._chunk_start = (self.step, time.time())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step = self._epoch_start + int(batch) + 1
+        if self.guard is not None and self.guard.requested and not self.preempted:
+            self._save(logs)
+            self.preempted = True
+            self.target.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.preempted:
+            self._save(logs)
+
+
+def input_at(dataset, step: int):
+    """The stage's training input from its batch `step` on.
+
+    Batch `k` of a stage is the same whether the stage ran in one piece or was stopped
+    and resumed (a new process, a new `fit`), so a resumed stage reproduces the
+    uninterrupted one. A numpy stream is a pure function of its seed and is advanced
+    by arithmetic; a tf.data pipeline (seeded) skips `step` batches.
+    """
+    if isinstance(dataset, data.ArrayBatches):
+        return dataset.stream(start_batch=step)
+    return dataset.skip(step) if step else dataset
+
+
+def resumable_fit(model, dataset, total_steps: int, every: int, done: int, callbacks,
+                  checkpointer: StepCheckpoint, verbose: int):
+    """`model.fit` from step `done` to `total_steps` in epochs of `every` steps.
+
+    A run preempted mid-epoch first finishes that epoch's remainder, so checkpoints
+    stay on multiples of `every` afterwards. Each `fit` reads `input_at(dataset,
+    step)`: Keras may read ahead of the steps it runs, so a stream is never shared.
+    """
+    history = None
+    # verbose=2: the checkpoint callback prints one plain line per checkpoint instead
+    # of Keras' "Epoch i/n" (an epoch here is a checkpoint interval, not a data pass).
+    verbose = 0 if verbose == 2 else verbose
+    remainder = (every - done % every) % every
+    if remainder and done < total_steps:
+        history = model.fit(input_at(dataset, done), epochs=1, steps_per_epoch=remainder,
+                            callbacks=callbacks, verbose=verbose, shuffle=False)
+        done += remainder
+    if done < total_steps and not checkpointer.preempted:
+        # Epoch numbering keeps `done // every` epochs behind it, so the input starts
+        # at the first batch of epoch `done // every`, which is `done`.
+        history = model.fit(input_at(dataset, done), epochs=total_steps // every,
+                            steps_per_epoch=every, initial_epoch=done // every,
+                            callbacks=callbacks, verbose=verbose, shuffle=False)
+    if checkpointer.preempted:
+        raise Preempted(f"[preempted] {checkpointer.stage}: SIGTERM or time budget; "
+                        f"checkpoint saved at step {checkpointer.step}. Re-run the same "
+                        "command to resume.")
+    return history
+
+
+def last_loss(history, directory: str) -> float:
+    losses = (history.history.get("loss") or []) if history is not None else []
+    if losses:
+        return float(losses[-1])
+    return float(checkpoint.read_meta(directory, "ckpt").get("loss", float("nan")))

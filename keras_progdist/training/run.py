@@ -1,0 +1,110 @@
+"""`run`: the modes of a gin-configured experiment, in order, under one lock.
+
+    train_teacher -> distill -> export -> (sample) -> eval
+
+Everything a requested mode will use is validated before the first one starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import keras
+
+from keras_progdist import data, distribute, tensorboard_log, validation
+from keras_progdist.evaluation import report  # registers the evaluate.* gin bindings
+from keras_progdist.training.config import (MODES, PipelineError, diffusion, distill,
+                                            teacher)
+from keras_progdist.training.experiment import Experiment
+from keras_progdist.training.preemption import Preempted, PreemptionGuard
+from keras_progdist.workdir import WorkDir
+
+
+def _validate_run_settings(mode: str, experiment_name: str | None, workdir: str) -> dict:
+    """Checks every setting the requested modes will use, before any of them runs.
+
+    Returns:
+        The evaluation settings (empty when no evaluation is asked for).
+    """
+    diffusion(), teacher(), distill()  # each raises on a bad value
+    cfg = {}
+    if mode in ("eval", "sample", "all"):
+        cfg = report.settings()
+    if mode in ("export", "all"):
+        from keras_progdist import export
+
+        export._check_name(experiment_name or export._default_name(workdir))
+    return cfg
+
+
+def _input_kind(dataset) -> str:
+    return "numpy batches" if isinstance(dataset, data.ArrayBatches) else "tf.data"
+
+
+def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved_models",
+        overwrite: bool = False, experiment_name: str | None = None,
+        verbose: int = 1, time_budget_s: float | None = None) -> Experiment:
+    """Runs `mode` (one of `MODES`) of the gin-configured experiment in `workdir`.
+
+    Every setting the requested modes use is checked first, so a bad one fails before
+    any training. Modes that write the workdir (training, sampling, evaluation) hold
+    its lock for the whole run; `export` only reads it.
+
+    With `time_budget_s`, training checkpoints and exits (`Preempted`, code 143) once
+    the budget is spent, and sampling and evaluation start no new model after it; the
+    same call again goes on from there, so each piece fits a fixed job slot.
+
+    Raises:
+        PipelineError, validation.ConfigError, WorkDirError: bad settings, a busy or
+            missing workdir, or a workdir trained with another config.
+    """
+    if mode not in MODES:
+        raise PipelineError(f"Unknown mode {mode!r}; allowed: {', '.join(MODES)}.")
+    if time_budget_s is not None:
+        validation.positive_float("time_budget_s", time_budget_s)
+    deadline = None if time_budget_s is None else time.time() + time_budget_s
+    _validate_run_settings(mode, experiment_name, workdir)
+    writes = mode != "export"
+    if not writes or mode in ("distill", "eval", "sample"):
+        # These modes need what an earlier run trained: never create the folder.
+        WorkDir(workdir).require()
+    # Only the writing process locks: the others of a multi-process run share the folder.
+    chief = distribute.is_chief(strategy)
+    lock = WorkDir(workdir).lock(mode) if writes and chief else contextlib.nullcontext()
+    with lock:
+        # SIGTERM during training stops at the next step with a checkpoint; elsewhere
+        # (export, sampling, evaluation: each result written atomically as it is made)
+        # it ends the process as usual.
+        with PreemptionGuard(deadline) as guard:
+            experiment = Experiment(workdir, strategy, deadline, guard)
+            experiment.check_workdir(write=mode in ("train_teacher", "distill", "all"))
+            print(f"[run] {mode} in {workdir}: network {experiment.param_count:,} "
+                  f"parameters, images {experiment.image_shape}, batch "
+                  f"{experiment.batch_size}, stages {experiment.distill_cfg['ladder']}, "
+                  f"backend {keras.backend.backend()}, "
+                  f"input {_input_kind(experiment.dataset)}", flush=True)
+            if mode in ("train_teacher", "all"):
+                experiment.train_teacher(verbose)
+            if mode in ("distill", "all"):
+                experiment.distill(verbose)
+        if not chief:
+            print(f"[run] process is not the chief: {mode} leaves export, sampling and "
+                  "evaluation to it", flush=True)
+            return experiment
+        if mode in ("export", "all"):
+            from keras_progdist import export
+            export.export_experiment(experiment, export_dir, experiment_name, overwrite)
+        try:
+            if mode == "sample":
+                from keras_progdist.evaluation import samples
+                samples.write_experiment_samples(experiment, verbose=verbose,
+                                                 deadline=deadline)
+            if mode in ("eval", "all"):
+                scores = report.evaluate_experiment(experiment, verbose=verbose,
+                                                    deadline=deadline)
+                tensorboard_log.write_eval_scores(experiment.path("logs", "eval"),
+                                                  scores["results"])
+        except report.EvaluationInterrupted as e:
+            raise Preempted(str(e)) from None
+    return experiment
