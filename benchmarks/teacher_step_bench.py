@@ -15,7 +15,13 @@ measured with `jit_compile=True` and `False` side by side in one process; on JAX
 (always jitted) run the script again with `KERAS_BACKEND=jax`.
 
 `--gpu`: the paper's net at batch 128 under the `mixed_bfloat16` policy on JAX, on a
-GPU (refuses to run on a CPU).
+GPU (refuses to run on a CPU unless `--allow-cpu`). `--gpu-net` picks the net instead
+(`fashion`: the 7.07M-parameter U-Net of `gin/fashion_mnist.gin` at 32x32x1; `tiny`),
+always on random images. Nothing on the `--gpu` path needs TensorFlow (the GPU host has
+none): the random batches come from a Python generator there; tf.data is only used on
+the TensorFlow backend. Checked without TensorFlow on a CPU with
+`KERAS_BACKEND=jax python benchmarks/teacher_step_bench.py --gpu --gpu-net=tiny
+--allow-cpu --cifar-batch=4 --cifar-steps=2 --output-dir=/tmp/bench`.
 
 Prints one JSON line per measurement and writes them all to
 `benchmarks/results/teacher_step_<backend>.json` (`..._gpu.json` with `--gpu`).
@@ -42,7 +48,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402  (tf.data feeds fit() on every backend)
 
 from keras_progdist.data import make_dataset  # noqa: E402
 from keras_progdist.distribute import describe_device  # noqa: E402
@@ -57,6 +62,10 @@ NETS = {
     # The paper's CIFAR-10 teacher (52.9M parameters with BigGAN resampling blocks).
     "cifar10": dict(image_shape=(32, 32, 3), channels=256, channel_mult=(1, 1, 1),
                     num_res_blocks=3, attention_resolutions=(16, 8), dropout=0.2),
+    # gin/fashion_mnist.gin's net (7.07M parameters), 28x28 padded to 32x32x1.
+    "fashion": dict(image_shape=(32, 32, 1), channels=64, channel_mult=(1, 2, 2),
+                    num_res_blocks=2, attention_resolutions=(8,), dropout=0.1,
+                    num_groups=32),
 }
 
 
@@ -87,15 +96,27 @@ class _StepTimer(keras.callbacks.Callback):
         self.ends.append(time.perf_counter())
 
 
-def _dataset(net_name, batch_size):
-    if net_name == "tiny":
+def _repeat(images):
+    while True:
+        yield (images,)
+
+
+def _dataset(net_name, batch_size, synthetic=False):
+    """Training batches: the embedded digits for `tiny` (unless `synthetic`), random
+    images otherwise (the step cost does not depend on the pixels)."""
+    if net_name == "tiny" and not synthetic:
         return make_dataset("mnist_embedded", batch_size=batch_size, image_size=16, seed=0)
     shape = (batch_size,) + NETS[net_name]["image_shape"]
     images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-    return tf.data.Dataset.from_tensors(images).repeat()
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf  # only here: the JAX GPU host has no TensorFlow
+
+        return tf.data.Dataset.from_tensors(images).repeat()
+    return _repeat(images)
 
 
-def measure(net_name, batch_size, timed_steps, jit_compile, policy="float32"):
+def measure(net_name, batch_size, timed_steps, jit_compile, policy="float32",
+            synthetic=False):
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
     load_before = os.getloadavg()[0]
@@ -110,7 +131,7 @@ def measure(net_name, batch_size, timed_steps, jit_compile, policy="float32"):
     build_s = time.perf_counter() - start
 
     timer = _StepTimer()
-    model.fit(_dataset(net_name, batch_size), epochs=1, steps_per_epoch=1 + timed_steps,
+    model.fit(_dataset(net_name, batch_size, synthetic), epochs=1, steps_per_epoch=1 + timed_steps,
               verbose=0, callbacks=[timer])
     first_step_s = timer.ends[0] - timer.begin
     steady_s = (timer.ends[-1] - timer.ends[0]) / timed_steps
@@ -146,13 +167,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true",
                         help="the paper's net, batch 128, mixed_bfloat16, on JAX + GPU")
-    parser.add_argument("--nets", default="tiny,cifar10", help="comma-separated: tiny,cifar10")
+    parser.add_argument("--gpu-net", default="cifar10", choices=sorted(NETS),
+                        help="the net --gpu measures (random images)")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="let --gpu run on a CPU (to check the path, e.g. without "
+                             "TensorFlow, with --gpu-net=tiny)")
+    parser.add_argument("--nets", default="tiny,cifar10",
+                        help="comma-separated: " + ",".join(NETS))
     parser.add_argument("--tiny-batch", type=int, default=32)
     parser.add_argument("--tiny-steps", type=int, default=20, help="timed steps, tiny net")
     parser.add_argument("--cifar-batch", type=int, default=None,
-                        help="default 4 (CPU) or 128 (--gpu)")
+                        help="batch of the CIFAR (or fashion) net, and of the --gpu net: "
+                             "default 4 (CPU) or 128 (--gpu)")
     parser.add_argument("--cifar-steps", type=int, default=None,
-                        help="timed steps, CIFAR net: default 2 (CPU) or 20 (--gpu)")
+                        help="timed steps of the CIFAR (or fashion) net, and of the --gpu "
+                             "net: default 2 (CPU) or 20 (--gpu)")
     parser.add_argument(
         "--output-dir",
         default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -164,10 +193,11 @@ def main():
     if args.gpu:
         if backend != "jax":
             parser.error(f"--gpu measures the JAX backend; got KERAS_BACKEND={backend}.")
-        if not _on_accelerator():
+        if not _on_accelerator() and not args.allow_cpu:
             parser.error(f"--gpu needs a GPU, but JAX sees only {describe_device()}.")
-        results.append(measure("cifar10", args.cifar_batch or 128, args.cifar_steps or 20,
-                               jit_compile=True, policy="mixed_bfloat16"))
+        results.append(measure(args.gpu_net, args.cifar_batch or 128,
+                               args.cifar_steps or 20, jit_compile=True,
+                               policy="mixed_bfloat16", synthetic=True))
         name = f"teacher_step_{backend}_gpu.json"
     else:
         jit_modes = [True, False] if backend == "tensorflow" else [True]
