@@ -21,7 +21,10 @@ import keras
 import numpy as np
 import pytest
 
+import keras_progdist
 from keras_progdist import export, fileio, pipeline
+from keras_progdist.export import stages as export_stages
+from keras_progdist.export import versions as export_versions
 from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.networks.unet import UNet
 
@@ -370,8 +373,10 @@ class _FakeArchive:
 
 
 def _fake_writes(monkeypatch):
-    monkeypatch.setattr(export, "build_archive", lambda *args, **kwargs: _FakeArchive())
-    monkeypatch.setattr(export, "_write_keras", lambda *args, **kwargs: "skipped")
+    from keras_progdist.export import serving_graph
+
+    monkeypatch.setattr(serving_graph, "build_archive", lambda *args, **kwargs: _FakeArchive())
+    monkeypatch.setattr(export_stages, "_write_keras", lambda *args, **kwargs: "skipped")
 
 
 def _fake_version(path, metadata):
@@ -524,7 +529,7 @@ def test_a_version_claimed_meanwhile_goes_to_the_next_number(tmp_path, monkeypat
     export_dir = str(tmp_path)
     model = _small_model(3)
     base = export.stage_paths(export_dir, "race", 2)["base_path"]
-    real_rename = export._rename_noreplace
+    real_rename = export_versions._rename_noreplace
     claims = []
 
     def other_exporter_claims_first(sha):
@@ -536,7 +541,7 @@ def test_a_version_claimed_meanwhile_goes_to_the_next_number(tmp_path, monkeypat
             return real_rename(src, dst)
         return rename
 
-    monkeypatch.setattr(export, "_rename_noreplace", other_exporter_claims_first("c" * 64))
+    monkeypatch.setattr(export_versions, "_rename_noreplace", other_exporter_claims_first("c" * 64))
     record = export.export_stage(model, export_dir, "race")
     assert claims == [os.path.join(base, "1")]
     assert (record["version"], record["status"]) == (2, "exported")
@@ -555,7 +560,7 @@ def test_a_version_claimed_meanwhile_goes_to_the_next_number(tmp_path, monkeypat
     claims.clear()
     other = _small_model(4)
     same = export.stage_metadata(other, "race", 2, export.serving_limits(2))
-    monkeypatch.setattr(export, "_rename_noreplace", other_exporter_claims_first(same))
+    monkeypatch.setattr(export_versions, "_rename_noreplace", other_exporter_claims_first(same))
     result = export.export_stage(other, export_dir, "race")
     assert claims == [os.path.join(base, "6")]
     assert (result["version"], result["status"]) == (6, "up to date")
@@ -674,7 +679,7 @@ def test_export_subprocess_runs_the_running_package(tmp_path, monkeypatch):
 
     command, env = export._subprocess_command("w", "e", "n", False, None, "/models",
                                               None, None)
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(export.__file__)))
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(keras_progdist.__file__)))
     assert export.package_parent() == parent
     assert env["PYTHONPATH"].split(os.pathsep)[:2] == [parent, str(tmp_path)]
     assert command[:4] == [sys.executable, "-c", export._BOOTSTRAP, parent]
@@ -735,3 +740,17 @@ def test_jax_backend_exports_through_a_tensorflow_subprocess(exported):
     np.testing.assert_allclose(images, exported["references"][steps], atol=1e-4)
     assert os.path.exists(paths["keras"])
     assert os.path.exists(os.path.join(export_dir, NAME, "models.config"))
+
+
+def test_the_package_imports_without_tensorflow_and_runs_as_a_module():
+    pytest.importorskip("jax")
+    code = ("import sys; sys.path.insert(0, 'tests/helpers'); import no_tensorflow; "
+            "import keras_progdist.export as e; "
+            "assert no_tensorflow.loaded_tensorflow_modules() == [], "
+            "no_tensorflow.loaded_tensorflow_modules(); "
+            "assert e.check_name('a') == e._check_name('a'); print('IMPORTED')")
+    assert "IMPORTED" in _run_python(code, backend="jax")
+    result = subprocess.run([sys.executable, "-m", "keras_progdist.export", "--help"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert result.returncode == 0 and "--workdir" in result.stdout, result.stderr[-3000:]

@@ -1,0 +1,96 @@
+"""Per-stage exports for serving: TF Serving SavedModels and `.keras` files.
+
+For the teacher and every finished distillation stage of a run, `export_experiment` /
+`export_workdir` write
+
+    <export_dir>/<name>/models.config                    TF Serving model config, all stages
+    <export_dir>/<name>/<name>-<N>steps/<version>/       SavedModel (TF Serving layout)
+        saved_model.pb, variables/, fingerprint.pb
+        assets.extra/tf_serving_warmup_requests          PredictionLogs for serving_default
+        assets.extra/export_metadata.json                weights sha256, limits, settings
+    <export_dir>/<name>/<name>-<N>steps.keras            DiffusionModel(ema_decay=None,
+                                                         num_steps=N) for keras.saving
+    <export_dir>/<name>/<name>-<N>steps.keras.json       the same metadata for the .keras
+
+One concern per module:
+
+    settings          names, versions asked for, serving limits (`serving_limits`)
+    serving_graph     the three signatures with in-graph checks (imports TensorFlow)
+    tf_serving        warm-up records and `models.config`
+    metadata          what an export records; when two exports are the same
+    versions          version folders, planning a number, claiming it, stale temporaries
+    models            the EMA-free sampling `DiffusionModel` (`sampling_model`)
+    stages            `export_stage` / `export_stages` (idempotent by weights sha256)
+    workdir_export    `load_workdir_stages`, `export_workdir`, `export_experiment`
+    subprocess_export the TensorFlow subprocess that exports a run trained on JAX
+    cli               `python -m keras_progdist.export`
+
+Each SavedModel holds the whole DDIM loop in its graph, so one model serves any step
+count up to a limit (see `serving_graph`). Versions follow TF Serving's convention (see
+`versions`): exporting weights the current version already holds writes nothing.
+
+Importing this package needs no TensorFlow (a JAX host exports through the subprocess);
+`build_archive`, `noise_from_seeds` and `to_uint8` import `serving_graph`, and with it
+TensorFlow, when first used.
+"""
+
+from __future__ import annotations
+
+from keras_progdist.export.cli import main
+from keras_progdist.export.errors import ExportError, ExportExistsError
+from keras_progdist.export import subprocess_export
+from keras_progdist.export.metadata import (EXPORT_FORMAT, KERAS_METADATA_SUFFIX,
+                                            METADATA_FILE, read_version_metadata,
+                                            same_export, stage_metadata, weights_sha256)
+from keras_progdist.export.models import sampling_copy, sampling_model
+from keras_progdist.export.settings import (DEFAULT_MAX_BATCH, DEFAULT_MAX_STEPS,
+                                            DEFAULT_VERSION, check_name, check_version,
+                                            default_name, model_name, serving_limits)
+from keras_progdist.export.stages import export_stage, export_stages
+from keras_progdist.export.subprocess_export import package_parent
+from keras_progdist.export.tf_serving import (MODELS_CONFIG, SERVING_API_INSTALL,
+                                              SERVING_ROOT, WARMUP_FILE,
+                                              write_models_config, write_warmup_requests)
+from keras_progdist.export.versions import (existing_versions, plan_version,
+                                            remove_stale_temps, stage_paths)
+from keras_progdist.export.workdir_export import (export_experiment, export_workdir,
+                                                  load_workdir_stages)
+
+# Names of the single-module `export.py` still used by pipeline.py and the tests. To
+# replace a function for a test, patch it in the module that calls it
+# (`versions._rename_noreplace`, `stages._write_keras`, `serving_graph.build_archive`).
+_check_name = check_name
+_default_name = default_name
+_check_version = check_version
+_plan_version = plan_version
+_BOOTSTRAP = subprocess_export._BOOTSTRAP
+_export_in_subprocess = subprocess_export._export_in_subprocess
+_subprocess_command = subprocess_export._subprocess_command
+
+# Served by `serving_graph`, imported (with TensorFlow) on first use.
+_SERVING_GRAPH = ("build_archive", "noise_from_seeds", "to_uint8")
+
+
+def __getattr__(name):
+    if name in _SERVING_GRAPH:
+        from keras_progdist.export import serving_graph
+
+        return getattr(serving_graph, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SERVING_GRAPH))
+
+
+__all__ = [
+    "DEFAULT_MAX_BATCH", "DEFAULT_MAX_STEPS", "DEFAULT_VERSION", "EXPORT_FORMAT",
+    "KERAS_METADATA_SUFFIX", "METADATA_FILE", "MODELS_CONFIG", "SERVING_API_INSTALL",
+    "SERVING_ROOT", "WARMUP_FILE", "ExportError", "ExportExistsError", "build_archive",
+    "check_name", "check_version", "default_name", "existing_versions",
+    "export_experiment", "export_stage", "export_stages", "export_workdir",
+    "load_workdir_stages", "main", "model_name", "noise_from_seeds", "package_parent",
+    "plan_version", "read_version_metadata", "remove_stale_temps", "same_export",
+    "sampling_copy", "sampling_model", "serving_limits", "stage_metadata", "stage_paths",
+    "to_uint8", "weights_sha256", "write_models_config", "write_warmup_requests",
+]

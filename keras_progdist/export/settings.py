@@ -1,0 +1,89 @@
+"""The checked settings of an export: its name, the stages' model names, the version
+asked for and the serving limits fixed in the graph. No TensorFlow."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from keras_progdist.export.errors import ExportError
+
+# None: automatic versioning (the current version if it holds these weights, else the next).
+DEFAULT_VERSION = None
+DEFAULT_MAX_BATCH = 256
+# The default max_steps of a stage is max(DEFAULT_MAX_STEPS, 4 * its own step count).
+DEFAULT_MAX_STEPS = 1024
+_INT32_MAX = 2 ** 31 - 1
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def model_name(name: str, num_steps: int) -> str:
+    """TF Serving model name of a stage: `<name>-<N>steps`."""
+    return f"{name}-{num_steps}steps"
+
+
+def check_name(name: str) -> str:
+    """Returns `name` if it can name an export, else raises `ExportError`."""
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise ExportError(f"Export name {name!r} must be letters, digits, '_', '.' or '-' "
+                          "(it becomes a folder, a TF Serving model name and a URL part).")
+    return name
+
+
+def default_name(workdir: str) -> str:
+    """The export name of a work directory when none is given: its folder's name."""
+    return os.path.basename(os.path.normpath(workdir))
+
+
+def check_version(version) -> int | None:
+    """`version` as an int (a TF Serving version folder), or None for automatic."""
+    if version is None:
+        return None
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
+        raise ExportError(f"version must be a positive integer (TF Serving's numeric "
+                          f"version folder) or None (the next one), got {version!r}.")
+    return int(version)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not 1 <= value <= _INT32_MAX:
+        raise ExportError(f"{name} must be an integer in [1, {_INT32_MAX}] (an int32 "
+                          f"limit of the serving graph), got {value!r}.")
+    return int(value)
+
+
+def serving_limits(num_steps: int, max_steps: int | None = None,
+                   max_batch: int | None = None, warmup_batch_sizes=(1,)) -> dict:
+    """The request limits a stage is exported with: `{"max_steps", "max_batch"}`.
+
+    Args:
+        num_steps: the stage's own step count (what `serving_default` runs).
+        max_steps: the most DDIM steps `generate` accepts; default
+            `max(DEFAULT_MAX_STEPS, 4 * num_steps)`.
+        max_batch: the most images one request of any signature may ask for; default
+            `DEFAULT_MAX_BATCH`.
+        warmup_batch_sizes: the warm-up request sizes, which must be allowed.
+
+    Returns:
+        `{"max_steps": int, "max_batch": int}`.
+
+    Raises:
+        ExportError: a limit that is not a positive int32, `max_steps < num_steps`
+            (`serving_default` could never run), or a warm-up batch above `max_batch`.
+    """
+    num_steps = int(num_steps)
+    max_steps = (max(DEFAULT_MAX_STEPS, 4 * num_steps) if max_steps is None
+                 else _positive_int("max_steps", max_steps))
+    max_batch = (DEFAULT_MAX_BATCH if max_batch is None
+                 else _positive_int("max_batch", max_batch))
+    if max_steps < num_steps:
+        raise ExportError(f"max_steps={max_steps} is below the stage's own {num_steps} "
+                          "steps, so its serving_default could never run.")
+    too_big = [b for b in warmup_batch_sizes if not 1 <= int(b) <= max_batch]
+    if too_big:
+        raise ExportError(f"Warm-up batch sizes {too_big} are outside [1, max_batch="
+                          f"{max_batch}]: the server would refuse its own warm-up.")
+    return {"max_steps": max_steps, "max_batch": max_batch}

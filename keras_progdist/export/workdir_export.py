@@ -1,0 +1,138 @@
+"""Exporting a run: its finished stages read through `WorkDir` (no gin), then
+`export_stages`, in a TensorFlow subprocess when the backend is another one.
+
+Export only reads the work directory: a missing one is an `ExportError`, never created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+
+from keras_progdist import checkpoint
+from keras_progdist.export.errors import ExportError
+from keras_progdist.export.models import sampling_model
+from keras_progdist.export.settings import DEFAULT_VERSION, check_name, default_name
+from keras_progdist.export.stages import export_stages
+from keras_progdist.export.subprocess_export import _export_in_subprocess
+from keras_progdist.export.tf_serving import SERVING_ROOT
+from keras_progdist.networks.unet import UNet
+from keras_progdist.schedules import get_schedule
+from keras_progdist.workdir import TEACHER, WorkDir, WorkDirError, stage_name
+
+
+def _existing_workdir(workdir: str) -> WorkDir:
+    # A typo'd workdir must not be created (nor exported as "nothing"): export only reads.
+    wd = WorkDir(workdir)
+    if not wd.exists():
+        raise ExportError(f"Work directory {workdir} does not exist (or is not a folder); "
+                          "export reads a finished run and never creates one.")
+    return wd
+
+
+def _recorded_steps(wd: WorkDir) -> dict:
+    """`{stage: num_steps}` from the work directory's `stages.json` ({} if it has none).
+
+    (Belongs in `WorkDir`, which has no reader of `stages.json` yet.)
+    """
+    path = wd.path("stages.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {s["stage"]: int(s["num_steps"]) for s in json.load(f)}
+
+
+def load_workdir_stages(workdir: str) -> list:
+    """`[(stage, num_steps, DiffusionModel)]` of a work directory, without gin.
+
+    Rebuilds the network from `config.json` and loads each finished stage's
+    `final` checkpoint (teacher, then students from most to fewest steps). Only reads
+    the work directory.
+
+    Raises:
+        ExportError: a missing work directory, one without a (readable) config record,
+            or one without a finished teacher.
+    """
+    wd = _existing_workdir(workdir)
+    try:
+        config = wd.read_config()
+    except WorkDirError as e:
+        raise ExportError(str(e)) from None
+    if config is None:
+        raise ExportError(f"{workdir} is not a keras-progdist work directory "
+                          f"({wd.path('config.json')} is missing).")
+    recorded = _recorded_steps(wd)
+    students = wd.finished_students()
+    if not wd.is_finished(TEACHER):
+        raise ExportError(f"No finished teacher in {workdir} (teacher/final.json is "
+                          "missing): train it first.")
+    if TEACHER in recorded:
+        teacher_steps = recorded[TEACHER]
+    elif students:
+        teacher_steps = 2 * students[0]
+    else:
+        raise ExportError(f"{wd.path('stages.json')} does not record the teacher's step "
+                          "count.")
+    diffusion = config["diffusion"]
+    stages = []
+    for stage, n in [(TEACHER, teacher_steps)] + [(stage_name(n), n) for n in students]:
+        network = UNet.from_config({**config["network"], "name": "network"})
+        checkpoint.restore(wd.stage_dir(stage), "final", network)
+        model = sampling_model(network, n, get_schedule(config["schedule"]),
+                               diffusion["parameterization"], diffusion["weighting"])
+        stages.append((stage, n, model))
+    return stages
+
+
+def export_workdir(workdir: str, export_dir: str, name: str | None = None,
+                   overwrite: bool = False, version: int | None = DEFAULT_VERSION,
+                   serving_root: str = SERVING_ROOT, max_steps: int | None = None,
+                   max_batch: int | None = None) -> dict:
+    """Exports every finished stage of `workdir` (see the package docstring).
+
+    Needs no gin config: the models come from `config.json` and the `final`
+    checkpoints. Only reads `workdir`. On a backend other than TensorFlow it runs in a
+    TensorFlow subprocess.
+
+    Args:
+        workdir: a run's work directory (must exist).
+        export_dir, name (default: the workdir's name), overwrite, version,
+        serving_root, max_steps, max_batch: as `export_stages`.
+
+    Returns:
+        `export_stages`' result.
+    """
+    name = check_name(name or default_name(workdir))
+    _existing_workdir(workdir)
+    if keras.backend.backend() != "tensorflow":
+        return _export_in_subprocess(workdir, export_dir, name, overwrite, version,
+                                     serving_root, max_steps, max_batch)
+    return export_stages(load_workdir_stages(workdir), export_dir, name, overwrite,
+                         version, serving_root, max_steps, max_batch)
+
+
+def export_experiment(experiment, export_dir: str, name: str | None = None,
+                      overwrite: bool = False, version: int | None = DEFAULT_VERSION,
+                      serving_root: str = SERVING_ROOT, max_steps: int | None = None,
+                      max_batch: int | None = None) -> dict:
+    """Exports the teacher and every finished stage of a `pipeline.Experiment`.
+
+    Re-running it on a finished run is a no-op (every stage up to date).
+
+    Args:
+        experiment: a `pipeline.Experiment` (its `workdir` and `stage_models()`).
+        export_dir, name (default: the workdir's name), overwrite, version,
+        serving_root, max_steps, max_batch: as `export_stages`.
+
+    Returns:
+        `export_stages`' result.
+    """
+    name = check_name(name or default_name(experiment.workdir))
+    if keras.backend.backend() != "tensorflow":
+        # The checkpoints are backend-neutral npz; TensorFlow writes the SavedModels.
+        return _export_in_subprocess(experiment.workdir, export_dir, name, overwrite,
+                                     version, serving_root, max_steps, max_batch)
+    return export_stages(experiment.stage_models(), export_dir, name, overwrite, version,
+                         serving_root, max_steps, max_batch)
