@@ -18,8 +18,10 @@ max-softmax instead of an arbitrary confident class (outlier exposure).
 
 `evaluate_workdir` scores the teacher, the `steps`-step student and undistilled DDIM at
 `steps` of a finished pipeline work directory from the same noise and writes
-`<workdir>/eval/digits.json` (and `digits.md`). Nothing is pickled or saved besides
-those files: the classifier is retrained (seconds) on every call.
+`<workdir>/eval/digits.json` (and `digits.md`), keyed by the models' weights and the
+settings, so a re-run with nothing new reads the scores back and trains nothing.
+Nothing is pickled or saved besides those files: the classifier is retrained (seconds)
+whenever something is scored.
 
     python -m keras_progdist.evaluation.digits --gin_file=tiny.gin --workdir=runs/tiny
 
@@ -190,26 +192,42 @@ def evaluate_workdir(experiment, steps: int = 4, num_samples: int = 256,
     Returns:
         The dict written to `digits.json`.
     """
-    from keras_progdist import fileio
+    import gin
+
+    from keras_progdist import checkpoint, fileio
     from keras_progdist.evaluation import samples as sample_files
 
     side = experiment.image_shape[0]
+    resize = dict(gin.get_bindings("dataset")).get("resize", "bilinear")
+    stages = {stage: (n, model) for stage, n, model in experiment.stage_models()}
+    student = next((s for s, (n, _) in stages.items() if n == steps and s != "teacher"),
+                   None)
+    key = {"version": 1, "steps": steps, "num_samples": num_samples,
+           "batch_size": batch_size, "seed": seed, "image_size": side, "resize": resize,
+           "backend": keras.backend.backend(),
+           "weights_sha256": {s: checkpoint.recorded_sha256(experiment.path(s), "final")
+                              for s in ("teacher", student) if s is not None}}
+    out = experiment.path("eval")
+    path = os.path.join(out, "digits.json")
+    if write and classifier is None and os.path.exists(path):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            record = {}
+        if record.get("key") == key:  # the same weights and settings: scored earlier
+            if verbose:
+                print("[digits] scores saved earlier (same weights and settings)",
+                      flush=True)
+            return record
     if classifier is None:
-        import gin
-
-        resize = dict(gin.get_bindings("dataset")).get("resize", "bilinear")
         classifier, info = train_classifier(side, resize)
     if verbose:
         print(f"[digits] classifier: held-out accuracy {info['accuracy']:.3f} on "
               f"{info['num_heldout']} real digits ({info['seconds']:.0f} s)", flush=True)
     num_classes = experiment.network_config["num_classes"]
-    stages = {stage: (n, model) for stage, n, model in experiment.stage_models()}
     teacher_steps, teacher = stages["teacher"]
     runs = [("teacher", teacher_steps, teacher), ("ddim", steps, teacher)]
-    student = f"student_{steps:05d}" if f"student_{steps:05d}" in stages else None
-    if student is None:
-        student = next((s for s, (n, _) in stages.items() if n == steps and s != "teacher"),
-                       None)
     if student is not None:
         runs.append(("distilled", steps, stages[student][1]))
     results = []
@@ -227,13 +245,12 @@ def evaluate_workdir(experiment, steps: int = 4, num_samples: int = 256,
                   flush=True)
     real_x, real_y = load_digits(side, info.get("resize", "bilinear"))
     _, held = split_holdout(real_y, 0.1, info.get("seed", 0))
-    record = {"workdir": experiment.workdir, "classifier": info,
+    record = {"key": key, "workdir": experiment.workdir, "classifier": info,
               "real_heldout": digit_scores(classifier, real_x[held]),
               "seed": seed, "results": results}
     if write:
-        out = experiment.path("eval")
         os.makedirs(out, exist_ok=True)
-        fileio.atomic_write_text(os.path.join(out, "digits.json"),
+        fileio.atomic_write_text(path,
                                  json.dumps(record, indent=1))
         fileio.atomic_write_text(os.path.join(out, "digits.md"), markdown(record))
     return record
