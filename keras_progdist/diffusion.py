@@ -1,7 +1,8 @@
 """`DiffusionModel`: the teacher, trained with `model.fit`, plus `denoise()` and `sample()`.
 
-Training (continuous time, DESIGN.md §1): `t ~ U(0, 1)`, `z_t = alpha_t x + sigma_t eps`,
-loss `w(logsnr) |x - x_hat|^2` with the chosen parameterization and weighting.
+Training (continuous time): `t ~ U(0, 1)`, `z_t = alpha_t x + sigma_t eps` with
+`alpha_t^2 = sigmoid(logsnr(t))`, `sigma_t^2 = sigmoid(-logsnr(t))`, loss
+`w(logsnr) |x - x_hat|^2` with the chosen parameterization and weighting.
 
 EMA: Keras' `Adam(use_ema=True)` overwrites the trained weights with the EMA weights at
 the end of every `fit()` (so a resumed run trains on from the EMA), so the model keeps
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_progdist import losses, parameterizations, samplers
@@ -33,6 +35,14 @@ def network_denoise(network, z, t, schedule: Schedule, parameterization: str,
     Args:
         network: a `UNet` (or any model taking `[z, t]` / `[z, t, label]`).
         z: `[B, H, W, C]`; t: `[B]` in [0, 1]; label: `[B]` int or None.
+        schedule: the `Schedule` giving `logsnr(t)`.
+        parameterization: one of `parameterizations.PARAMETERIZATIONS`.
+        training: passed to the network (dropout).
+        clip: clip `x_hat` to [-1, 1] and recompute `eps_hat = (z - alpha x_hat) / sigma`
+            from it (`parameterizations.clip_x_hat`).
+
+    Returns:
+        `(x_hat, eps_hat)`, float32 `[B, H, W, C]` each.
     """
     z = ops.convert_to_tensor(z, "float32")
     t = ops.convert_to_tensor(t, "float32")
@@ -44,7 +54,14 @@ def network_denoise(network, z, t, schedule: Schedule, parameterization: str,
 
 
 def diffuse(x, eps, logsnr):
-    """`z = alpha x + sigma eps` for per-example `logsnr` `[B]`."""
+    """`z = alpha x + sigma eps` for per-example `logsnr` `[B]`.
+
+    Args:
+        x: clean images `[B, H, W, C]`; eps: noise, same shape; logsnr: `[B]`.
+
+    Returns:
+        `z`, `[B, H, W, C]`.
+    """
     alpha, sigma = alpha_sigma(logsnr)
     return parameterizations.expand_to(alpha, x) * x + \
         parameterizations.expand_to(sigma, x) * eps
@@ -69,6 +86,9 @@ class DiffusionModel(keras.Model):
             `min(decay, (1 + n) / (10 + n))` after `n` updates.
         num_steps: the default number of sampling steps (a distilled stage's own N).
         seed: seed of the training noise.
+        max_steps: the most steps `sample()` accepts (a serving bound; `None`, the
+            default, is unbounded). Must be >= `num_steps`.
+        max_batch: the most images one `sample()` call may produce (`None`: unbounded).
 
     Example:
         >>> model = DiffusionModel(UNet((16, 16, 1), channels=16, channel_mult=(1, 2)))
@@ -79,7 +99,8 @@ class DiffusionModel(keras.Model):
 
     def __init__(self, network, schedule="cosine", parameterization: str = "v",
                  weighting: str = "snr_trunc", ema_decay: float | None = 0.9999,
-                 num_steps: int = 1024, seed: int = 0, **kwargs):
+                 num_steps: int = 1024, seed: int = 0, max_steps: int | None = None,
+                 max_batch: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if isinstance(network, dict):
             network = keras.saving.deserialize_keras_object(network)
@@ -96,6 +117,11 @@ class DiffusionModel(keras.Model):
             )
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        self.max_steps = _optional_positive_int("max_steps", max_steps)
+        self.max_batch = _optional_positive_int("max_batch", max_batch)
+        if self.max_steps is not None and num_steps > self.max_steps:
+            raise ValueError(f"num_steps={num_steps} is above max_steps={self.max_steps}: "
+                             "the model could not sample with its own step count.")
         self.ema_decay = float(ema_decay) if ema_decay else None
         self.num_steps = int(num_steps)
         self.seed = int(seed)
@@ -194,10 +220,21 @@ class DiffusionModel(keras.Model):
 
     # -- inference ------------------------------------------------------------------
     def denoise(self, z, t, label=None, use_ema: bool = True, clip: bool = False):
-        """`(x_hat, eps_hat)` at `(z, t)`; EMA weights unless `use_ema=False`."""
+        """`(x_hat, eps_hat)` at `(z, t)`; EMA weights unless `use_ema=False`.
+
+        Args:
+            z: noisy images `[B, H, W, C]`; t: `[B]` in [0, 1]; label: `[B]` or None.
+            use_ema: use the EMA network when the model has one.
+            clip: clip `x_hat` to [-1, 1] and recompute
+                `eps_hat = (z - alpha_t x_hat) / sigma_t` from the clipped value, as the
+                samplers do at every step.
+
+        Returns:
+            `(x_hat, eps_hat)`, float32 tensors `[B, H, W, C]`.
+        """
         network = self.sampling_network if use_ema else self.network
         return network_denoise(network, ops.cast(z, "float32"), ops.cast(t, "float32"),
-                               self.schedule, self.parameterization, label)
+                               self.schedule, self.parameterization, label, clip=clip)
 
     def sample(self, noise=None, num_steps: int | None = None, seed: int = 0,
                label=None, batch_size: int | None = None, sampler: str = "ddim",
@@ -217,20 +254,38 @@ class DiffusionModel(keras.Model):
 
         Returns:
             float32 numpy array `[B, H, W, C]`.
+
+        Raises:
+            ValueError: an unknown sampler, `num_steps < 1` or above `max_steps`, a
+                batch of 0 images or above `max_batch`, or noise of the wrong shape;
+                the limits are checked before any noise is drawn or anything compiled.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}.")
         num_steps = self.num_steps if num_steps is None else int(num_steps)
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        if self.max_steps is not None and num_steps > self.max_steps:
+            raise ValueError(f"num_steps={num_steps} is above this model's "
+                             f"max_steps={self.max_steps}.")
+        if noise is None and batch_size is None:
+            raise ValueError("Pass either noise or batch_size.")
         if noise is None:
-            if batch_size is None:
-                raise ValueError("Pass either noise or batch_size.")
-            noise = keras.random.normal((batch_size,) + self.image_shape, seed=seed)
+            batch = int(batch_size)
+        else:
+            shape = tuple(noise.shape) if hasattr(noise, "shape") else np.shape(noise)
+            if len(shape) != 1 + len(self.image_shape) or tuple(shape[1:]) != self.image_shape:
+                raise ValueError(f"noise must have shape [B, "
+                                 f"{', '.join(map(str, self.image_shape))}], got {shape}.")
+            batch = int(shape[0])
+        if batch < 1:
+            raise ValueError(f"The batch must hold at least 1 image, got a batch of {batch}.")
+        if self.max_batch is not None and batch > self.max_batch:
+            raise ValueError(f"A batch of {batch} images is above this model's "
+                             f"max_batch={self.max_batch}.")
+        if noise is None:
+            noise = keras.random.normal((batch,) + self.image_shape, seed=seed)
         noise = ops.convert_to_tensor(noise, "float32")
-        if tuple(noise.shape[1:]) != self.image_shape:
-            raise ValueError(f"noise must have shape [B, {', '.join(map(str, self.image_shape))}]"
-                             f", got {tuple(noise.shape)}.")
         if self.num_classes:
             if label is None:
                 raise ValueError("This model is class-conditional: pass label.")
@@ -282,11 +337,23 @@ class DiffusionModel(keras.Model):
             "ema_decay": self.ema_decay,
             "num_steps": self.num_steps,
             "seed": self.seed,
+            "max_steps": self.max_steps,
+            "max_batch": self.max_batch,
         }
 
     @classmethod
     def from_config(cls, config):
+        # Configs saved before max_steps / max_batch existed load unbounded.
         return cls(**config)
+
+
+def _optional_positive_int(name: str, value):
+    """`None`, or `value` as an int >= 1 (a `ValueError` naming `name` otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}.")
+    return int(value)
 
 
 def copy_weights(source, target) -> None:

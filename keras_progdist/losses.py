@@ -16,6 +16,7 @@ WEIGHTINGS = ("snr", "snr_trunc", "snr_plus_one", "constant")
 
 
 def check_weighting(name: str) -> str:
+    """Returns `name` if it is one of `WEIGHTINGS`, else raises a `ValueError` naming it."""
     if name not in WEIGHTINGS:
         raise ValueError(
             f"Unknown loss weighting {name!r}; allowed: {', '.join(WEIGHTINGS)}."
@@ -24,7 +25,18 @@ def check_weighting(name: str) -> str:
 
 
 def weight(logsnr, weighting: str):
-    """Per-example weight `[B]` for x-space MSE, as listed in the module docstring."""
+    """Per-example weight `w(logsnr)` of the x-space MSE, as listed in the module docstring.
+
+    `snr`: `exp(logsnr)`; `snr_trunc`: `exp(max(logsnr, 0)) = max(SNR, 1)`;
+    `snr_plus_one`: `exp(logsnr) + 1`; `constant`: 1.
+
+    Args:
+        logsnr: `[B]` logSNR of each example.
+        weighting: one of `WEIGHTINGS`.
+
+    Returns:
+        `[B]` float32 weights.
+    """
     check_weighting(weighting)
     logsnr = ops.cast(logsnr, "float32")
     if weighting == "snr":
@@ -44,6 +56,9 @@ def weighted_x_mse(x, x_hat, logsnr, weighting: str):
         x_hat: predictions, same shape.
         logsnr: `[B]`.
         weighting: one of `WEIGHTINGS`.
+
+    Returns:
+        `[B]` float32 losses.
     """
     x = ops.cast(x, "float32")
     x_hat = ops.cast(x_hat, "float32")

@@ -23,6 +23,7 @@ PARAMETERIZATIONS = ("eps", "x", "v", "both")
 
 
 def check_parameterization(name: str) -> str:
+    """Returns `name` if it is one of `PARAMETERIZATIONS`, else raises a `ValueError`."""
     if name not in PARAMETERIZATIONS:
         raise ValueError(
             f"Unknown parameterization {name!r}; allowed: {', '.join(PARAMETERIZATIONS)}."
@@ -31,14 +32,57 @@ def check_parameterization(name: str) -> str:
 
 
 def output_channels(name: str, image_channels: int) -> int:
-    """Channels the network must produce: doubled for `both`."""
+    """Channels the network must produce: `2 * image_channels` for `both`, else
+    `image_channels`."""
     check_parameterization(name)
     return 2 * image_channels if name == "both" else image_channels
 
 
 def expand_to(v, like):
-    """Reshape a per-example vector `[B]` to broadcast against `like` `[B, H, W, C]`."""
+    """Reshape a per-example vector `[B]` to broadcast against `like` `[B, H, W, C]`.
+
+    Returns:
+        `v` as `[B, 1, 1, 1]` (one trailing 1 per axis of `like` after the first), in
+        `like`'s dtype.
+    """
     return ops.reshape(ops.cast(v, like.dtype), (-1,) + (1,) * (len(like.shape) - 1))
+
+
+def eps_from_x(x_hat, z, logsnr):
+    """The noise that `x_hat` implies for `z`: `eps_hat = (z - alpha x_hat) / sigma`.
+
+    Args:
+        x_hat: predicted clean images, `[B, H, W, C]`.
+        z: the noisy input `z_t`, same shape.
+        logsnr: `[B]` logSNR of `z`.
+
+    Returns:
+        `eps_hat`, float32, shape of `z`.
+    """
+    z = ops.cast(z, "float32")
+    alpha, sigma = alpha_sigma(logsnr)
+    return (z - expand_to(alpha, z) * ops.cast(x_hat, "float32")) / expand_to(sigma, z)
+
+
+def clip_x_hat(x_hat, z, logsnr):
+    """Clips `x_hat` to [-1, 1] and recomputes `eps_hat` from the clipped value.
+
+    `x_c = clip(x_hat, -1, 1)`, `eps_hat = (z - alpha x_c) / sigma`, so that
+    `z = alpha x_c + sigma eps_hat` still holds and a DDIM step
+    `z_s = alpha_s x_c + sigma_s eps_hat` stays consistent. This is the one clipping
+    rule of the package: `predict(clip_x=True)`, `DiffusionModel.denoise(clip=True)`
+    and the samplers all go through it.
+
+    Args:
+        x_hat: predicted clean images, `[B, H, W, C]`.
+        z: the noisy input `z_t`, same shape.
+        logsnr: `[B]` logSNR of `z`.
+
+    Returns:
+        `(x_c, eps_hat)`, both float32.
+    """
+    x_clipped = ops.clip(ops.cast(x_hat, "float32"), -1.0, 1.0)
+    return x_clipped, eps_from_x(x_clipped, z, logsnr)
 
 
 def predict(output, z, logsnr, parameterization: str, clip_x: bool = False):
@@ -50,10 +94,11 @@ def predict(output, z, logsnr, parameterization: str, clip_x: bool = False):
         logsnr: `[B]` logSNR of `z`.
         parameterization: one of `PARAMETERIZATIONS`.
         clip_x: clip `x_hat` to [-1, 1] (sampling only; `eps_hat` is recomputed
-            from the clipped `x_hat` so the DDIM update stays consistent).
+            from the clipped `x_hat` so the DDIM update stays consistent; see
+            `clip_x_hat`).
 
     Returns:
-        `(x_hat, eps_hat, v_hat)`.
+        `(x_hat, eps_hat, v_hat)`, with `v_hat = alpha eps_hat - sigma x_hat`.
     """
     check_parameterization(parameterization)
     output = ops.cast(output, "float32")
@@ -72,10 +117,9 @@ def predict(output, z, logsnr, parameterization: str, clip_x: bool = False):
         x_out, eps_out = ops.split(output, 2, axis=-1)
         x_hat = sigma**2 * x_out + alpha * (z - sigma * eps_out)
     if clip_x:
-        x_hat = ops.clip(x_hat, -1.0, 1.0)
-        eps_hat = None
-    if eps_hat is None:
-        eps_hat = (z - alpha * x_hat) / sigma
+        x_hat, eps_hat = clip_x_hat(x_hat, z, logsnr)
+    elif eps_hat is None:
+        eps_hat = eps_from_x(x_hat, z, logsnr)
     v_hat = alpha * eps_hat - sigma * x_hat
     return x_hat, eps_hat, v_hat
 
@@ -83,8 +127,17 @@ def predict(output, z, logsnr, parameterization: str, clip_x: bool = False):
 def target(x, eps, logsnr, parameterization: str):
     """The network output that makes `predict` return exactly `(x, eps)`.
 
-    For `both` this is `(x, eps)` concatenated on channels:
+    `eps`: `eps`; `x`: `x`; `v`: `alpha eps - sigma x`. For `both` this is `(x, eps)`
+    concatenated on channels:
     `sigma^2 x + alpha (alpha x + sigma eps - sigma eps) = (sigma^2 + alpha^2) x = x`.
+
+    Args:
+        x: clean images `[B, H, W, C]`; eps: the noise, same shape.
+        logsnr: `[B]` logSNR of `z = alpha x + sigma eps`.
+        parameterization: one of `PARAMETERIZATIONS`.
+
+    Returns:
+        The training target, `[B, H, W, C]` (`[B, H, W, 2C]` for `both`).
     """
     check_parameterization(parameterization)
     alpha, sigma = alpha_sigma(logsnr)

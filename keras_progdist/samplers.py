@@ -16,6 +16,7 @@ from keras import ops
 
 import keras
 
+from keras_progdist import parameterizations
 from keras_progdist.parameterizations import expand_to
 from keras_progdist.random_utils import TensorSeed, fold_in
 from keras_progdist.schedules import Schedule, alpha_sigma
@@ -24,13 +25,25 @@ VARIANCES = ("fixed_small", "fixed_large", "interpolated")
 
 
 def _per_example(value, z):
+    """`value` (a scalar) repeated for each of `z`'s `B` examples: shape `[B]`."""
     return ops.ones((ops.shape(z)[0],), "float32") * ops.cast(value, "float32")
 
 
-
-
 def _denoise(denoise_fn, z, t, logsnr, clip):
-    """`(x_hat, eps_hat)` from a denoiser; `eps_hat` from `x_hat` if not given."""
+    """`(x_hat, eps_hat)` from a denoiser at `(z, t)`.
+
+    `eps_hat = (z - alpha x_hat) / sigma` when the denoiser returns `x_hat` only. With
+    `clip`, `parameterizations.clip_x_hat` clips `x_hat` to [-1, 1] and recomputes
+    `eps_hat` from it (the same rule as `predict(clip_x=True)`).
+
+    Args:
+        denoise_fn: `f(z, t) -> x_hat` or `(x_hat, eps_hat)`.
+        z: `[B, H, W, C]`; t: `[B]`; logsnr: `[B]`, the schedule's logSNR at `t`.
+        clip: clip `x_hat` to [-1, 1].
+
+    Returns:
+        `(x_hat, eps_hat)`, float32.
+    """
     out = denoise_fn(z, t)
     if isinstance(out, (tuple, list)):
         x_hat, eps_hat = out[0], out[1]
@@ -38,16 +51,24 @@ def _denoise(denoise_fn, z, t, logsnr, clip):
         x_hat, eps_hat = out, None
     x_hat = ops.cast(x_hat, "float32")
     if clip:
-        x_hat = ops.clip(x_hat, -1.0, 1.0)
-        eps_hat = None
-    if eps_hat is None:
-        alpha, sigma = alpha_sigma(logsnr)
-        eps_hat = (z - expand_to(alpha, z) * x_hat) / expand_to(sigma, z)
+        x_hat, eps_hat = parameterizations.clip_x_hat(x_hat, z, logsnr)
+    elif eps_hat is None:
+        eps_hat = parameterizations.eps_from_x(x_hat, z, logsnr)
     return x_hat, ops.cast(eps_hat, "float32")
 
 
 def ddim_step(z_t, x_hat, eps_hat, logsnr_s, s):
-    """One DDIM update `z_s = alpha_s x_hat + sigma_s eps_hat`; `x_hat` when `s = 0`."""
+    """One DDIM update `z_s = alpha_s x_hat + sigma_s eps_hat`; `x_hat` when `s = 0`.
+
+    Args:
+        z_t: the current latent `[B, H, W, C]` (gives the shape only).
+        x_hat, eps_hat: the denoiser's predictions at `(z_t, t)`, same shape.
+        logsnr_s: `[B]` logSNR at the target time `s`.
+        s: `[B]` target time; where `s = 0` the step returns `x_hat` itself.
+
+    Returns:
+        `z_s`, `[B, H, W, C]`.
+    """
     alpha_s, sigma_s = alpha_sigma(logsnr_s)
     z_s = expand_to(alpha_s, z_t) * x_hat + expand_to(sigma_s, z_t) * eps_hat
     return ops.where(expand_to(s, z_t) > 0.0, z_s, x_hat)
@@ -56,6 +77,10 @@ def ddim_step(z_t, x_hat, eps_hat, logsnr_s, s):
 def ddim_sample(denoise_fn: Callable, noise, num_steps, schedule: Schedule,
                 clip: bool = False):
     """Deterministic DDIM (eta = 0) from `noise = z_1` in `num_steps` uniform steps.
+
+    For `i = 0 .. N-1`, `t = (N - i) / N`, `s = (N - i - 1) / N`:
+    `z_s = alpha_s x_hat(z_t) + sigma_s eps_hat(z_t)`, and the last step (`s = 0`)
+    returns `x_hat`.
 
     Args:
         denoise_fn: `f(z, t) -> x_hat` or `(x_hat, eps_hat)`, `t` of shape `[B]`.
@@ -94,6 +119,9 @@ def ancestral_sample(denoise_fn: Callable, noise, num_steps, schedule: Schedule,
         seed: int or `[2]` int tensor; the same seed gives the same samples.
         variance: one of `VARIANCES`.
         gamma: interpolation weight for `interpolated`.
+
+    Returns:
+        Samples `[B, H, W, C]` (float32); the last step (`s = 0`) returns `x_hat`.
     """
     if variance not in VARIANCES:
         raise ValueError(f"Unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}.")

@@ -63,7 +63,18 @@ class Schedule:
         self._c = math.atan(math.exp(0.5 * self.logsnr_min))
 
     def logsnr(self, t):
-        """logSNR at time `t` (any shape, float)."""
+        """logSNR at time `t`.
+
+        cosine: `-2 log tan(a t + b)` (for `t >= 0.5` as `2 log tan(c + a (1 - t))`,
+        `c = arctan(exp(logsnr_min / 2))`, the same value); linear:
+        `logsnr_max + t (logsnr_min - logsnr_max)`.
+
+        Args:
+            t: times in [0, 1], any shape.
+
+        Returns:
+            float32 logSNR, the shape of `t`.
+        """
         t = ops.cast(t, "float32")
         if self.name == "cosine":
             # Near t = 1 the angle a t + b is within 5e-5 of pi/2 and float32 rounding
@@ -118,6 +129,12 @@ def log_sigma_ratio(logsnr_s, logsnr_t):
     `log sigma^2 = log sigmoid(-logsnr) = -softplus(logsnr)`, so
     `log(sigma_s / sigma_t) = (softplus(logsnr_t) - softplus(logsnr_s)) / 2`,
     finite even where `sigma_s` underflows in float32.
+
+    Args:
+        logsnr_s, logsnr_t: logSNR at times `s` and `t`, broadcastable.
+
+    Returns:
+        float32 `log(sigma_s / sigma_t)`.
     """
     return 0.5 * (ops.softplus(ops.cast(logsnr_t, "float32"))
                   - ops.softplus(ops.cast(logsnr_s, "float32")))

@@ -3,8 +3,8 @@ the loss, the EMA copy, resuming `fit`, `.keras` round trips of a trained model,
 seeded sampling, and the failure paths. Runs on TensorFlow and on JAX
 (`KERAS_BACKEND=jax`).
 
-One module-scoped model is trained once (two `fit` calls) and shared, because each
-new model pays ~20 s of XLA compilation on CPU.
+One module-scoped model is trained once (two `fit` calls) and shared, because every
+new model's train step and sampler are XLA-compiled again.
 """
 
 import numpy as np
@@ -13,6 +13,7 @@ import keras
 from keras import ops
 
 from keras_progdist.data import make_dataset
+from keras_progdist import parameterizations
 from keras_progdist.diffusion import DiffusionModel, copy_weights, diffuse
 from keras_progdist.networks import UNet
 from keras_progdist.optimizers import make_optimizer
@@ -175,6 +176,114 @@ def test_denoise_uses_ema_by_default_and_raw_on_request(trained):
     sigma = np.sqrt(1 / (1 + np.exp(logsnr)))[:, None, None, None]
     np.testing.assert_allclose(ema, alpha * z - sigma * v_out, atol=1e-5)
     assert np.abs(ema - raw).max() > 1e-4
+
+
+def _alpha_sigma_np(model, t):
+    logsnr = ops.convert_to_numpy(model.schedule.logsnr(t))
+    return (np.sqrt(1 / (1 + np.exp(-logsnr)))[:, None, None, None],
+            np.sqrt(1 / (1 + np.exp(logsnr)))[:, None, None, None])
+
+
+@pytest.mark.parametrize("parameterization", ["v", "eps"])
+def test_denoise_clip_clips_x_hat_and_recomputes_eps_hat(parameterization):
+    model = DiffusionModel(_net(), parameterization=parameterization, ema_decay=None)
+    conv = model.network.get_layer("conv_out")
+    conv.kernel.assign(np.random.RandomState(0).normal(0, 0.3, conv.kernel.shape))
+    # Large z at low noise: x_hat ~ z / alpha leaves [-1, 1] for many pixels.
+    z = 3.0 * np.random.default_rng(1).standard_normal((2,) + SHAPE).astype(np.float32)
+    t = np.array([0.2, 0.6], np.float32)
+    x_raw, eps_raw = (ops.convert_to_numpy(a) for a in model.denoise(z, t))
+    x_clip, eps_clip = (ops.convert_to_numpy(a) for a in model.denoise(z, t, clip=True))
+    assert np.abs(x_raw).max() > 1.5  # the case is non-trivial
+    np.testing.assert_allclose(x_clip, np.clip(x_raw, -1.0, 1.0), atol=1e-6)
+    # eps_hat = (z - alpha x_hat) / sigma with the clipped x_hat, so that
+    # z = alpha x_hat + sigma eps_hat still holds (a consistent DDIM step).
+    alpha, sigma = _alpha_sigma_np(model, t)
+    np.testing.assert_allclose(eps_clip, (z - alpha * x_clip) / sigma, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(alpha * x_clip + sigma * eps_clip, z, atol=1e-4)
+    assert np.abs(eps_clip - eps_raw).max() > 1e-2
+    # The same numbers as parameterizations.predict(clip_x=True) on the raw output.
+    output = model.network([z, t])
+    want = parameterizations.predict(output, z, model.schedule.logsnr(t), parameterization,
+                                     clip_x=True)
+    np.testing.assert_allclose(x_clip, ops.convert_to_numpy(want[0]), atol=1e-6)
+    np.testing.assert_allclose(eps_clip, ops.convert_to_numpy(want[1]), atol=1e-5)
+
+
+def _bounded(**kw):
+    return DiffusionModel(_net(), ema_decay=None, **{"num_steps": 2, **kw})
+
+
+def test_sample_above_max_steps_is_refused_before_any_work():
+    model = _bounded(max_steps=8, max_batch=4)
+    with pytest.raises(ValueError, match=r"num_steps=9 .*max_steps=8"):
+        model.sample(batch_size=1, num_steps=9)
+    # Refused before compiling: a step count the server must never run.
+    with pytest.raises(ValueError, match=r"num_steps=1000000000 .*max_steps=8"):
+        model.sample(batch_size=1, num_steps=10**9)
+    assert model._compiled_samplers == {}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    # 1e9 images of 16x16 would be 1 TB of noise: refused before any is drawn.
+    (dict(batch_size=10**9), r"batch of 1000000000 images .*max_batch=4"),
+    (dict(batch_size=5), r"batch of 5 images .*max_batch=4"),
+    (dict(noise=np.zeros((5,) + SHAPE, np.float32)), r"batch of 5 images .*max_batch=4"),
+    (dict(batch_size=0), r"batch of 0"),
+    (dict(noise=np.zeros((0,) + SHAPE, np.float32)), r"batch of 0"),
+])
+def test_sample_batch_outside_1_to_max_batch_is_refused_before_any_work(kwargs, match,
+                                                                        monkeypatch):
+    model = _bounded(max_steps=8, max_batch=4)
+
+    def no_noise(*args, **kw):
+        raise AssertionError("noise was drawn before the batch was checked")
+
+    monkeypatch.setattr(keras.random, "normal", no_noise)
+    with pytest.raises(ValueError, match=match):
+        model.sample(**kwargs)
+    assert model._compiled_samplers == {}
+
+
+def test_empty_batch_is_refused_without_max_batch():
+    with pytest.raises(ValueError, match=r"batch of 0"):
+        _bounded().sample(batch_size=0)
+
+
+def test_sample_at_the_limits_runs():
+    model = _bounded(max_steps=3, max_batch=2)
+    out = model.sample(batch_size=2, num_steps=3, seed=0)
+    assert out.shape == (2,) + SHAPE and np.all(np.isfinite(out))
+
+
+def test_limits_are_saved_in_the_config_and_old_configs_load_unbounded(tmp_path):
+    model = _bounded(max_steps=8, max_batch=4)
+    config = model.get_config()
+    assert config["max_steps"] == 8 and config["max_batch"] == 4
+    restored = DiffusionModel.from_config(config)
+    assert (restored.max_steps, restored.max_batch) == (8, 4)
+    path = str(tmp_path / "bounded.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert (loaded.max_steps, loaded.max_batch) == (8, 4)
+    with pytest.raises(ValueError, match="max_steps=8"):
+        loaded.sample(batch_size=1, num_steps=9)
+    # A config written before the limits existed: no keys, no limits.
+    old = {k: v for k, v in config.items() if k not in ("max_steps", "max_batch")}
+    unbounded = DiffusionModel.from_config(old)
+    assert unbounded.max_steps is None and unbounded.max_batch is None
+    assert unbounded.get_config()["max_steps"] is None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_steps=0), "max_steps must be None or an int >= 1, got 0"),
+    (dict(max_batch=-1), "max_batch must be None or an int >= 1, got -1"),
+    (dict(max_batch=2.5), "max_batch must be None or an int >= 1, got 2.5"),
+    (dict(num_steps=16, max_steps=8), "num_steps=16 is above max_steps=8"),
+])
+def test_bad_limits_are_errors_naming_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _bounded(**kwargs)
 
 
 def test_diffuse_is_alpha_x_plus_sigma_eps():

@@ -1,5 +1,6 @@
 """Each loss weighting on x-space MSE equals the MSE in the space it is named after
-(DESIGN.md §1): snr -> eps, snr_trunc -> max(x, eps), snr_plus_one -> v, constant -> x."""
+(`eps - eps_hat = (alpha / sigma)(x_hat - x)`, `v - v_hat = (x_hat - x) / sigma`):
+snr -> eps, snr_trunc -> max(x, eps), snr_plus_one -> v, constant -> x."""
 
 import numpy as np
 import pytest

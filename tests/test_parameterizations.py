@@ -1,5 +1,6 @@
-"""Parameterization identities (DESIGN.md §1): `target` is the exact inverse of
-`predict`, `v_hat = alpha eps_hat - sigma x_hat`, clipping touches `x_hat` only."""
+"""Parameterization identities, with `z = alpha x + sigma eps` and
+`v = alpha eps - sigma x`: `target` is the exact inverse of `predict`,
+`v_hat = alpha eps_hat - sigma x_hat`, clipping touches `x_hat` only."""
 
 import numpy as np
 import pytest
@@ -100,6 +101,20 @@ def test_clip_x_clips_x_hat_only(name):
     np.testing.assert_allclose(clipped[2], alpha * clipped[1] - sigma * clipped[0], atol=1e-5)
     unclipped = np.abs(raw[0]) <= 1.0
     np.testing.assert_allclose(clipped[1][unclipped], raw[1][unclipped], atol=1e-4)
+
+
+def test_clip_x_hat_clips_and_returns_the_eps_hat_it_implies():
+    x, eps, logsnr, z, alpha, sigma = _data(7)
+    x_hat = 3.0 * x
+    x_c, eps_c = (_np(a) for a in P.clip_x_hat(x_hat, z, logsnr))
+    np.testing.assert_allclose(x_c, np.clip(x_hat, -1, 1), atol=0)
+    np.testing.assert_allclose(eps_c, (z - alpha * x_c) / sigma, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(_np(P.eps_from_x(x_hat, z, logsnr)),
+                               (z - alpha * x_hat) / sigma, rtol=1e-5, atol=1e-4)
+    # predict(clip_x=True) gives exactly these numbers.
+    x_p, eps_p, _ = P.predict(x_hat, z, logsnr, "x", clip_x=True)
+    np.testing.assert_array_equal(_np(x_p), x_c)
+    np.testing.assert_array_equal(_np(eps_p), eps_c)
 
 
 def test_output_channels_doubles_for_both_only():

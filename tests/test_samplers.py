@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_progdist import samplers
+from keras_progdist import parameterizations, samplers
 from keras_progdist.diffusion import compile_with_variables
 from keras_progdist.schedules import Schedule
 
@@ -173,3 +173,54 @@ def test_unknown_variance_error_names_value_and_allowed(x0):
                                   SCHEDULE, seed=0, variance="learned")
     msg = str(info.value)
     assert "'learned'" in msg and all(v in msg for v in samplers.VARIANCES)
+
+
+def _out_of_range_denoiser(with_eps):
+    """x_hat = 2 z (half its pixels outside [-1, 1]); eps_hat, when returned, is junk
+    that clipping must replace."""
+    def denoise(z, t):
+        x_hat = 2.0 * z
+        return (x_hat, ops.zeros_like(z) + 7.0) if with_eps else x_hat
+    return denoise
+
+
+@pytest.mark.parametrize("with_eps", [False, True])
+def test_ddim_clip_uses_clipped_x_hat_and_the_eps_hat_it_implies(with_eps):
+    # Two steps 1 -> 1/2 -> 0, written out: x1 = clip(2 z1), eps1 = (z1 - a1 x1) / s1,
+    # z_half = a_half x1 + s_half eps1, and the result clip(2 z_half).
+    z1 = 1.5 * np.random.default_rng(3).standard_normal((4,) + SHAPE).astype(np.float32)
+    out = _np(samplers.ddim_sample(_out_of_range_denoiser(with_eps), z1, 2, SCHEDULE,
+                                   clip=True))
+    a1, s1 = (_np(v) for v in SCHEDULE.alpha_sigma(1.0))
+    a_half, s_half = (_np(v) for v in SCHEDULE.alpha_sigma(0.5))
+    x1 = np.clip(2.0 * z1, -1, 1)
+    z_half = a_half * x1 + s_half * (z1 - a1 * x1) / s1
+    np.testing.assert_allclose(out, np.clip(2.0 * z_half, -1, 1), atol=1e-5)
+    assert np.abs(2.0 * z_half).max() > 1.0  # clipping mattered at the last step too
+
+
+def test_samplers_and_predict_clip_through_one_function(monkeypatch):
+    # One clipping rule: predict(clip_x=True), the samplers' clip and (through predict)
+    # DiffusionModel.denoise(clip=True) all call parameterizations.clip_x_hat.
+    calls = []
+    original = parameterizations.clip_x_hat
+
+    def spy(x_hat, z, logsnr):
+        calls.append(tuple(z.shape))
+        return original(x_hat, z, logsnr)
+
+    monkeypatch.setattr(parameterizations, "clip_x_hat", spy)
+    z = np.ones((2,) + SHAPE, np.float32)
+    logsnr = np.zeros((2,), np.float32)
+    parameterizations.predict(2.0 * z, z, logsnr, "x", clip_x=True)
+    assert len(calls) == 1
+    # Eagerly once per step; a traced loop body calls it once.
+    samplers.ddim_sample(_out_of_range_denoiser(False), z, 3, SCHEDULE, clip=True)
+    assert len(calls) > 1
+    n = len(calls)
+    samplers.ancestral_sample(_out_of_range_denoiser(False), z, 2, SCHEDULE, seed=0,
+                              clip=True)
+    assert len(calls) > n
+    n = len(calls)
+    samplers.ddim_sample(_out_of_range_denoiser(False), z, 3, SCHEDULE, clip=False)
+    assert len(calls) == n

@@ -1,5 +1,7 @@
-"""Identities of the logSNR schedules (DESIGN.md §1): endpoints, variance
-preservation, monotonicity, the t <-> logsnr inverse and the log-space sigma ratio."""
+"""Identities of the logSNR schedules (`alpha^2 = sigmoid(logsnr)`,
+`sigma^2 = sigmoid(-logsnr)`, cosine `logsnr(t) = -2 log tan(a t + b)`): endpoints,
+variance preservation, monotonicity, the t <-> logsnr inverse and the log-space sigma
+ratio."""
 
 import numpy as np
 import pytest
