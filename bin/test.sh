@@ -14,4 +14,5 @@ KERAS_BACKEND=jax "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not sl
   tests/test_schedules.py tests/test_parameterizations.py tests/test_losses.py \
   tests/test_samplers.py tests/test_unet.py tests/test_diffusion.py \
   tests/test_distillation.py tests/test_checkpoint.py tests/test_array_data.py \
-  tests/test_image_folder.py tests/test_preemption.py tests/test_workdir.py "$@"
+  tests/test_image_folder.py tests/test_preemption.py tests/test_workdir.py \
+  tests/test_keras_compat.py "$@"

@@ -106,6 +106,19 @@ class WorkDir:
     def final_meta(self, stage: str) -> dict:
         return checkpoint.read_meta(self.stage_dir(stage), "final")
 
+    def stage_steps(self, stage: str) -> int:
+        """The sampling step count a finished stage was trained for, from its `final`
+        checkpoint (the record every other summary, e.g. stages.json, derives from).
+
+        Raises:
+            WorkDirError: the record has no step count (damaged or not this library's).
+        """
+        meta = self.final_meta(stage)
+        if "num_steps" not in meta:
+            raise WorkDirError(f"{self.stage_dir(stage)}/final.json records no num_steps: "
+                               "it is damaged or was not written by this library.")
+        return int(meta["num_steps"])
+
     def final_sha256(self, stage: str) -> str:
         """The finished stage's weights sha256 as recorded (an identity, not a check)."""
         return checkpoint.recorded_sha256(self.stage_dir(stage), "final")

@@ -363,3 +363,42 @@ def test_eval_of_an_empty_workdir_says_so(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvaluationError, match="Nothing to evaluate"):
         _in_process(str(tmp_path / "empty"), "eval")
+
+
+@pytest.mark.slow
+def test_a_kill_during_evaluation_resumes_and_a_finished_job_rerun_is_a_no_op(
+        trained_workdir, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "work")
+    shutil.copytree(trained_workdir[0], workdir)
+    params = [f"--gin_param={p}" for p in EVAL_SMALL]
+    flags = [*params, f"--export_dir={tmp_path / 'export'}", "--verbose=2"]
+    command = _command(workdir, "all", flags=flags)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=_env())
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("[eval]"):  # the first model is scored: kill -9 now
+            process.kill()
+            break
+    process.wait(timeout=600)
+    assert any(line.startswith("[eval]") for line in seen), "".join(seen)
+
+    resumed = _run(workdir, "all", flags=flags)
+    assert "finished earlier, skipping" in resumed.stdout
+    assert "up to date" in resumed.stdout, resumed.stdout
+    assert os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
+
+    again = _run(workdir, "all", flags=flags)
+    output = again.stdout
+    assert "training" not in output and "distilling" not in output
+    assert "resuming" not in output and "up to date" in output
+    scored = [line for line in output.splitlines()
+              if line.startswith("[eval]") and "steps:" in line]
+    assert len(scored) == 6 and all("(saved earlier)" in line for line in scored), output
+    exported = sorted(os.listdir(tmp_path / "export" / "tiny"))
+    versions = [v for name in exported if name.endswith("steps")
+                for v in os.listdir(tmp_path / "export" / "tiny" / name)]
+    assert versions and set(versions) == {"1"}, versions

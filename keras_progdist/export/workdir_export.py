@@ -6,8 +6,6 @@ Export only reads the work directory: a missing one is an `ExportError`, never c
 
 from __future__ import annotations
 
-import json
-import os
 
 import keras
 
@@ -32,18 +30,6 @@ def _existing_workdir(workdir: str) -> WorkDir:
     return wd
 
 
-def _recorded_steps(wd: WorkDir) -> dict:
-    """`{stage: num_steps}` from the work directory's `stages.json` ({} if it has none).
-
-    (Belongs in `WorkDir`, which has no reader of `stages.json` yet.)
-    """
-    path = wd.path("stages.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return {s["stage"]: int(s["num_steps"]) for s in json.load(f)}
-
-
 def load_workdir_stages(workdir: str) -> list:
     """`[(stage, num_steps, DiffusionModel)]` of a work directory, without gin.
 
@@ -63,18 +49,11 @@ def load_workdir_stages(workdir: str) -> list:
     if config is None:
         raise ExportError(f"{workdir} is not a keras-progdist work directory "
                           f"({wd.path('config.json')} is missing).")
-    recorded = _recorded_steps(wd)
     students = wd.finished_students()
     if not wd.is_finished(TEACHER):
         raise ExportError(f"No finished teacher in {workdir} (teacher/final.json is "
                           "missing): train it first.")
-    if TEACHER in recorded:
-        teacher_steps = recorded[TEACHER]
-    elif students:
-        teacher_steps = 2 * students[0]
-    else:
-        raise ExportError(f"{wd.path('stages.json')} does not record the teacher's step "
-                          "count.")
+    teacher_steps = wd.stage_steps(TEACHER)
     diffusion = config["diffusion"]
     stages = []
     for stage, n in [(TEACHER, teacher_steps)] + [(stage_name(n), n) for n in students]:

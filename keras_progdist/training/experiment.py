@@ -21,6 +21,7 @@ from keras_progdist import (checkpoint, data, distribute, fileio, images,
                             parameterizations, tensorboard_log)
 from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.distillation import Distiller
+from keras_progdist.export.models import sampling_model
 from keras_progdist.networks.unet import UNet
 from keras_progdist.optimizers import make_optimizer
 from keras_progdist.training.config import (PipelineError, ScheduleConfigurable,
@@ -123,10 +124,9 @@ class Experiment:
 
     def sampling_model(self, network: UNet, num_steps: int) -> DiffusionModel:
         """An EMA-free `DiffusionModel` around `network` that samples in `num_steps`."""
-        return DiffusionModel(network, schedule=self.schedule,
-                              parameterization=self.diffusion["parameterization"],
-                              weighting=self.diffusion["weighting"], ema_decay=None,
-                              num_steps=num_steps, name=f"sampler_{num_steps}")
+        return sampling_model(network, num_steps, self.schedule,
+                              self.diffusion["parameterization"],
+                              self.diffusion["weighting"])
 
     def sample_grid(self, model: DiffusionModel, num_steps: int, filename: str,
                     count: int = 16) -> str:

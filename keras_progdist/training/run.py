@@ -34,7 +34,7 @@ def _validate_run_settings(mode: str, experiment_name: str | None, workdir: str)
     if mode in ("export", "all"):
         from keras_progdist import export
 
-        export._check_name(experiment_name or export._default_name(workdir))
+        export.check_name(experiment_name or export.default_name(workdir))
     return cfg
 
 
