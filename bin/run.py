@@ -18,22 +18,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from keras_progdist.distribute import STRATEGIES  # noqa: E402
+from keras_progdist.training.config import MODES  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config file(s); bare names are looked "
                           "up in gin/.")
 flags.DEFINE_multi_string("gin_param", [], "Gin bindings, e.g. 'teacher.train_steps=100'.")
 flags.DEFINE_string("workdir", None, "Work directory (checkpoints, samples, logs). "
-                    "Default: runs/<first gin file's name>.")
-flags.DEFINE_enum("mode", "all",
-                  ["train_teacher", "distill", "sample", "export", "eval", "all"],
+                    "Default: runs/<--experiment, else the first gin file's name>.")
+flags.DEFINE_enum("mode", "all", list(MODES),
                   "What to run. sample: write every model's evaluation samples as .npz "
                   "files (eval/samples/), which eval then scores, on any host.")
 flags.DEFINE_string("export_dir", os.path.join(ROOT, "saved_models"),
                     "Export root for SavedModels and .keras files.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing export version.")
+flags.DEFINE_bool("overwrite", False, "Replace the current export version (weights "
+                  "already exported are never re-exported).")
 flags.DEFINE_string("experiment", None, "Export name (default: the gin file's name).")
-flags.DEFINE_enum("strategy", "default",
-                  ["default", "mirrored", "multi_worker", "tpu", "data_parallel"],
+flags.DEFINE_enum("strategy", "default", list(STRATEGIES),
                   "Distribution strategy (TensorFlow: mirrored/multi_worker/tpu; "
                   "JAX: data_parallel).")
 flags.DEFINE_string("tpu", None, "TPU name or grpc address for --strategy=tpu "

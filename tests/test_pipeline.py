@@ -402,3 +402,35 @@ def test_a_kill_during_evaluation_resumes_and_a_finished_job_rerun_is_a_no_op(
     versions = [v for name in exported if name.endswith("steps")
                 for v in os.listdir(tmp_path / "export" / "tiny" / name)]
     assert versions and set(versions) == {"1"}, versions
+
+
+@pytest.mark.slow
+def test_the_pipeline_trains_on_a_folder_of_png_files(tmp_path):
+    """One's own images: a folder of PNGs (two class subfolders) through the teacher and
+    a distillation stage, on whichever input pipeline the backend picks."""
+    from PIL import Image
+
+    from keras_progdist import data
+
+    digits, labels = data.load_images("mnist_embedded", image_size=16, limit=200)
+    folder = tmp_path / "images"
+    for i, (image, label) in enumerate(zip(digits, labels)):
+        if label > 1:
+            continue
+        (folder / f"digit{label}").mkdir(parents=True, exist_ok=True)
+        pixels = np.clip((np.asarray(image)[..., 0] + 1) * 127.5, 0, 255).astype("uint8")
+        Image.fromarray(pixels).save(folder / f"digit{label}" / f"{i:04d}.png")
+    workdir = str(tmp_path / "work")
+    bindings = ["dataset.name='image_folder'", f"dataset.data_dir='{folder}'",
+                "dataset.image_size=8", "UNet.attention_resolutions=()",
+                "dataset.with_labels=True", "UNet.num_classes=2",
+                "teacher.train_steps=10", "distill.teacher_steps=4",
+                "distill.min_steps=2", "distill.updates_per_stage=10"]
+    _in_process(workdir, "train_teacher", bindings)
+    _in_process(workdir, "distill", bindings)
+    with open(os.path.join(workdir, "stages.json")) as f:
+        stages = [(s["stage"], s["num_steps"]) for s in json.load(f)]
+    assert stages == [("teacher", 4), ("student_00002", 2)]
+    with open(os.path.join(workdir, "config.json")) as f:
+        network = json.load(f)["network"]
+    assert network["image_shape"] == [8, 8, 1] and network["num_classes"] == 2
