@@ -76,3 +76,11 @@ def test_markdown_lists_every_row():
     text = digits.markdown(record)
     assert "97.0%" in text
     assert text.count("\n| ") == 5
+
+
+def test_scorer_for_only_takes_embedded_mnist():
+    assert digits.scorer_for({"name": "fashion_mnist"}, (16, 16, 1)) is None
+    assert digits.scorer_for({"name": "mnist_embedded"}, (16, 16, 3)) is None
+    scorer = digits.scorer_for({"name": "mnist_embedded", "resize": "bilinear"},
+                               (16, 16, 1))
+    assert scorer.image_size == 16 and scorer.classifier is None  # trains on first use

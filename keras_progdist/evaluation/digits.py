@@ -170,6 +170,35 @@ def digit_scores(classifier, samples) -> dict:
             "class_entropy_bits": entropy, "class_counts": counts.tolist()}
 
 
+class DigitScorer:
+    """`digit_scores` with a classifier trained on first use (so a re-run that scores
+    nothing trains nothing). For the evaluation report: see `scorer_for`."""
+
+    def __init__(self, image_size: int, resize: str = "bilinear", seed: int = 0):
+        self.image_size, self.resize, self.seed = image_size, resize, seed
+        self.classifier = self.info = None
+
+    def __call__(self, samples) -> dict:
+        if self.classifier is None:
+            self.classifier, self.info = train_classifier(self.image_size, self.resize,
+                                                          self.seed)
+        return {**digit_scores(self.classifier, samples),
+                "classifier_accuracy": self.info["accuracy"]}
+
+
+def scorer_for(bindings: dict, image_shape) -> DigitScorer | None:
+    """A `DigitScorer` when the model is trained on `mnist_embedded` single-channel
+    digits, else None (the classifier means nothing on other data).
+
+    Args:
+        bindings: the `dataset.*` settings in force (`report._dataset_bindings()`).
+        image_shape: the model's `(H, W, C)`.
+    """
+    if bindings.get("name") != "mnist_embedded" or tuple(image_shape)[-1] != 1:
+        return None
+    return DigitScorer(int(image_shape[0]), bindings.get("resize") or "bilinear")
+
+
 def evaluate_workdir(experiment, steps: int = 4, num_samples: int = 256,
                      batch_size: int = 64, seed: int = 2024, classifier=None,
                      info: dict | None = None, write: bool = True,
