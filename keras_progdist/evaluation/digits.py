@@ -41,6 +41,9 @@ from keras import layers, ops
 
 NUM_CLASSES = 10
 CONFIDENT = 0.9
+# Bumped whenever the classifier or its training changes the scores: part of the keys
+# saved scores are looked up by.
+PROBE_VERSION = 1
 
 
 def load_digits(image_size: int = 16, resize: str = "bilinear"):
@@ -231,7 +234,7 @@ def evaluate_workdir(experiment, steps: int = 4, num_samples: int = 256,
     stages = {stage: (n, model) for stage, n, model in experiment.stage_models()}
     student = next((s for s, (n, _) in stages.items() if n == steps and s != "teacher"),
                    None)
-    key = {"version": 1, "steps": steps, "num_samples": num_samples,
+    key = {"version": PROBE_VERSION, "steps": steps, "num_samples": num_samples,
            "batch_size": batch_size, "seed": seed, "image_size": side, "resize": resize,
            "backend": keras.backend.backend(),
            "weights_sha256": {s: checkpoint.recorded_sha256(experiment.path(s), "final")
