@@ -87,12 +87,9 @@ def pieces(lines):
     end = lines[-1][0]
     t_run = first(lines, r"^\[run\]")
     t_student = first(lines, r"^\[stage\] student_")
-    t_export_first = first(lines, r"^\[export\]")
     t_export_last = last(lines, r"^\[export\]")
-    distill_end = None
-    if t_export_first is not None:
-        before = [t for t, s in lines if t < t_export_first and not s.startswith("[export]")]
-        distill_end = before[-1] if before else None
+    # The last stage line ends training; export prints only after each model is done.
+    distill_end = last(lines, r"^\[stage\] ")
     r = lambda x: None if x is None else round(x, 1)
     sub = lambda a, b: None if a is None or b is None else round(a - b, 1)
     return {
