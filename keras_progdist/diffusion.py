@@ -12,6 +12,7 @@ optimizer step inside the compiled train step on both TensorFlow and JAX.
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import keras
@@ -366,6 +367,24 @@ def copy_weights(source, target) -> None:
     target.set_weights([w.copy() for w in weights])
 
 
+class _RetracingWarningFilter(logging.Filter):
+    """Drops TensorFlow's "N out of the last N calls ... triggered tf.function
+    retracing" warning for our samplers: every model (each stage, each evaluated step
+    count) compiles its own sampler over its own variables by design, which TensorFlow
+    counts as retracing one function."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not ("triggered tf.function retracing" in message
+                    and "_make_sampler" in message)
+
+
+def _quiet_retracing_warning(tf) -> None:
+    logger = tf.get_logger()
+    if not any(isinstance(f, _RetracingWarningFilter) for f in logger.filters):
+        logger.addFilter(_RetracingWarningFilter())
+
+
 def compile_with_variables(fn, variables: Sequence):
     """Compiles `fn` (XLA) so it reads `variables`' *current* values at every call.
 
@@ -376,6 +395,7 @@ def compile_with_variables(fn, variables: Sequence):
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
+        _quiet_retracing_warning(tf)
         return tf.function(fn, jit_compile=True, reduce_retracing=True)
     if backend == "jax":
         import jax

@@ -366,3 +366,26 @@ def test_class_conditional_model_trains_on_labels_and_needs_them():
     unlabelled = make_dataset("mnist_embedded", batch_size=32, image_size=16, seed=0)
     with pytest.raises(ValueError, match=r"class-conditional \(num_classes=10\).*label"):
         model.fit(unlabelled, epochs=1, steps_per_epoch=1, verbose=0)
+
+
+@pytest.mark.tensorflow_only
+def test_sampling_many_models_does_not_warn_about_retracing():
+    """Each model compiles its own sampler by design; TensorFlow's retracing warning
+    about it is only noise in a run's log (7 models used to print 8 warnings)."""
+    import io
+    import logging
+
+    import tensorflow as tf
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    tf.get_logger().addHandler(handler)
+    try:
+        for _ in range(7):
+            model = DiffusionModel(
+                UNet((8, 8, 1), channels=8, channel_mult=(1,), num_res_blocks=1,
+                     attention_resolutions=(), num_groups=4), ema_decay=None, num_steps=2)
+            model.sample(batch_size=2, seed=0)
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert "retracing" not in stream.getvalue()
