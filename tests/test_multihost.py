@@ -46,8 +46,8 @@ def test_two_jax_processes_train_one_teacher_and_only_process_0_writes(tmp_path)
     second, first = outputs
     assert "process is not the chief" in second and "not the chief" not in first
     # One global batch per step: both processes report the same losses.
-    losses = [[line.split("loss: ")[1] for line in out.splitlines() if "loss: " in line]
-              for out in outputs]
+    losses = [[line.split("loss ")[1].split(",")[0] for line in out.splitlines()
+               if line.startswith("[teacher] step")] for out in outputs]
     assert losses[0] == losses[1] and len(losses[0]) == 2
     # Only the chief wrote, once: one finished teacher, no resume checkpoint left over.
     assert checkpoint.read_meta(os.path.join(workdir, "teacher"), "final")["step"] == 20
