@@ -116,7 +116,7 @@ if os.path.exists(path):
         stages = [json.loads(l) for l in text.splitlines() if l.strip()]
 text2 = [s for _, s in run2]
 no_op = {
-    "trained_nothing": not any(re.search(r"Epoch \d+/|resuming", s) for s in text2),
+    "trained_nothing": not any(re.search(r"Epoch \d+/|\] step \d+/|resuming", s) for s in text2),
     "stages_skipped": sum("finished earlier, skipping" in s for s in text2),
     "exported_nothing": all("nothing written" in s for s in text2 if s.startswith("[export]")
                             and re.search(r"\[export\] (teacher|student)", s)),
