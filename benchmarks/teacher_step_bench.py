@@ -1,6 +1,6 @@
 """Teacher training throughput: `DiffusionModel.fit` steps per second.
 
-Two networks (DESIGN.md §2):
+Networks (the settings in gin/tiny.gin and gin/cifar_v.gin; docs/design.md §2):
 
 * `tiny`: the test/demo U-Net on the embedded MNIST digits at 16x16x1, batch 32.
 * `cifar10`: the paper's CIFAR-10 U-Net (`channels=256, channel_mult=(1, 1, 1),
