@@ -206,6 +206,9 @@ class Log:
 
 
 # -- state: what finished, with which command --------------------------------------------
+# This driver never imports keras_progdist (its __init__ imports Keras, and JAX would
+# then claim the GPU before the pieces it launches start), so the two small helpers
+# below repeat fileio.sha256_file and bin/run.py's gin-file lookup on purpose.
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -35,7 +35,6 @@ def _variables(model, include_optimizer: bool = True):
     return variables
 
 
-_sha256 = fileio.sha256_file
 # A weights file is named by the checkpoint and never by a path: a record naming
 # `../x.npz` or `/abs/x.npz` must not load weights from outside the checkpoint folder.
 _WEIGHTS_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.npz$")
@@ -97,7 +96,7 @@ def save(directory: str, name: str, model, meta: dict | None = None,
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        digest = _sha256(tmp)
+        digest = fileio.sha256_file(tmp)
         weights_file = f"{name}-{digest[:16]}.npz"
         os.replace(tmp, os.path.join(directory, weights_file))
     except BaseException:
@@ -181,7 +180,7 @@ def _verified_record(directory: str, name: str) -> dict:
     if not os.path.exists(npz_path):
         raise CheckpointError(f"Checkpoint {json_path} has no weights file {npz_path}. "
                               f"{_recovery(json_path, name)}")
-    digest = _sha256(npz_path)
+    digest = fileio.sha256_file(npz_path)
     if digest != record.get("sha256"):
         raise CheckpointError(
             f"Checkpoint {npz_path} is corrupt: its sha256 is {digest}, the metadata "

@@ -321,6 +321,14 @@ def _score(fid_model, real, kind, steps, cfg, out_dir, source, sample_dir=None,
     return result
 
 
+def _show(result: dict, how: str, progress, verbose: int) -> None:
+    """One model scored: advance the progress bar, or print its line at verbose=2."""
+    if progress:
+        progress.add(1)
+    elif verbose >= 2:
+        print(_line(result, how), flush=True)
+
+
 def _line(result: dict, how: str) -> str:
     fid = "" if result.get("fid") is None else f"FID {result['fid']:.2f}, "
     return (f"[eval] {result['kind']} {result['num_steps']} steps: {fid}KID×1e3 "
@@ -394,10 +402,7 @@ def evaluate_experiment(experiment, verbose: int = 1, deadline: float | None = N
         else:
             how = "saved earlier"
         results.append(result)
-        if progress:
-            progress.add(1)
-        elif verbose >= 2:
-            print(_line(result, how), flush=True)
+        _show(result, how, progress, verbose)
     report = {
         "workdir": experiment.workdir,
         "backend": keras.backend.backend(),
@@ -506,10 +511,7 @@ def score_sample_dir(sample_dir: str, out_dir: str | None = None, verbose: int =
             fileio.atomic_write_json(path, {"key": key, "result": result})
             how = "files"
         results.append(result)
-        if progress:
-            progress.add(1)
-        elif verbose >= 2:
-            print(_line(result, how), flush=True)
+        _show(result, how, progress, verbose)
     report = {
         "workdir": sample_dir,
         "backend": keras.backend.backend(),

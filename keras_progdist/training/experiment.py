@@ -39,7 +39,8 @@ class Experiment:
     Args:
         workdir: the run's work directory (see `WorkDir`).
         strategy: a `tf.distribute` strategy, or None.
-        deadline: a `time.time()` after which training stops at the next chunk.
+        deadline: a `time.time()` after which training stops at the next chunk (held
+            by the guard; used only when no `guard` is given).
         guard: the run's preemption flag (`run` installs its SIGTERM handler).
     """
 
@@ -48,7 +49,6 @@ class Experiment:
         self.workdir = workdir
         self.wd = WorkDir(workdir)
         self.strategy = strategy
-        self.deadline = deadline
         self.guard = guard if guard is not None else PreemptionGuard(deadline)
         # One writer per run: with several processes (multi-host JAX, multi-worker or
         # TPU pods) the others train in lockstep but write nothing.
