@@ -119,6 +119,24 @@ class WorkDir:
                                "it is damaged or was not written by this library.")
         return int(meta["num_steps"])
 
+    def stage_network_config(self, stage: str, network_config: dict) -> dict:
+        """The UNet config a finished stage's weights were saved with.
+
+        Students may train with another dropout rate than the run's network config
+        (`distill.student_dropout`), and a Dropout layer with a nonzero rate carries a
+        seed variable, so the rate is part of the weights' layout: it is recorded in the
+        stage's `final` checkpoint and read back here (records without it used the run's
+        rate).
+
+        Args:
+            stage: `teacher` or `student_<N>`.
+            network_config: the run's network config (`config.json`'s `network`).
+        Returns:
+            `network_config` with the stage's `dropout`.
+        """
+        meta = self.final_meta(stage)
+        return {**network_config, "dropout": meta.get("dropout", network_config["dropout"])}
+
     def final_sha256(self, stage: str) -> str:
         """The finished stage's weights sha256 as recorded (an identity, not a check)."""
         return checkpoint.recorded_sha256(self.stage_dir(stage), "final")

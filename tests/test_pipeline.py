@@ -434,3 +434,27 @@ def test_the_pipeline_trains_on_a_folder_of_png_files(tmp_path):
     with open(os.path.join(workdir, "config.json")) as f:
         network = json.load(f)["network"]
     assert network["image_shape"] == [8, 8, 1] and network["num_classes"] == 2
+
+
+@pytest.mark.parametrize("teacher_dropout,student_dropout", [(0.1, 0.0)])
+def test_students_with_their_own_dropout_finish_load_and_export(
+        tmp_path, teacher_dropout, student_dropout):
+    """A Dropout layer with a nonzero rate has a seed variable, so a student trained with
+    another rate than the teacher has another weight layout: every loader (the next
+    stage, a re-run, the export) must build each stage with the rate it was saved with."""
+    workdir = str(tmp_path / "run")
+    bindings = [f"UNet.dropout={teacher_dropout}", f"distill.student_dropout={student_dropout}",
+                "teacher.train_steps=10", "teacher.steps_per_execution=5",
+                "distill.teacher_steps=4", "distill.updates_per_stage=10"]
+    _in_process(workdir, "train_teacher", bindings)
+    _in_process(workdir, "distill", bindings)
+    assert [s[:2] for s in _ladder(workdir)] == [("teacher", 4), ("student_00002", 2),
+                                                ("student_00001", 1)]
+    for stage, rate in (("teacher", teacher_dropout), ("student_00002", student_dropout),
+                        ("student_00001", student_dropout)):
+        assert checkpoint.read_meta(os.path.join(workdir, stage), "final")["dropout"] == rate
+    _in_process(workdir, "distill", bindings)  # a finished run re-run loads every stage
+    from keras_progdist.export import workdir_export
+    loaded = workdir_export.load_workdir_stages(workdir)  # the export's loader
+    assert [(stage, n) for stage, n, _ in loaded] == [("teacher", 4), ("student_00002", 2),
+                                                      ("student_00001", 1)]

@@ -57,7 +57,8 @@ def load_workdir_stages(workdir: str) -> list:
     diffusion = config["diffusion"]
     stages = []
     for stage, n in [(TEACHER, teacher_steps)] + [(stage_name(n), n) for n in students]:
-        network = UNet.from_config({**config["network"], "name": "network"})
+        network = UNet.from_config({**wd.stage_network_config(stage, config["network"]),
+                                    "name": "network"})
         checkpoint.restore(wd.stage_dir(stage), "final", network)
         model = sampling_model(network, n, get_schedule(config["schedule"]),
                                diffusion["parameterization"], diffusion["weighting"])

@@ -142,7 +142,8 @@ class Experiment:
         if not checkpoint.exists(directory, "final"):
             raise PipelineError(f"Stage {stage!r} has not finished in {self.workdir} "
                                 f"({directory}/final.json is missing).")
-        network = self.new_network()
+        network = UNet.from_config({**self.wd.stage_network_config(stage, self.network_config),
+                                    "name": "network"})
         checkpoint.restore(directory, "final", network)
         return self.sampling_model(network, num_steps)
 
@@ -182,11 +183,12 @@ class Experiment:
                  "loss": loss, "seconds": seconds}
         if not self.chief:
             # The chief may still be writing `final`: go on from this process's copy.
-            copy = self.new_network()
+            copy = UNet.from_config({**network.get_config(), "name": "network"})
             copy.set_weights(network.get_weights())
             return self.sampling_model(copy, num_steps)
         directory = self.wd.stage_dir(stage)
-        checkpoint.save(directory, "final", network, meta={"step": updates, **entry},
+        checkpoint.save(directory, "final", network,
+                        meta={"step": updates, "dropout": network.dropout, **entry},
                         include_optimizer=False)
         # The resume checkpoint (weights, optimizer slots: ~4x the final weights) has
         # served its purpose once the stage is final.
