@@ -108,6 +108,12 @@ def parse_args(argv=None):
     parser.add_argument("--pack", default=None, metavar="OUTDIR",
                         help="only write results.json and pack results, logs and samples "
                              "into OUTDIR (at most 7 files)")
+    parser.add_argument("--backend", default="jax", choices=("jax", "tensorflow"),
+                        help="the pieces' Keras backend (on a CPU, tensorflow is faster "
+                             "for this net)")
+    parser.add_argument("--ddim_arm", default=None,
+                        help="only this arm scores undistilled DDIM (the same in every "
+                             "arm of one teacher); default: every arm")
     parser.add_argument("--gin_param", action="append", default=[])
     args = parser.parse_args(argv)
     args.arms = [a for a in args.arms.split(",") if a]
@@ -132,9 +138,9 @@ def _launcher() -> list:
     return shlex.split(os.environ.get("PROGDIST_PYTHON", "")) or [sys.executable]
 
 
-def _env(rundir: str, eval_piece: bool = False) -> dict:
+def _env(rundir: str, eval_piece: bool = False, backend: str = "jax") -> dict:
     env = dict(os.environ)
-    env["KERAS_BACKEND"] = "jax"
+    env["KERAS_BACKEND"] = backend
     # The driver pins itself to the CPU (see the end of this file); the pieces are not.
     env.pop("JAX_PLATFORMS", None)
     if os.environ.get("PROGDIST_PIECES_JAX_PLATFORMS"):
@@ -164,10 +170,10 @@ def _command(args, workdir: str, mode: str, bindings: list, budget: float | None
 class Pieces:
     """Runs bin/run.py calls, at most `parallel` at once, each logging to its own file."""
 
-    def __init__(self, rundir: str, parallel: int):
+    def __init__(self, rundir: str, parallel: int, backend: str = "jax"):
         self.logdir = os.path.join(rundir, "logs")
         os.makedirs(self.logdir, exist_ok=True)
-        self.rundir, self.parallel = rundir, parallel
+        self.rundir, self.parallel, self.backend = rundir, parallel, backend
 
     def run(self, jobs: list, seconds_left=None) -> dict:
         """Runs `jobs`, [(name, command, eval_piece)]; returns {name: exit code}.
@@ -194,7 +200,8 @@ class Pieces:
                 log.flush()
                 began = time.time()
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                           env=_env(self.rundir, eval_piece), cwd=ROOT)
+                                           env=_env(self.rundir, eval_piece, self.backend),
+                                           cwd=ROOT)
                 running[name] = (process, log, began)
                 _say(f"{name}: started")
             time.sleep(0.5)
@@ -408,7 +415,7 @@ def main(argv=None) -> int:
         return min(ends) - time.time() - reserve if ends else None
 
     os.makedirs(args.rundir, exist_ok=True)
-    pieces = Pieces(args.rundir, args.parallel)
+    pieces = Pieces(args.rundir, args.parallel, args.backend)
     kinds = sorted({ARMS[a][0] for a in args.arms})
     def training_left():
         return left(args.reserve_s)
@@ -421,7 +428,10 @@ def main(argv=None) -> int:
         seed_arm(args, arm)
 
     def arm_bindings(arm):
-        return TEACHERS[ARMS[arm][0]] + ARMS[arm][1]
+        bindings = TEACHERS[ARMS[arm][0]] + ARMS[arm][1]
+        if args.ddim_arm not in (None, arm):
+            bindings = bindings + ["evaluate.ddim_steps=()"]
+        return bindings
 
     pieces.run([(f"{a}_distill", _command(args, arm_dir(args, a), "distill", arm_bindings(a),
                                           training_left()), False) for a in ready],
