@@ -172,8 +172,13 @@ def test_new_stage_reuses_the_compiled_step():
     distiller.fit(ds, steps_per_epoch=10, verbose=0)
     first = time.time() - start
     compiled = distiller.train_function
+    # The stage's learning rate decayed linearly to exactly 0 at its last update.
+    assert int(distiller.optimizer.iterations) == 10
+    assert float(distiller.optimizer.learning_rate) == 0.0
     distiller.start_stage(distiller.student, 4)
     reset_optimizer(distiller.optimizer)
+    # ... and the next stage starts again from the full rate.
+    np.testing.assert_allclose(float(distiller.optimizer.learning_rate), 1e-4, rtol=1e-6)
     # The new stage's teacher is the previous stage's (trained) student.
     for a, b in zip(distiller.teacher.get_weights(), distiller.student.get_weights()):
         np.testing.assert_array_equal(a, b)
