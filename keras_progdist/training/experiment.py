@@ -154,13 +154,7 @@ class Experiment:
     def finished_stages(self) -> list:
         """One entry per finished stage, in ladder order, read from the `final`
         checkpoints themselves (so a kill between two writes cannot lose a stage)."""
-        entries = []
-        for stage, _ in self.stages():
-            if self.wd.is_finished(stage):
-                meta = self.wd.final_meta(stage)
-                entries.append({k: meta[k] for k in
-                                ("stage", "num_steps", "updates", "loss", "seconds")})
-        return entries
+        return self.wd.finished_stages([stage for stage, _ in self.stages()])
 
     def stage_models(self) -> list:
         """`[(stage, num_steps, DiffusionModel)]`: the teacher, then every finished
