@@ -10,6 +10,7 @@ seconds; `tests/test_samples.py` and `tests/test_pipeline.py` run the real netwo
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -166,6 +167,23 @@ def test_saved_scores_are_reused_until_the_weights_or_settings_change(tmp_path,
     report.evaluate_workdir(wd, cfg, {**DATASET, "data_dir": str(tmp_path)}, verbose=0)
     assert fake_fid["load"] == calls["load"] + 1
     assert all(os.path.getmtime(wd.path("eval", "runs", f)) > t for f, t in before.items())
+
+
+def test_a_passed_deadline_starts_no_new_model_and_keeps_the_scores(tmp_path, fake_fid):
+    make_finished_workdir(tmp_path / "work", teacher_steps=2, students=(1,))
+    wd = WorkDir(str(tmp_path / "work"))
+    cfg = _settings(tmp_path)
+    report.evaluate_workdir(wd, cfg, DATASET, verbose=0)
+    os.remove(wd.path("eval", "runs", "distilled_00001.json"))
+    with pytest.raises(report.EvaluationInterrupted,
+                       match="time budget spent after 2 of 3 models"):
+        report.evaluate_workdir(wd, cfg, DATASET, verbose=0, deadline=time.time() - 1)
+    assert sorted(os.listdir(wd.path("eval", "runs"))) == ["ddim_00001.json",
+                                                           "teacher_00002.json"]
+    samples.write_workdir_samples(wd, cfg, verbose=0)
+    with pytest.raises(report.EvaluationInterrupted, match="after 0 of 3 models"):
+        report.score_sample_dir(wd.path("eval", "samples"), cfg, DATASET,
+                                str(tmp_path / "scored"), deadline=time.time() - 1)
 
 
 def test_sample_files_stand_in_for_sampling_and_score_alike(tmp_path, fake_fid):

@@ -369,10 +369,7 @@ def evaluate_workdir(workdir, cfg: dict, dataset: dict, verbose: int = 1,
             key["samples_sha256"] = sample_files.samples_sha256(manifest)
         result = _cached_result(path, key)
         if result is None:
-            if deadline is not None and time.time() > deadline:
-                raise EvaluationInterrupted(
-                    f"[eval] time budget spent after {len(results)} of {len(runs)} "
-                    f"models; their scores are saved in {out_dir}/runs. Re-run to go on.")
+            _stop_at_deadline(deadline, len(results), len(runs), out_dir)
             fid_model, real = _fid_and_reference(state, cfg, dataset, verbose)
             if why_not and verbose:
                 print(f"[eval] {name}: sample files not used ({why_not}); sampling here",
@@ -402,6 +399,14 @@ def evaluate_workdir(workdir, cfg: dict, dataset: dict, verbose: int = 1,
         "results": results,
     }
     return _write_report(report, out_dir, verbose)
+
+
+def _stop_at_deadline(deadline, done: int, total: int, out_dir: str) -> None:
+    """Raises `EvaluationInterrupted` once `deadline` has passed (no new model starts)."""
+    if deadline is not None and time.time() > deadline:
+        raise EvaluationInterrupted(
+            f"[eval] time budget spent after {done} of {total} models; their scores are "
+            f"saved in {out_dir}/runs. Re-run to go on.")
 
 
 def _fid_and_reference(state: dict, cfg: dict, dataset: dict, verbose: int):
@@ -492,10 +497,7 @@ def score_sample_dir(sample_dir: str, cfg: dict, dataset: dict, out_dir: str | N
         result = _cached_result(path, key)
         how = "saved earlier"
         if result is None:
-            if deadline is not None and time.time() > deadline:
-                raise EvaluationInterrupted(
-                    f"[eval] time budget spent after {len(results)} of {len(manifests)} "
-                    f"models; their scores are saved in {out_dir}/runs. Re-run to go on.")
+            _stop_at_deadline(deadline, len(results), len(manifests), out_dir)
             fid_model, real = _fid_and_reference(state, made, dataset, verbose)
             result = _score(fid_model, real, manifest["kind"], manifest["num_steps"], made,
                             out_dir, manifest, sample_dir, manifest.get("sample_seconds"))
