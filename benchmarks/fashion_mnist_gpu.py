@@ -266,7 +266,6 @@ def plan(args) -> dict:
     import gin
 
     from keras_progdist import data, pipeline
-    from keras_progdist.evaluation import report
 
     gin.clear_config()
     bindings = [b for b in args.passthrough if b.startswith("--gin_param=")]
@@ -274,7 +273,7 @@ def plan(args) -> dict:
         [args.gin_path] + [resolve_gin_file(f.split("=", 1)[1]) for f in args.passthrough
                            if f.startswith("--gin_file=")],
         [f"dataset.data_dir={args.data_dir!r}"] + [b.split("=", 1)[1] for b in bindings])
-    cfg, dist = report.settings(), pipeline.distill()
+    cfg, dist = pipeline.evaluate(), pipeline.distill()
     teacher_steps = dist["teacher_steps"]
     ddim = [s for s in cfg["ddim_steps"] if s < teacher_steps]
     extra = [s for s in sorted(set(cfg["teacher_steps"]))

@@ -15,4 +15,5 @@ KERAS_BACKEND=jax "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not sl
   tests/test_samplers.py tests/test_unet.py tests/test_diffusion.py \
   tests/test_distillation.py tests/test_checkpoint.py tests/test_array_data.py \
   tests/test_image_folder.py tests/test_preemption.py tests/test_workdir.py \
-  tests/test_keras_compat.py "$@"
+  tests/test_keras_compat.py tests/test_config.py tests/test_samples.py \
+  tests/test_report.py "$@"

@@ -6,8 +6,9 @@ errors. The work directory's layout is documented in `keras_progdist.workdir`.
 """
 
 from keras_progdist.training.config import (MODES, PipelineError, ScheduleConfigurable,  # noqa: F401
-                                            UNetConfigurable, diffusion, distill,
-                                            stage_ladder, teacher)
+                                            UNetConfigurable, dataset_settings,
+                                            diffusion, distill, evaluate, stage_ladder,
+                                            teacher)
 from keras_progdist.training.experiment import SAMPLE_SEED, Experiment  # noqa: F401
 from keras_progdist.training.preemption import (Preempted, PreemptionGuard,  # noqa: F401
                                                 StepCheckpoint, TrainingDivergedError,

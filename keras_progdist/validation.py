@@ -30,10 +30,15 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
-def nonnegative_int(name: str, value) -> int:
-    if not _is_int(value) or value < 0:
-        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}.")
+def int_at_least(name: str, value, minimum: int) -> int:
+    """`value` as an int, if it is an integer >= `minimum`."""
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
+
+
+def nonnegative_int(name: str, value) -> int:
+    return int_at_least(name, value, 0)
 
 
 def positive_float(name: str, value) -> float:

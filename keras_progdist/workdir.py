@@ -13,6 +13,8 @@ Layout (every file written atomically, see `fileio`):
     <root>/logs/<stage>/              TensorBoard
 
 Stage names are made and parsed here only: `stage_name(N)` and `parse_stage(name)`.
+A finished stage is loaded back, without gin, by `stage_model` / `stage_models`
+(evaluation and export read a run through these).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from keras_progdist import checkpoint, fileio
 
 TEACHER = "teacher"
+_SUMMARY_KEYS = ("stage", "num_steps", "updates", "loss", "seconds")
 _STUDENT = re.compile(r"^student_(\d{5})$")
 
 
@@ -141,6 +144,67 @@ class WorkDir:
         """The finished stage's weights sha256 as recorded (an identity, not a check)."""
         return checkpoint.recorded_sha256(self.stage_dir(stage), "final")
 
+    def finished_stages(self, stages=None) -> list:
+        """One summary per finished stage (`stage`, `num_steps`, `updates`, `loss`,
+        `seconds`), read from the `final` checkpoints themselves (so a kill between two
+        writes cannot lose a stage; `stages.json` is derived from this).
+
+        Args:
+            stages: the stage names to report, in this order (unfinished ones are left
+                out); default the teacher, then every finished student, most steps first.
+        """
+        if stages is None:
+            stages = [TEACHER] + [stage_name(n) for n in self.finished_students()]
+        return [{k: meta[k] for k in _SUMMARY_KEYS}
+                for meta in (self.final_meta(s) for s in stages if self.is_finished(s))]
+
+    # -- finished models -----------------------------------------------------------
+    def stage_model(self, stage: str, config: dict | None = None):
+        """A finished stage as the EMA-free `DiffusionModel` that samples in its step
+        count (`export.models.sampling_model`), rebuilt without gin from `config.json`
+        and the stage's `final` checkpoint. Only reads the work directory.
+
+        Args:
+            stage: `teacher` or `student_<N>`.
+            config: the config record, if already read (`require_config()`).
+
+        Raises:
+            WorkDirError: no config record, or the stage has not finished.
+            checkpoint.CheckpointError: a damaged `final` checkpoint.
+        """
+        # Imported here: the models need Keras, and `export` imports this module.
+        from keras_progdist.export.models import sampling_model
+        from keras_progdist.networks.unet import UNet
+        from keras_progdist.schedules import get_schedule
+
+        config = self.require_config() if config is None else config
+        if not self.is_finished(stage):
+            raise WorkDirError(f"Stage {stage!r} has not finished in {self.root} "
+                               f"({self.stage_dir(stage)}/final.json is missing).")
+        steps = parse_stage(stage)
+        steps = self.stage_steps(stage) if steps is None else steps
+        network = UNet.from_config({**self.stage_network_config(stage, config["network"]),
+                                    "name": "network"})
+        checkpoint.restore(self.stage_dir(stage), "final", network)
+        diffusion = config["diffusion"]
+        return sampling_model(network, steps, get_schedule(config["schedule"]),
+                              diffusion["parameterization"], diffusion["weighting"])
+
+    def stage_models(self) -> list:
+        """`[(stage, num_steps, DiffusionModel)]`: the teacher, then every finished
+        student, most steps first (see `stage_model`).
+
+        Raises:
+            WorkDirError: no config record, or no finished teacher.
+        """
+        config = self.require_config()
+        if not self.is_finished(TEACHER):
+            raise WorkDirError(f"No finished teacher in {self.root} (teacher/final.json "
+                               "is missing): train it first.")
+        stages = [TEACHER] + [stage_name(n) for n in self.finished_students()]
+        models = [self.stage_model(stage, config) for stage in stages]
+        return [(stage, model.num_steps, model) for stage, model in zip(stages, models)]
+
     # -- config record -------------------------------------------------------------
     def read_config(self) -> dict | None:
         """The recorded run config (`config.json`), or None if there is none.
@@ -162,6 +226,14 @@ class WorkDir:
                 raise WorkDirError(f"{path} has no {key!r} section: it is damaged or not "
                                    "this library's; restore it or use a new --workdir.")
         return record
+
+    def require_config(self) -> dict:
+        """The recorded run config; raises `WorkDirError` when there is none."""
+        config = self.read_config()
+        if config is None:
+            raise WorkDirError(f"{self.root} is not a keras-progdist work directory "
+                               f"({self.path('config.json')} is missing).")
+        return config
 
     def write_json(self, name: str, value) -> str:
         path = self.path(name)

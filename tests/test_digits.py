@@ -1,11 +1,20 @@
 """The digit classifier that checks whether samples read as digits (backend-agnostic)."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from keras_progdist.evaluation import digits
+from keras_progdist.evaluation import digits, samples
+from keras_progdist.workdir import WorkDir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
+from finished_workdir import make_finished_workdir  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +93,52 @@ def test_scorer_for_only_takes_embedded_mnist():
     scorer = digits.scorer_for({"name": "mnist_embedded", "resize": "bilinear"},
                                (16, 16, 1))
     assert scorer.image_size == 16 and scorer.classifier is None  # trains on first use
+
+
+def test_evaluate_workdir_scores_the_stages_of_a_workdir(trained, tmp_path):
+    classifier, info = trained
+    make_finished_workdir(tmp_path, teacher_steps=4, students=(2, 1),
+                          image_shape=(16, 16, 1))
+    wd = WorkDir(str(tmp_path))
+    record = digits.evaluate_workdir(wd, {"name": "mnist_embedded", "resize": "pad"},
+                                     steps=2, num_samples=6, batch_size=4, seed=5,
+                                     classifier=classifier, info=info, verbose=0)
+    assert [(r["kind"], r["num_steps"]) for r in record["results"]] == \
+        [("teacher", 4), ("ddim", 2), ("distilled", 2)]
+    # The key: the dataset's resize, the models' image size, the two stages' weights.
+    assert record["key"]["resize"] == "pad" and record["key"]["image_size"] == 16
+    assert record["key"]["weights_sha256"] == {
+        "teacher": wd.final_sha256("teacher"),
+        "student_00002": wd.final_sha256("student_00002")}
+    models = {stage: model for stage, _, model in wd.stage_models()}
+    for r, (stage, n) in zip(record["results"], [("teacher", 4), ("teacher", 2),
+                                                 ("student_00002", 2)]):
+        fake = samples.generate_range(models[stage], n, 0, 6, 6, 4, 5)
+        want = digits.digit_scores(classifier, fake)
+        assert r["mean_confidence"] == pytest.approx(want["mean_confidence"], rel=1e-6)
+        assert r["class_counts"] == want["class_counts"]
+    with open(wd.path("eval", "digits.json")) as f:
+        assert json.load(f)["key"] == record["key"]
+    # Nothing new: the scores are read back, no classifier is trained.
+    again = digits.evaluate_workdir(str(tmp_path), {"resize": "pad"}, steps=2,
+                                    num_samples=6, batch_size=4, seed=5, verbose=0)
+    assert again["results"] == json.loads(json.dumps(record["results"]))
+
+
+@pytest.mark.slow
+def test_the_command_line_reads_the_workdir_and_the_gin_file(tmp_path):
+    # 32x32: digits padded from 28 (`dataset.resize='pad'` from the command line).
+    make_finished_workdir(tmp_path / "work", teacher_steps=4, students=(2,),
+                          image_shape=(32, 32, 1))
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_progdist.evaluation.digits", "--gin_file=tiny.gin",
+         "--gin_param=dataset.resize='pad'", f"--workdir={tmp_path / 'work'}",
+         "--steps=2", "--num_samples=8"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| distilled | 2 |" in result.stdout and "| ddim | 2 |" in result.stdout
+    with open(tmp_path / "work" / "eval" / "digits.json") as f:
+        record = json.load(f)
+    assert record["key"]["resize"] == "pad" and record["key"]["num_samples"] == 8
+    assert record["key"]["image_size"] == 32

@@ -41,10 +41,8 @@ NOISE_SEED = 7
 
 
 def _parse_gin():
-    try:  # tiny.gin configures `evaluate`, registered by the evaluation report module.
-        import keras_progdist.evaluation.report  # noqa: F401
-    except ImportError:
-        pass
+    # tiny.gin configures `evaluate`, registered by the configuration schema.
+    import keras_progdist.training.config  # noqa: F401
     gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")],
                                         GIN_BINDINGS)
 
@@ -701,7 +699,7 @@ JAX_EXPORT = textwrap.dedent(r"""
     import json, sys
     import gin, keras
     assert keras.backend.backend() == "jax"
-    import keras_progdist.evaluation.report  # noqa: F401  registers `evaluate`
+    import keras_progdist.training.config  # noqa: F401  registers `evaluate`
     from keras_progdist import export, pipeline
     workdir, export_dir, bindings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     gin.parse_config_files_and_bindings(["gin/tiny.gin"], bindings)

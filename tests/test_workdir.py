@@ -6,12 +6,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from keras_progdist import workdir as workdir_lib
 from keras_progdist.workdir import WorkDir, WorkDirBusyError, WorkDirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
+from finished_workdir import make_finished_workdir  # noqa: E402
 
 
 def test_stage_names_round_trip():
@@ -41,6 +44,56 @@ def test_reads_never_create_the_folder(tmp_path):
         wd.require()
     assert wd.finished_students() == []
     assert not os.path.exists(tmp_path / "missing")
+
+
+def test_finished_stages_are_read_from_the_final_checkpoints(tmp_path):
+    make_finished_workdir(tmp_path, teacher_steps=8, students=(4, 2, 1))
+    os.remove(tmp_path / "student_00002" / "final.json")  # that stage never finished
+    wd = WorkDir(str(tmp_path))
+    assert wd.finished_students() == [4, 1]
+    assert wd.finished_stages() == [
+        {"stage": "teacher", "num_steps": 8, "updates": 10, "loss": 0.5, "seconds": 1.5},
+        {"stage": "student_00004", "num_steps": 4, "updates": 20, "loss": 0.25,
+         "seconds": 3.0},
+        {"stage": "student_00001", "num_steps": 1, "updates": 40, "loss": 0.125,
+         "seconds": 6.0}]
+    # A given list of stages: in that order, the unfinished ones left out.
+    assert [s["stage"] for s in wd.finished_stages(["student_00001", "student_00002",
+                                                    "teacher"])] == \
+        ["student_00001", "teacher"]
+    assert WorkDir(str(tmp_path / "missing")).finished_stages() == []
+
+
+def test_stage_models_rebuild_every_finished_stage_without_gin(tmp_path):
+    weights = make_finished_workdir(tmp_path, teacher_steps=4, students=(2, 1),
+                                    num_classes=3)
+    wd = WorkDir(str(tmp_path))
+    stages = wd.stage_models()
+    assert [(stage, n) for stage, n, _ in stages] == \
+        [("teacher", 4), ("student_00002", 2), ("student_00001", 1)]
+    for stage, n, model in stages:
+        # The stage's own weights (each stage holds different ones), EMA-free, sampling
+        # in its own step count, with the recorded schedule and parameterization.
+        assert len(model.network.get_weights()) == len(weights[stage])
+        for got, want in zip(model.network.get_weights(), weights[stage]):
+            np.testing.assert_array_equal(got, want)
+        assert model.ema_network is None and model.num_steps == n
+        assert model.parameterization == "v" and model.num_classes == 3
+        assert model.schedule.get_config()["name"] == "cosine"
+    assert not np.array_equal(weights["teacher"][0], weights["student_00001"][0])
+    assert wd.stage_model("student_00002").num_steps == 2
+
+
+def test_loading_stages_names_what_is_missing(tmp_path):
+    with pytest.raises(WorkDirError, match="is not a keras-progdist work directory"):
+        WorkDir(str(tmp_path)).stage_models()
+    make_finished_workdir(tmp_path, students=(2,))
+    wd = WorkDir(str(tmp_path))
+    with pytest.raises(WorkDirError, match=r"Stage 'student_00001' has not finished"):
+        wd.stage_model("student_00001")
+    os.remove(tmp_path / "teacher" / "final.json")
+    with pytest.raises(WorkDirError, match="No finished teacher"):
+        wd.stage_models()
 
 
 def test_the_lock_excludes_a_second_holder_in_this_process(tmp_path):

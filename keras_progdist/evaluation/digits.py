@@ -17,7 +17,8 @@ max-softmax instead of an arbitrary confident class (outlier exposure).
 * `class_counts`.
 
 `evaluate_workdir` scores the teacher, the `steps`-step student and undistilled DDIM at
-`steps` of a finished pipeline work directory from the same noise and writes
+`steps` of a finished pipeline work directory (a `WorkDir`, read without gin; the
+dataset settings give the resize) from the same noise and writes
 `<workdir>/eval/digits.json` (and `digits.md`), keyed by the models' weights and the
 settings, so a re-run with nothing new reads the scores back and trains nothing.
 Nothing is pickled or saved besides those files: the classifier is retrained (seconds)
@@ -194,7 +195,7 @@ def scorer_for(bindings: dict, image_shape) -> DigitScorer | None:
     digits, else None (the classifier means nothing on other data).
 
     Args:
-        bindings: the `dataset.*` settings in force (`report._dataset_bindings()`).
+        bindings: the dataset settings (`training.config.dataset_settings()`).
         image_shape: the model's `(H, W, C)`.
     """
     if bindings.get("name") != "mnist_embedded" or tuple(image_shape)[-1] != 1:
@@ -202,7 +203,7 @@ def scorer_for(bindings: dict, image_shape) -> DigitScorer | None:
     return DigitScorer(int(image_shape[0]), bindings.get("resize") or "bilinear")
 
 
-def evaluate_workdir(experiment, steps: int = 4, num_samples: int = 256,
+def evaluate_workdir(workdir, dataset: dict, steps: int = 4, num_samples: int = 256,
                      batch_size: int = 64, seed: int = 2024, classifier=None,
                      info: dict | None = None, write: bool = True,
                      verbose: int = 1) -> dict:
@@ -212,34 +213,37 @@ def evaluate_workdir(experiment, steps: int = 4, num_samples: int = 256,
     `seed` and `batch_size` as `--mode=eval`), clipped DDIM.
 
     Args:
-        experiment: a `pipeline.Experiment` with a finished teacher (the student row
+        workdir: a `WorkDir` (or its folder) with a finished teacher (the student row
             is left out while its stage has not finished).
+        dataset: the dataset settings (`training.config.dataset_settings()`); only
+            `resize` is used (the classifier sees the digits as the models did).
         steps: the student / DDIM step count compared.
         num_samples, batch_size, seed: the samples.
         classifier, info: a trained classifier and its info (default: trained here at
-            the experiment's image size).
+            the models' image size).
         write: write `<workdir>/eval/digits.json` and `digits.md`.
         verbose: 0 quiet, 1 one line per model.
 
     Returns:
         The dict written to `digits.json`.
     """
-    import gin
-
-    from keras_progdist import checkpoint, fileio
+    from keras_progdist import fileio
+    from keras_progdist.evaluation import report
     from keras_progdist.evaluation import samples as sample_files
 
-    side = experiment.image_shape[0]
-    resize = dict(gin.get_bindings("dataset")).get("resize", "bilinear")
-    stages = {stage: (n, model) for stage, n, model in experiment.stage_models()}
+    wd = report.as_workdir(workdir)
+    resize = dataset.get("resize", "bilinear")
+    stages = {stage: (n, model) for stage, n, model in wd.stage_models()}
+    teacher_steps, teacher = stages["teacher"]
+    side = teacher.image_shape[0]
     student = next((s for s, (n, _) in stages.items() if n == steps and s != "teacher"),
                    None)
     key = {"version": PROBE_VERSION, "steps": steps, "num_samples": num_samples,
            "batch_size": batch_size, "seed": seed, "image_size": side, "resize": resize,
            "backend": keras.backend.backend(),
-           "weights_sha256": {s: checkpoint.recorded_sha256(experiment.path(s), "final")
+           "weights_sha256": {s: wd.final_sha256(s)
                               for s in ("teacher", student) if s is not None}}
-    out = experiment.path("eval")
+    out = wd.path("eval")
     path = os.path.join(out, "digits.json")
     if write and classifier is None and os.path.exists(path):
         try:
@@ -257,8 +261,7 @@ def evaluate_workdir(experiment, steps: int = 4, num_samples: int = 256,
     if verbose:
         print(f"[digits] classifier: held-out accuracy {info['accuracy']:.3f} on "
               f"{info['num_heldout']} real digits ({info['seconds']:.0f} s)", flush=True)
-    num_classes = experiment.network_config["num_classes"]
-    teacher_steps, teacher = stages["teacher"]
+    num_classes = teacher.num_classes
     runs = [("teacher", teacher_steps, teacher), ("ddim", steps, teacher)]
     if student is not None:
         runs.append(("distilled", steps, stages[student][1]))
@@ -277,7 +280,7 @@ def evaluate_workdir(experiment, steps: int = 4, num_samples: int = 256,
                   flush=True)
     real_x, real_y = load_digits(side, info.get("resize", "bilinear"))
     _, held = split_holdout(real_y, 0.1, info.get("seed", 0))
-    record = {"key": key, "workdir": experiment.workdir, "classifier": info,
+    record = {"key": key, "workdir": wd.root, "classifier": info,
               "real_heldout": digit_scores(classifier, real_x[held]),
               "seed": seed, "results": results}
     if write:
@@ -306,9 +309,7 @@ def markdown(record: dict) -> str:
 def main(argv=None):
     import argparse
 
-    import gin
-
-    from keras_progdist import pipeline
+    from keras_progdist.training import config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gin_file", action="append", default=[])
@@ -320,9 +321,10 @@ def main(argv=None):
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), "gin")
     files = [f if os.path.exists(f) else os.path.join(root, f) for f in args.gin_file]
-    gin.parse_config_files_and_bindings(files, args.gin_param)
-    experiment = pipeline.Experiment(args.workdir)
-    record = evaluate_workdir(experiment, steps=args.steps, num_samples=args.num_samples)
+    # The gin files give the dataset settings; the models come from the work directory.
+    config.parse_gin(files, args.gin_param)
+    record = evaluate_workdir(args.workdir, config.dataset_settings(), steps=args.steps,
+                              num_samples=args.num_samples)
     print(markdown(record), flush=True)
 
 

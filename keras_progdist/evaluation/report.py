@@ -1,10 +1,15 @@
 """`--mode=eval`: FID/KID of the teacher, undistilled DDIM and every distilled stage.
 
+Takes a `WorkDir` (the models: `WorkDir.stage_models`) and plain settings: the
+evaluation settings (`training.config.evaluate()`) and the dataset settings (the
+`dataset.*` values in force, `training.config.dataset_settings()`; `data.make_dataset`'s
+defaults fill in the rest). It reads no gin.
+
 Writes to `<workdir>/eval/`: `metrics.json`, `report.md`, the plot
 (`fid_vs_steps.png`, or `kid_vs_steps.png` when FID is not available: named by what it
 plots), one sample grid per evaluated model, and `runs/<model>.json` (each model's
 scores, saved as soon as they exist). A model whose sample files
-(`samples.write_experiment_samples`, in `<workdir>/eval/samples/`) are complete and
+(`samples.write_workdir_samples`, in `<workdir>/eval/samples/`) are complete and
 match its weights and the settings is scored from those files; the others are sampled
 in process from the same noise, so both give the same scores. `score_sample_dir`
 scores a folder of sample files without any model (e.g. files made on a GPU host).
@@ -18,7 +23,6 @@ import json
 import os
 import time
 
-import gin
 import keras
 import numpy as np
 
@@ -26,61 +30,43 @@ from keras_progdist import data, fileio, images
 from keras_progdist.distribute import describe_device
 from keras_progdist.evaluation import metrics
 from keras_progdist.evaluation import samples as sample_files
+from keras_progdist.workdir import WorkDir, WorkDirError
+
+# What the evaluation settings hold (`training.config.evaluate()` makes and checks them).
+SETTINGS_KEYS = ("num_samples", "num_reference", "ddim_steps", "teacher_steps",
+                 "batch_size", "split", "seed", "cache_dir", "max_file_mb")
 
 
 class EvaluationError(ValueError):
     """An evaluation that cannot run (nothing trained, bad settings, no data)."""
 
 
-@gin.configurable("evaluate")
-def settings(num_samples: int = 1000, num_reference: int = 5000,
-             ddim_steps=(1, 2, 4, 8), teacher_steps=None, batch_size: int = 100,
-             split: str = "train", seed: int = 2024, cache_dir: str | None = None,
-             max_file_mb: float = sample_files.DEFAULT_MAX_FILE_MB) -> dict:
-    """Evaluation settings.
+def check_settings(cfg: dict) -> dict:
+    """`cfg` if it holds every evaluation setting (`SETTINGS_KEYS`).
 
-    Args:
-        num_samples: generated images per model (FID needs >= 2048; fewer reports KID).
-        num_reference: real images for the reference statistics (all when larger).
-        ddim_steps: step counts of the undistilled teacher DDIM curve.
-        teacher_steps: extra teacher step counts (its full count is always added).
-        batch_size: sampling and feature batch size (the noise of sample `i` is drawn
-            in the batch `i // batch_size`, so this is part of the protocol).
-        split: the real split the statistics come from (the paper: training set).
-        seed: first seed of the generated noise (all models see the same noise).
-        cache_dir: root of the reference-statistics cache (default
-            `metrics.default_cache_dir()`).
-        max_file_mb: the largest sample file `--mode=sample` writes, in MiB.
-
-    Returns:
-        The settings as a dict.
+    Raises:
+        EvaluationError: a setting is missing (make them with
+            `training.config.evaluate()`, which also checks their values).
     """
-    for name, value in (("num_samples", num_samples), ("num_reference", num_reference),
-                        ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 2:
-            raise EvaluationError(f"evaluate.{name} must be an integer >= 2, got {value!r}.")
-    if not max_file_mb > 0:
-        raise EvaluationError(f"evaluate.max_file_mb must be positive, got {max_file_mb!r}.")
-    return dict(num_samples=num_samples, num_reference=num_reference,
-                ddim_steps=tuple(int(s) for s in ddim_steps),
-                teacher_steps=tuple(int(s) for s in (teacher_steps or ())),
-                batch_size=batch_size, split=split, seed=seed, cache_dir=cache_dir,
-                max_file_mb=float(max_file_mb))
+    missing = [k for k in SETTINGS_KEYS if k not in (cfg or {})]
+    if missing:
+        raise EvaluationError(f"Evaluation settings lack {missing}: pass the dict "
+                              "`training.config.evaluate()` returns.")
+    return cfg
 
 
-def _dataset_bindings(bindings: dict | None = None) -> dict:
-    """The `dataset.*` settings in force: gin's bindings over `make_dataset`'s defaults."""
-    bindings = dict(gin.get_bindings("dataset") if bindings is None else bindings)
+def with_dataset_defaults(dataset: dict) -> dict:
+    """The dataset settings with `data.make_dataset`'s defaults for those not given."""
     defaults = {name: p.default for name, p in
                 inspect.signature(data.make_dataset).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    return {**defaults, **bindings}
+    return {**defaults, **dataset}
 
 
-def _dataset_key(bindings: dict, split: str) -> tuple:
-    bindings = _dataset_bindings(bindings)
-    name = bindings["name"]
-    key = f"{name}-{bindings.get('image_size') or 'native'}-{bindings.get('resize')}"
+def _dataset_key(dataset: dict) -> tuple:
+    dataset = with_dataset_defaults(dataset)
+    name = dataset["name"]
+    key = f"{name}-{dataset.get('image_size') or 'native'}-{dataset.get('resize')}"
     return name, key
 
 
@@ -88,7 +74,7 @@ def _resolved(path):
     return None if path is None else os.path.realpath(os.path.expanduser(str(path)))
 
 
-def reference_key(cfg: dict, bindings: dict | None = None) -> dict:
+def reference_key(cfg: dict, dataset: dict) -> dict:
     """Everything that changes the real images' features: the reference cache key.
 
     The real images are the first `num_reference` of the split in stored order (no
@@ -96,13 +82,13 @@ def reference_key(cfg: dict, bindings: dict | None = None) -> dict:
     resize and its FID network agree with the other backend's only to ~1e-5.
 
     Args:
-        cfg: `settings()`.
-        bindings: the `dataset.*` bindings (default: gin's).
+        cfg: the evaluation settings.
+        dataset: the dataset settings.
 
     Returns:
         A JSON-able dict.
     """
-    b = _dataset_bindings(bindings)
+    b = with_dataset_defaults(dataset)
     return {"dataset": b["name"], "data_dir": _resolved(b.get("data_dir")),
             "manual_dir": _resolved(b.get("manual_dir")), "split": cfg["split"],
             "image_size": b.get("image_size"), "resize": b.get("resize"),
@@ -119,8 +105,8 @@ def _digest(value) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def reference_features(fid_model, cfg: dict, verbose: int = 1,
-                       bindings: dict | None = None) -> np.ndarray:
+def reference_features(fid_model, cfg: dict, dataset: dict,
+                       verbose: int = 1) -> np.ndarray:
     """FID features of the real images, cached by `reference_key`.
 
     A cache entry that cannot be read (truncated, bad checksum, not a zip) is rebuilt
@@ -128,17 +114,17 @@ def reference_features(fid_model, cfg: dict, verbose: int = 1,
 
     Args:
         fid_model: from `evaluation.load_fid_network()` (None: loaded when needed).
-        cfg: `settings()`.
+        cfg: the evaluation settings.
+        dataset: the dataset settings.
         verbose: 0 silent, 1 a progress bar, 2 plain lines.
-        bindings: the `dataset.*` bindings (default: gin's).
 
     Returns:
         float32 [num_reference, 2048].
     """
     from keras_progdist import evaluation
 
-    b = _dataset_bindings(bindings)
-    name, readable = _dataset_key(b, cfg["split"])
+    b = with_dataset_defaults(dataset)
+    name, readable = _dataset_key(b)
 
     def build():
         real, _ = data.load_images(name, split=cfg["split"], data_dir=b.get("data_dir"),
@@ -164,7 +150,7 @@ def reference_features(fid_model, cfg: dict, verbose: int = 1,
 def generate(model, num_steps: int, cfg: dict, num_classes=None) -> np.ndarray:
     """`num_samples` DDIM samples in [-1, 1] from the evaluation's fixed noise.
 
-    The same samples `samples.write_experiment_samples` stores (see
+    The same samples `samples.write_workdir_samples` stores (see
     `samples.generate_range`).
     """
     return sample_files.generate_range(model, num_steps, 0, cfg["num_samples"],
@@ -179,7 +165,7 @@ def fake_features(fid_model, source, cfg: dict, sample_dir: str | None = None) -
         fid_model: from `evaluation.load_fid_network()`.
         source: float samples in [-1, 1] (in process), or a samples manifest whose
             files are read one by one from `sample_dir`.
-        cfg: `settings()` (its `batch_size` is the feature batch).
+        cfg: the evaluation settings (its `batch_size` is the feature batch).
         sample_dir: the folder of the manifest's files.
 
     Returns:
@@ -209,31 +195,31 @@ class EvaluationInterrupted(RuntimeError):
     """The evaluation's deadline passed; finished models are kept, re-run to go on."""
 
 
-def _model_identity(experiment, stage: str) -> str:
-    """The sha256 of a stage's final weights: a cached score belongs to those weights."""
-    from keras_progdist import checkpoint
-
-    return checkpoint.recorded_sha256(experiment.path(stage), "final")
+def as_workdir(workdir) -> WorkDir:
+    """A `WorkDir`, given one or its folder."""
+    return workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
 
 
-def evaluation_runs(experiment, cfg: dict) -> list:
+def evaluation_runs(workdir, cfg: dict) -> list:
     """The models an evaluation scores, in report order.
 
     Args:
-        experiment: a `pipeline.Experiment` with at least a finished teacher.
-        cfg: `settings()`.
+        workdir: a `WorkDir` (or its folder) with at least a finished teacher.
+        cfg: the evaluation settings.
 
     Returns:
         dicts with `kind` (`ddim`, `teacher`, `distilled`), `num_steps`, `stage`,
-        `model` (a `DiffusionModel`) and `weights_sha256`.
+        `model` (a `DiffusionModel`) and `weights_sha256` (of the stage's `final`
+        weights: a cached score belongs to those weights).
 
     Raises:
-        EvaluationError: no finished teacher.
+        EvaluationError: no config record or no finished teacher.
     """
+    workdir = as_workdir(workdir)
     try:
-        stage_models = experiment.stage_models()
-    except ValueError as e:
-        raise EvaluationError(f"Nothing to evaluate in {experiment.workdir}: {e}") from None
+        stage_models = workdir.stage_models()
+    except WorkDirError as e:
+        raise EvaluationError(f"Nothing to evaluate in {workdir.root}: {e}") from None
     _, teacher_full, teacher_model = stage_models[0]
     runs = [("ddim", s, "teacher", teacher_model) for s in cfg["ddim_steps"]
             if s < teacher_full]
@@ -243,7 +229,7 @@ def evaluation_runs(experiment, cfg: dict) -> list:
     runs.append(("teacher", teacher_full, "teacher", teacher_model))
     runs += [("distilled", n, stage, model) for stage, n, model in stage_models[1:]]
     return [{"kind": kind, "num_steps": steps, "stage": stage, "model": model,
-             "weights_sha256": _model_identity(experiment, stage)}
+             "weights_sha256": workdir.final_sha256(stage)}
             for kind, steps, stage, model in runs]
 
 
@@ -258,12 +244,12 @@ def _cached_result(path: str, key: dict):
     return record.get("result") if record.get("key") == key else None
 
 
-def _score_protocol(cfg: dict, bindings: dict | None = None) -> dict:
+def _score_protocol(cfg: dict, dataset: dict) -> dict:
     # What a score depends on besides the weights (and the sample files, when used).
     protocol = {k: cfg[k] for k in ("num_samples", "num_reference", "split", "seed")}
     protocol["noise_batch_size"] = cfg["batch_size"]
-    protocol["dataset"] = _dataset_key(_dataset_bindings(bindings), cfg["split"])[1]
-    protocol["reference"] = _digest(reference_key(cfg, bindings))
+    protocol["dataset"] = _dataset_key(dataset)[1]
+    protocol["reference"] = _digest(reference_key(cfg, dataset))
     return protocol
 
 
@@ -336,9 +322,9 @@ def _line(result: dict, how: str) -> str:
             f"({how})")
 
 
-def evaluate_experiment(experiment, verbose: int = 1, deadline: float | None = None,
-                        sample_dir: str | None = None) -> dict:
-    """Evaluates every finished stage of `experiment`; returns the metrics dict.
+def evaluate_workdir(workdir, cfg: dict, dataset: dict, verbose: int = 1,
+                     deadline: float | None = None, sample_dir: str | None = None) -> dict:
+    """Evaluates every finished stage of a work directory; returns the metrics dict.
 
     Each model's scores are saved as soon as they exist (`eval/runs/*.json`, keyed by
     the model's weights, the evaluation settings and, when scored from files, the
@@ -347,7 +333,10 @@ def evaluate_experiment(experiment, verbose: int = 1, deadline: float | None = N
     `sample_dir` is scored from them instead of being sampled here.
 
     Args:
-        experiment: a `pipeline.Experiment` with at least a finished teacher.
+        workdir: a `WorkDir` (or its folder) with at least a finished teacher.
+        cfg: the evaluation settings (`training.config.evaluate()`).
+        dataset: the dataset settings (`training.config.dataset_settings()`): which
+            real images, and how they are preprocessed.
         verbose: 0 quiet; 1 progress bars and the table; 2 one plain line per model
             (for logs: no ANSI codes or backspaces) and the table.
         deadline: `time.time()` after which no new model is started; the finished
@@ -359,14 +348,13 @@ def evaluate_experiment(experiment, verbose: int = 1, deadline: float | None = N
         The report dict written to `metrics.json`.
     """
     verbose = int(verbose)
-    cfg = settings()
-    runs = evaluation_runs(experiment, cfg)
-    out_dir = experiment.path("eval")
+    wd, cfg = as_workdir(workdir), check_settings(cfg)
+    runs = evaluation_runs(wd, cfg)
+    out_dir = wd.path("eval")
     if sample_dir is None:
         sample_dir = os.path.join(out_dir, "samples")
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
-    num_classes = experiment.network_config["num_classes"]
-    protocol = _score_protocol(cfg)
+    protocol = _score_protocol(cfg, dataset)
     state = {"fid_model": None, "real": None}
     results = []
     progress = keras.utils.Progbar(len(runs), unit_name="model") if verbose == 1 else None
@@ -381,11 +369,8 @@ def evaluate_experiment(experiment, verbose: int = 1, deadline: float | None = N
             key["samples_sha256"] = sample_files.samples_sha256(manifest)
         result = _cached_result(path, key)
         if result is None:
-            if deadline is not None and time.time() > deadline:
-                raise EvaluationInterrupted(
-                    f"[eval] time budget spent after {len(results)} of {len(runs)} "
-                    f"models; their scores are saved in {out_dir}/runs. Re-run to go on.")
-            fid_model, real = _fid_and_reference(state, cfg, verbose)
+            _stop_at_deadline(deadline, len(results), len(runs), out_dir)
+            fid_model, real = _fid_and_reference(state, cfg, dataset, verbose)
             if why_not and verbose:
                 print(f"[eval] {name}: sample files not used ({why_not}); sampling here",
                       flush=True)
@@ -394,7 +379,7 @@ def evaluate_experiment(experiment, verbose: int = 1, deadline: float | None = N
                                 sample_dir, manifest.get("sample_seconds"))
             else:
                 start = time.time()
-                fake = generate(run["model"], steps, cfg, num_classes)
+                fake = generate(run["model"], steps, cfg, run["model"].num_classes)
                 result = _score(fid_model, real, kind, steps, cfg, out_dir, fake,
                                 sample_seconds=time.time() - start)
             fileio.atomic_write_json(path, {"key": key, "result": result})
@@ -404,26 +389,34 @@ def evaluate_experiment(experiment, verbose: int = 1, deadline: float | None = N
         results.append(result)
         _show(result, how, progress, verbose)
     report = {
-        "workdir": experiment.workdir,
+        "workdir": wd.root,
         "backend": keras.backend.backend(),
         "device": describe_device(),
         "num_samples": cfg["num_samples"],
         "num_reference": results[0]["num_real"],
-        "dataset": gin.get_bindings("dataset"),
-        "stages": experiment.finished_stages(),
+        "dataset": dict(dataset),
+        "stages": wd.finished_stages(),
         "results": results,
     }
     return _write_report(report, out_dir, verbose)
 
 
-def _fid_and_reference(state: dict, cfg: dict, verbose: int, bindings=None):
+def _stop_at_deadline(deadline, done: int, total: int, out_dir: str) -> None:
+    """Raises `EvaluationInterrupted` once `deadline` has passed (no new model starts)."""
+    if deadline is not None and time.time() > deadline:
+        raise EvaluationInterrupted(
+            f"[eval] time budget spent after {done} of {total} models; their scores are "
+            f"saved in {out_dir}/runs. Re-run to go on.")
+
+
+def _fid_and_reference(state: dict, cfg: dict, dataset: dict, verbose: int):
     # The FID network and the real features are loaded only when a model needs
     # scoring: a re-run with every score saved needs neither.
     from keras_progdist import evaluation
 
     if state["fid_model"] is None:
         state["fid_model"] = evaluation.load_fid_network()
-        state["real"] = reference_features(state["fid_model"], cfg, verbose, bindings)
+        state["real"] = reference_features(state["fid_model"], cfg, dataset, verbose)
     return state["fid_model"], state["real"]
 
 
@@ -446,22 +439,24 @@ def _write_report(report: dict, out_dir: str, verbose: int) -> dict:
 _KIND_ORDER = {"ddim": 0, "teacher": 1, "distilled": 2}
 
 
-def score_sample_dir(sample_dir: str, out_dir: str | None = None, verbose: int = 1,
-                     deadline: float | None = None, bindings: dict | None = None) -> dict:
+def score_sample_dir(sample_dir: str, cfg: dict, dataset: dict, out_dir: str | None = None,
+                     verbose: int = 1, deadline: float | None = None) -> dict:
     """Scores every complete model in a folder of sample files; no models needed.
 
     For files made elsewhere (e.g. `--mode=sample` on a GPU host): copy the folder
-    (npz files and manifests) and score it with the same gin configuration (the
-    `dataset.*` and `evaluate.*` bindings give the real images and the cache).
+    (npz files and manifests) and score it with the same settings (the dataset
+    settings and `num_reference`, `split`, `cache_dir` give the real images and the
+    cache; `num_samples`, `seed` and the noise batch size come from each manifest).
     Scores are saved per model in `<out_dir>/runs/`, keyed by the weights' sha256
     (from the manifest), the protocol and the files' sha256.
 
     Args:
         sample_dir: the folder with `<model>.json` manifests and their npz files.
+        cfg: the evaluation settings (`training.config.evaluate()`).
+        dataset: the dataset settings (`training.config.dataset_settings()`).
         out_dir: where results go (default: `sample_dir`).
         verbose: 0 quiet, 1 progress bars and the table, 2 plain lines and the table.
         deadline: `time.time()` after which no new model is started.
-        bindings: the `dataset.*` bindings (default: gin's).
 
     Returns:
         The report dict written to `<out_dir>/metrics.json`.
@@ -470,6 +465,7 @@ def score_sample_dir(sample_dir: str, out_dir: str | None = None, verbose: int =
         EvaluationError: no complete manifest in `sample_dir`.
     """
     verbose = int(verbose)
+    check_settings(cfg)
     out_dir = out_dir or sample_dir
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     manifests = []
@@ -488,24 +484,22 @@ def score_sample_dir(sample_dir: str, out_dir: str | None = None, verbose: int =
                                   else m["num_steps"]))
     state = {"fid_model": None, "real": None}
     results = []
-    progress = keras.utils.Progbar(len(manifests), unit_name="model")         if verbose == 1 else None
+    progress = keras.utils.Progbar(len(manifests), unit_name="model") \
+        if verbose == 1 else None
     for manifest in manifests:
         proto = manifest["protocol"]
-        cfg = {**settings(), "num_samples": proto["num_samples"], "seed": proto["seed"],
-               "batch_size": proto["noise_batch_size"]}
-        key = {**_score_protocol(cfg, bindings),
+        made = {**cfg, "num_samples": proto["num_samples"], "seed": proto["seed"],
+                "batch_size": proto["noise_batch_size"]}
+        key = {**_score_protocol(made, dataset),
                "weights_sha256": manifest["weights_sha256"],
                "samples_sha256": sample_files.samples_sha256(manifest)}
         path = os.path.join(out_dir, "runs", f"{manifest['model']}.json")
         result = _cached_result(path, key)
         how = "saved earlier"
         if result is None:
-            if deadline is not None and time.time() > deadline:
-                raise EvaluationInterrupted(
-                    f"[eval] time budget spent after {len(results)} of {len(manifests)} "
-                    f"models; their scores are saved in {out_dir}/runs. Re-run to go on.")
-            fid_model, real = _fid_and_reference(state, cfg, verbose, bindings)
-            result = _score(fid_model, real, manifest["kind"], manifest["num_steps"], cfg,
+            _stop_at_deadline(deadline, len(results), len(manifests), out_dir)
+            fid_model, real = _fid_and_reference(state, made, dataset, verbose)
+            result = _score(fid_model, real, manifest["kind"], manifest["num_steps"], made,
                             out_dir, manifest, sample_dir, manifest.get("sample_seconds"))
             result["weights_sha256"] = manifest["weights_sha256"]
             fileio.atomic_write_json(path, {"key": key, "result": result})
@@ -518,7 +512,7 @@ def score_sample_dir(sample_dir: str, out_dir: str | None = None, verbose: int =
         "device": describe_device(),
         "num_samples": results[0]["num_fake"],
         "num_reference": results[0]["num_real"],
-        "dataset": dict(gin.get_bindings("dataset") if bindings is None else bindings),
+        "dataset": dict(dataset),
         "results": results,
     }
     return _write_report(report, out_dir, verbose)

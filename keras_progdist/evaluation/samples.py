@@ -1,11 +1,11 @@
 """Evaluation samples as files: generate once (e.g. on a lent GPU), score anywhere.
 
-`write_experiment_samples` writes, for the teacher at its full step count, undistilled
-DDIM of the teacher at `evaluate.ddim_steps` (and `evaluate.teacher_steps`) and every
-finished stage, the samples the in-process evaluation would draw (same noise, same
-batches, same labels) as uint8 NHWC arrays under the key `arr_0` (class labels, for a
-class-conditional model, under `arr_1`): the `.npz` convention of the ADM /
-guided-diffusion evaluator, so external FID tools read the files as they are.
+`write_workdir_samples` writes, for the teacher at its full step count, undistilled
+DDIM of the teacher at the evaluation settings' `ddim_steps` (and `teacher_steps`) and
+every finished stage of a `WorkDir`, the samples the in-process evaluation would draw
+(same noise, same batches, same labels) as uint8 NHWC arrays under the key `arr_0`
+(class labels, for a class-conditional model, under `arr_1`): the `.npz` convention of
+the ADM / guided-diffusion evaluator, so external FID tools read the files as they are.
 
 Layout of `out_dir` (default `<workdir>/eval/samples/`), one model per name
 `<kind>_<steps:05d>` (`teacher_00128`, `ddim_00004`, `distilled_00001`, ...):
@@ -379,18 +379,22 @@ def _keras_version() -> str:
     return keras.__version__
 
 
-def write_experiment_samples(experiment, out_dir: str | None = None,
-                             num_samples: int | None = None,
-                             max_file_mb: float | None = None, verbose: int = 1,
-                             deadline: float | None = None) -> list:
-    """Writes the evaluation samples of every model of `experiment` (see the module doc).
+def write_workdir_samples(workdir, cfg: dict, out_dir: str | None = None,
+                          num_samples: int | None = None,
+                          max_file_mb: float | None = None, verbose: int = 1,
+                          deadline: float | None = None) -> list:
+    """Writes the evaluation samples of every model of a work directory (see the
+    module doc).
 
     Args:
-        experiment: a `pipeline.Experiment` with at least a finished teacher.
+        workdir: a `WorkDir` (or its folder) with at least a finished teacher.
+        cfg: the evaluation settings (`training.config.evaluate()`): which models
+            (`ddim_steps`, `teacher_steps`), the noise (`seed`, `batch_size`) and the
+            defaults below.
         out_dir: default `<workdir>/eval/samples`, where `--mode=eval` looks.
-        num_samples: default `evaluate.num_samples` (the evaluation uses files only
+        num_samples: default `cfg["num_samples"]` (the evaluation uses files only
             when they hold exactly that many).
-        max_file_mb: default `evaluate.max_file_mb`.
+        max_file_mb: default `cfg["max_file_mb"]`.
         verbose: 0 silent, 1 progress bars, 2 one plain line per chunk and model.
         deadline: a `time.time()` after which no new chunk is started.
 
@@ -402,20 +406,20 @@ def write_experiment_samples(experiment, out_dir: str | None = None,
     """
     from keras_progdist.evaluation import report
 
-    cfg = report.settings()
+    wd, cfg = report.as_workdir(workdir), report.check_settings(cfg)
     num_samples = cfg["num_samples"] if num_samples is None else int(num_samples)
     if num_samples < 1:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
     max_file_mb = cfg["max_file_mb"] if max_file_mb is None else float(max_file_mb)
-    out_dir = out_dir or experiment.path("eval", "samples")
-    num_classes = experiment.network_config["num_classes"]
+    out_dir = out_dir or wd.path("eval", "samples")
     paths = []
-    for run in report.evaluation_runs(experiment, cfg):
+    for run in report.evaluation_runs(wd, cfg):
         name = model_name(run["kind"], run["num_steps"])
         try:
             paths.append(write_model_samples(
                 run["model"], name, out_dir, run["weights_sha256"], run["num_steps"],
-                num_samples, cfg["batch_size"], cfg["seed"], max_file_mb, num_classes,
+                num_samples, cfg["batch_size"], cfg["seed"], max_file_mb,
+                run["model"].num_classes,
                 extra={"kind": run["kind"], "num_steps": run["num_steps"],
                        "stage": run["stage"]},
                 verbose=verbose, deadline=deadline))

@@ -6,19 +6,14 @@ Export only reads the work directory: a missing one is an `ExportError`, never c
 
 from __future__ import annotations
 
-
 import keras
 
-from keras_progdist import checkpoint
 from keras_progdist.export.errors import ExportError
-from keras_progdist.export.models import sampling_model
 from keras_progdist.export.settings import DEFAULT_VERSION, check_name, default_name
 from keras_progdist.export.stages import export_stages
 from keras_progdist.export.subprocess_export import _export_in_subprocess
 from keras_progdist.export.tf_serving import SERVING_ROOT
-from keras_progdist.networks.unet import UNet
-from keras_progdist.schedules import get_schedule
-from keras_progdist.workdir import TEACHER, WorkDir, WorkDirError, stage_name
+from keras_progdist.workdir import WorkDir, WorkDirError
 
 
 def _existing_workdir(workdir: str) -> WorkDir:
@@ -33,9 +28,9 @@ def _existing_workdir(workdir: str) -> WorkDir:
 def load_workdir_stages(workdir: str) -> list:
     """`[(stage, num_steps, DiffusionModel)]` of a work directory, without gin.
 
-    Rebuilds the network from `config.json` and loads each finished stage's
-    `final` checkpoint (teacher, then students from most to fewest steps). Only reads
-    the work directory.
+    `WorkDir.stage_models`: the network rebuilt from `config.json`, each finished
+    stage's `final` checkpoint loaded (teacher, then students from most to fewest
+    steps). Only reads the work directory.
 
     Raises:
         ExportError: a missing work directory, one without a (readable) config record,
@@ -43,27 +38,9 @@ def load_workdir_stages(workdir: str) -> list:
     """
     wd = _existing_workdir(workdir)
     try:
-        config = wd.read_config()
+        return wd.stage_models()
     except WorkDirError as e:
         raise ExportError(str(e)) from None
-    if config is None:
-        raise ExportError(f"{workdir} is not a keras-progdist work directory "
-                          f"({wd.path('config.json')} is missing).")
-    students = wd.finished_students()
-    if not wd.is_finished(TEACHER):
-        raise ExportError(f"No finished teacher in {workdir} (teacher/final.json is "
-                          "missing): train it first.")
-    teacher_steps = wd.stage_steps(TEACHER)
-    diffusion = config["diffusion"]
-    stages = []
-    for stage, n in [(TEACHER, teacher_steps)] + [(stage_name(n), n) for n in students]:
-        network = UNet.from_config({**wd.stage_network_config(stage, config["network"]),
-                                    "name": "network"})
-        checkpoint.restore(wd.stage_dir(stage), "final", network)
-        model = sampling_model(network, n, get_schedule(config["schedule"]),
-                               diffusion["parameterization"], diffusion["weighting"])
-        stages.append((stage, n, model))
-    return stages
 
 
 def export_workdir(workdir: str, export_dir: str, name: str | None = None,

@@ -1,5 +1,7 @@
 """The experiment's configuration schema: the gin configurables and their checks.
 
+Evaluation reads no gin: the caller hands it `evaluate()` and `dataset_settings()`.
+
 Each configurable returns a plain dict after checking every value (type and range,
 with the setting's name in the message), so a run can validate all the settings its
 modes will use before any work starts.
@@ -12,6 +14,7 @@ import inspect
 import gin
 
 from keras_progdist import losses, parameterizations, validation
+from keras_progdist.evaluation.samples import DEFAULT_MAX_FILE_MB
 from keras_progdist.networks.unet import UNet
 from keras_progdist.schedules import Schedule
 
@@ -119,6 +122,71 @@ def distill(teacher_steps: int = 1024, min_steps: int = 1, updates_per_stage: in
                 updates=updates, learning_rate=learning_rate, weighting=weighting,
                 checkpoint_every=checkpoint_every, student_dropout=student_dropout,
                 steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+
+
+# The gin module stays the evaluation report's (where `evaluate` was registered before
+# the schema moved here), so full selectors in saved operative configs keep working.
+@gin.configurable("evaluate", module="keras_progdist.evaluation.report")
+def evaluate(num_samples: int = 1000, num_reference: int = 5000,
+             ddim_steps=(1, 2, 4, 8), teacher_steps=None, batch_size: int = 100,
+             split: str = "train", seed: int = 2024, cache_dir: str | None = None,
+             max_file_mb: float = DEFAULT_MAX_FILE_MB) -> dict:
+    """Evaluation settings (`--mode=eval` and `--mode=sample`).
+
+    Args:
+        num_samples: generated images per model (FID needs >= 2048; fewer reports KID).
+        num_reference: real images for the reference statistics (all when larger).
+        ddim_steps: step counts of the undistilled teacher DDIM curve.
+        teacher_steps: extra teacher step counts (its full count is always added).
+        batch_size: sampling and feature batch size (the noise of sample `i` is drawn
+            in the batch `i // batch_size`, so this is part of the protocol).
+        split: the real split the statistics come from (the paper: training set).
+        seed: first seed of the generated noise (all models see the same noise).
+        cache_dir: root of the reference-statistics cache (default
+            `evaluation.metrics.default_cache_dir()`).
+        max_file_mb: the largest sample file `--mode=sample` writes, in MiB.
+
+    Returns:
+        The settings as a plain dict (what `evaluation.report` and
+        `evaluation.samples` take).
+    """
+    for name, value in (("num_samples", num_samples), ("num_reference", num_reference),
+                        ("batch_size", batch_size)):
+        validation.int_at_least(f"evaluate.{name}", value, 2)
+    num_samples, num_reference, batch_size = int(num_samples), int(num_reference), \
+        int(batch_size)
+    steps = {}
+    for name, value in (("ddim_steps", ddim_steps), ("teacher_steps", teacher_steps or ())):
+        if not isinstance(value, (list, tuple)):
+            raise PipelineError(f"evaluate.{name} must be a tuple of step counts, got "
+                                f"{value!r}.")
+        steps[name] = tuple(validation.positive_int(f"evaluate.{name}[{i}]", s)
+                            for i, s in enumerate(value))
+    if not isinstance(split, str) or not split:
+        raise PipelineError(f"evaluate.split must be a split name, got {split!r}.")
+    seed = validation.nonnegative_int("evaluate.seed", seed)
+    if cache_dir is not None and not isinstance(cache_dir, str):
+        raise PipelineError(f"evaluate.cache_dir must be a folder name or None, got "
+                            f"{cache_dir!r}.")
+    max_file_mb = validation.positive_float("evaluate.max_file_mb", max_file_mb)
+    return dict(num_samples=num_samples, num_reference=num_reference,
+                ddim_steps=steps["ddim_steps"], teacher_steps=steps["teacher_steps"],
+                batch_size=batch_size, split=split, seed=seed,
+                cache_dir=cache_dir, max_file_mb=max_file_mb)
+
+
+def parse_gin(files, bindings=()) -> None:
+    """Parses gin files and bindings, with `data`'s `dataset` registered too (for
+    entry points that need the settings but build no `Experiment`)."""
+    from keras_progdist import data  # noqa: F401  registers `dataset`
+
+    gin.parse_config_files_and_bindings(list(files), list(bindings))
+
+
+def dataset_settings() -> dict:
+    """The `dataset.*` bindings in force, as a plain dict (only those set: the
+    evaluation fills in `data.make_dataset`'s defaults and records these as given)."""
+    return dict(gin.get_bindings("dataset"))
 
 
 def stage_ladder(teacher_steps: int, min_steps: int = 1) -> list:

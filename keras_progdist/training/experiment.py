@@ -137,15 +137,17 @@ class Experiment:
         return images.save_grid(samples, self.path("samples", filename))
 
     def load_final(self, stage: str, num_steps: int) -> DiffusionModel:
-        """The finished network of `stage` (`teacher` or `student_<N>`) as a sampler."""
-        directory = self.wd.stage_dir(stage)
-        if not checkpoint.exists(directory, "final"):
+        """The finished network of `stage` (`teacher` or `student_<N>`) as a sampler in
+        `num_steps` (`WorkDir.stage_model`, the one loader of finished stages)."""
+        if not self.wd.is_finished(stage):
             raise PipelineError(f"Stage {stage!r} has not finished in {self.workdir} "
-                                f"({directory}/final.json is missing).")
-        network = UNet.from_config({**self.wd.stage_network_config(stage, self.network_config),
-                                    "name": "network"})
-        checkpoint.restore(directory, "final", network)
-        return self.sampling_model(network, num_steps)
+                                f"({self.wd.stage_dir(stage)}/final.json is missing).")
+        model = self.wd.stage_model(stage)
+        if model.num_steps != num_steps:
+            raise PipelineError(f"Stage {stage!r} in {self.workdir} samples in "
+                                f"{model.num_steps} steps, not {num_steps}: the ladder "
+                                "changed after it was trained; use a new --workdir.")
+        return model
 
     def stages(self) -> list:
         """`[(stage, num_steps)]`: the teacher, then every stage of the ladder."""
@@ -155,13 +157,7 @@ class Experiment:
     def finished_stages(self) -> list:
         """One entry per finished stage, in ladder order, read from the `final`
         checkpoints themselves (so a kill between two writes cannot lose a stage)."""
-        entries = []
-        for stage, _ in self.stages():
-            if self.wd.is_finished(stage):
-                meta = self.wd.final_meta(stage)
-                entries.append({k: meta[k] for k in
-                                ("stage", "num_steps", "updates", "loss", "seconds")})
-        return entries
+        return self.wd.finished_stages([stage for stage, _ in self.stages()])
 
     def stage_models(self) -> list:
         """`[(stage, num_steps, DiffusionModel)]`: the teacher, then every finished

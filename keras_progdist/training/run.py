@@ -13,9 +13,9 @@ import time
 import keras
 
 from keras_progdist import data, distribute, tensorboard_log, validation
-from keras_progdist.evaluation import report  # registers the evaluate.* gin bindings
-from keras_progdist.training.config import (MODES, PipelineError, diffusion, distill,
-                                            teacher)
+from keras_progdist.evaluation import report, samples
+from keras_progdist.training.config import (MODES, PipelineError, dataset_settings,
+                                            diffusion, distill, evaluate, teacher)
 from keras_progdist.training.experiment import Experiment
 from keras_progdist.training.preemption import Preempted, PreemptionGuard
 from keras_progdist.workdir import WorkDir
@@ -30,7 +30,7 @@ def _validate_run_settings(mode: str, experiment_name: str | None, workdir: str)
     diffusion(), teacher(), distill()  # each raises on a bad value
     cfg = {}
     if mode in ("eval", "sample", "all"):
-        cfg = report.settings()
+        cfg = evaluate()
     if mode in ("export", "all"):
         from keras_progdist import export
 
@@ -64,7 +64,7 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
     if time_budget_s is not None:
         validation.positive_float("time_budget_s", time_budget_s)
     deadline = None if time_budget_s is None else time.time() + time_budget_s
-    _validate_run_settings(mode, experiment_name, workdir)
+    eval_cfg = _validate_run_settings(mode, experiment_name, workdir)
     writes = mode != "export"
     if not writes or mode in ("distill", "eval", "sample"):
         # These modes need what an earlier run trained: never create the folder.
@@ -95,14 +95,15 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
         if mode in ("export", "all"):
             from keras_progdist import export
             export.export_experiment(experiment, export_dir, experiment_name, overwrite)
+        # Evaluation reads the work directory and plain settings, never gin.
         try:
             if mode == "sample":
-                from keras_progdist.evaluation import samples
-                samples.write_experiment_samples(experiment, verbose=verbose,
-                                                 deadline=deadline)
+                samples.write_workdir_samples(experiment.wd, eval_cfg, verbose=verbose,
+                                              deadline=deadline)
             if mode in ("eval", "all"):
-                scores = report.evaluate_experiment(experiment, verbose=verbose,
-                                                    deadline=deadline)
+                scores = report.evaluate_workdir(experiment.wd, eval_cfg,
+                                                 dataset_settings(), verbose=verbose,
+                                                 deadline=deadline)
                 tensorboard_log.write_eval_scores(experiment.path("logs", "eval"),
                                                   scores["results"])
         except report.EvaluationInterrupted as e:

@@ -1,6 +1,6 @@
-"""Sample files (`--mode=sample`): ADM-style npz chunks, manifests, resume, scoring them
-instead of sampling in process (same scores), scoring a folder without models, quiet logs,
-and the pictures (upscaled grids, the plot named by its metric)."""
+"""Sample files (`evaluation/samples.py`, `--mode=sample`): ADM-style npz chunks,
+manifests, resume, scoring them instead of sampling in process (same scores), scoring a
+folder without models, quiet logs, labels, and the upscaled grids."""
 
 import contextlib
 import json
@@ -16,8 +16,11 @@ import pytest
 
 from keras_progdist import images, pipeline
 from keras_progdist.evaluation import report, samples
+from keras_progdist.workdir import WorkDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
+from finished_workdir import make_finished_workdir  # noqa: E402
 TRAIN = [
     "UNet.channels=8", "UNet.num_groups=4", "dataset.batch_size=16",
     "teacher.train_steps=10", "teacher.checkpoint_every=10", "teacher.steps_per_execution=5",
@@ -40,11 +43,12 @@ def _eval_bindings(cache_dir):
 
 @contextlib.contextmanager
 def _config(bindings=()):
+    """The gin config in force; yields the plain evaluation and dataset settings."""
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")],
                                             TRAIN + list(bindings))
-        yield
+        yield pipeline.evaluate(), pipeline.dataset_settings()
     finally:
         gin.clear_config()
 
@@ -74,17 +78,20 @@ def test_file_scores_equal_in_process_scores(trained, tmp_path, capsys):
     cache = tmp_path / "cache"
     in_process = _copy(trained, tmp_path, "in_process")
     from_files = _copy(trained, tmp_path, "from_files")
-    with _config(_eval_bindings(cache)):
-        expected = report.evaluate_experiment(pipeline.Experiment(in_process), verbose=0,
-                                              sample_dir="")
-        experiment = pipeline.Experiment(from_files)
-        paths = samples.write_experiment_samples(experiment,
-                                                 max_file_mb=THREE_PER_FILE_MB, verbose=2)
-        capsys.readouterr()
-        got = report.evaluate_experiment(experiment, verbose=2)
-        out = capsys.readouterr().out
-        sample_dir = experiment.path("eval", "samples")
-        elsewhere = report.score_sample_dir(sample_dir, str(tmp_path / "scored"), verbose=0)
+    with _config(_eval_bindings(cache)) as (cfg, dataset):
+        pass
+    # No gin from here on: a work directory and plain settings.
+    expected = report.evaluate_workdir(WorkDir(in_process), cfg, dataset, verbose=0,
+                                       sample_dir="")
+    wd = WorkDir(from_files)
+    paths = samples.write_workdir_samples(wd, cfg, max_file_mb=THREE_PER_FILE_MB,
+                                          verbose=2)
+    capsys.readouterr()
+    got = report.evaluate_workdir(wd, cfg, dataset, verbose=2)
+    out = capsys.readouterr().out
+    sample_dir = wd.path("eval", "samples")
+    elsewhere = report.score_sample_dir(sample_dir, cfg, dataset, str(tmp_path / "scored"),
+                                        verbose=0)
 
     # The files: ADM's arr_0 uint8 NHWC, chunks under the size limit, a manifest each.
     assert [os.path.basename(p) for p in paths] == [f"{m}.json" for m in MODELS]
@@ -136,11 +143,11 @@ def test_file_scores_equal_in_process_scores(trained, tmp_path, capsys):
 def test_sampling_resumes_and_remakes_only_missing_or_damaged_chunks(trained, tmp_path,
                                                                      capsys):
     workdir = _copy(trained, tmp_path, "resume")
-    with _config(_eval_bindings(tmp_path / "cache") + ["evaluate.ddim_steps=()"]):
-        experiment = pipeline.Experiment(workdir)
-        samples.write_experiment_samples(experiment, max_file_mb=THREE_PER_FILE_MB,
-                                         verbose=0)
-        sample_dir = experiment.path("eval", "samples")
+    with _config(_eval_bindings(tmp_path / "cache") + ["evaluate.ddim_steps=()"]) as (
+            cfg, _):
+        wd = WorkDir(workdir)
+        samples.write_workdir_samples(wd, cfg, max_file_mb=THREE_PER_FILE_MB, verbose=0)
+        sample_dir = wd.path("eval", "samples")
         parts = sorted(f for f in os.listdir(sample_dir) if f.endswith(".npz"))
         assert len(parts) == 3 * 3
         before = {f: (os.path.getmtime(os.path.join(sample_dir, f)),
@@ -154,8 +161,7 @@ def test_sampling_resumes_and_remakes_only_missing_or_damaged_chunks(trained, tm
             f.seek(-1, 1)
             f.write(bytes([byte[0] ^ 0xFF]))
         capsys.readouterr()
-        samples.write_experiment_samples(experiment, max_file_mb=THREE_PER_FILE_MB,
-                                         verbose=2)
+        samples.write_workdir_samples(wd, cfg, max_file_mb=THREE_PER_FILE_MB, verbose=2)
         out = capsys.readouterr().out
     remade = [line for line in out.splitlines() if " part " in line]
     assert len(remade) == 2, out
@@ -170,32 +176,6 @@ def test_sampling_resumes_and_remakes_only_missing_or_damaged_chunks(trained, tm
 
 
 @pytest.mark.slow
-def test_unusable_files_fall_back_to_sampling(trained, tmp_path):
-    workdir = _copy(trained, tmp_path, "fallback")
-    with _config(_eval_bindings(tmp_path / "cache") + ["evaluate.ddim_steps=()"]):
-        experiment = pipeline.Experiment(workdir)
-        runs = report.evaluation_runs(experiment, report.settings())
-        cfg = report.settings()
-        samples.write_experiment_samples(experiment, verbose=0, num_samples=4)
-        sample_dir = experiment.path("eval", "samples")
-        teacher = [r for r in runs if r["kind"] == "teacher"][0]
-        manifest, why = report.usable_sample_files(sample_dir, "teacher_00004",
-                                                   teacher["weights_sha256"], 4, cfg)
-        assert manifest is None and "num_samples" in why
-        samples.write_experiment_samples(experiment, verbose=0)
-        manifest, why = report.usable_sample_files(sample_dir, "teacher_00004",
-                                                   teacher["weights_sha256"], 4, cfg)
-        assert why is None and manifest["complete"]
-        _, why = report.usable_sample_files(sample_dir, "teacher_00004", "0" * 64, 4, cfg)
-        assert "weights_sha256" in why
-        with open(os.path.join(sample_dir, "teacher_00004-part00000.npz"), "r+b") as f:
-            f.write(b"x")
-        _, why = report.usable_sample_files(sample_dir, "teacher_00004",
-                                            teacher["weights_sha256"], 4, cfg)
-        assert "sha256" in why
-
-
-@pytest.mark.slow
 def test_sampling_runs_on_jax_without_tensorflow(trained, tmp_path):
     workdir = _copy(trained, tmp_path, "jax")
     out_dir = str(tmp_path / "jax_samples")
@@ -203,13 +183,12 @@ def test_sampling_runs_on_jax_without_tensorflow(trained, tmp_path):
         import sys
         sys.path[:0] = [{os.path.join(ROOT, 'tests', 'helpers')!r}, {ROOT!r}]
         import no_tensorflow
-        import gin
-        from keras_progdist import pipeline
         from keras_progdist.evaluation import samples
-        gin.parse_config_files_and_bindings([{os.path.join(ROOT, 'gin', 'tiny.gin')!r}],
-                                            {TRAIN + _eval_bindings(tmp_path / 'c')!r})
-        paths = samples.write_experiment_samples(pipeline.Experiment({workdir!r}),
-                                                 {out_dir!r}, num_samples=5, verbose=2)
+        from keras_progdist.training import config
+        config.parse_gin([{os.path.join(ROOT, 'gin', 'tiny.gin')!r}],
+                         {TRAIN + _eval_bindings(tmp_path / 'c')!r})
+        paths = samples.write_workdir_samples({workdir!r}, config.evaluate(), {out_dir!r},
+                                              num_samples=5, verbose=2)
         assert no_tensorflow.loaded_tensorflow_modules() == []
         print("WROTE", len(paths))
     """)
@@ -268,8 +247,42 @@ def test_grids_are_upscaled_with_nearest_neighbour(tmp_path):
     assert rgb.shape == (302, 203, 3)  # already long enough: not enlarged
 
 
-def test_plot_is_named_by_its_metric():
-    kid_only = [{"kind": "teacher", "num_steps": 8, "fid": None, "kid": 0.1}]
-    with_fid = [{"kind": "teacher", "num_steps": 8, "fid": 12.0, "kid": 0.1}]
-    assert report.plot_filename(kid_only) == "kid_vs_steps.png"
-    assert report.plot_filename(with_fid) == "fid_vs_steps.png"
+def _settings(**overrides):
+    return {**pipeline.evaluate(), **overrides}
+
+
+def test_labels_and_samples_of_a_class_conditional_workdir(tmp_path):
+    """Each model's files hold exactly `generate_range`'s samples of that stage's
+    weights, with labels `index % num_classes` under `arr_1`."""
+    make_finished_workdir(tmp_path / "work", teacher_steps=2, students=(1,),
+                          num_classes=3)
+    wd = WorkDir(str(tmp_path / "work"))
+    cfg = _settings(num_samples=5, batch_size=2, ddim_steps=(1,), seed=11)
+    paths = samples.write_workdir_samples(wd, cfg, verbose=0)
+    sample_dir = wd.path("eval", "samples")
+    assert paths == [os.path.join(sample_dir, f"{m}.json")
+                     for m in ("ddim_00001", "teacher_00002", "distilled_00001")]
+    models = {stage: model for stage, _, model in wd.stage_models()}
+    for path, (stage, steps) in zip(paths, [("teacher", 1), ("teacher", 2),
+                                            ("student_00001", 1)]):
+        manifest = samples.read_manifest(path)
+        assert manifest["stage"] == stage and manifest["num_steps"] == steps
+        assert manifest["weights_sha256"] == wd.final_sha256(stage)
+        assert manifest["protocol"]["num_classes"] == 3
+        with np.load(os.path.join(sample_dir, manifest["files"][0]["name"])) as data:
+            np.testing.assert_array_equal(data["arr_1"], [0, 1, 2, 0, 1])
+            want = samples.generate_range(models[stage], steps, 0, 5, 5, 2, 11, 3)
+            np.testing.assert_array_equal(data["arr_0"], images.to_uint8(want))
+    # The student's samples are not the teacher's (the files follow the weights).
+    teacher, student = (samples.load_samples(samples.read_manifest(p), sample_dir)
+                        for p in paths[1:])
+    assert np.abs(teacher.astype(int) - student.astype(int)).mean() > 1
+
+
+def test_settings_come_in_as_a_plain_checked_dict(tmp_path):
+    make_finished_workdir(tmp_path, students=())
+    with pytest.raises(report.EvaluationError, match=r"lack \['seed'"):
+        samples.write_workdir_samples(str(tmp_path), {k: v for k, v in _settings().items()
+                                                      if k != "seed"})
+    with pytest.raises(report.EvaluationError, match="Nothing to evaluate .* is not a"):
+        samples.write_workdir_samples(str(tmp_path / "empty"), _settings())
