@@ -240,3 +240,138 @@ def _drop_config_key(path, key):
         for name, content in files.items():
             archive.writestr(name, content)
     path.write_bytes(buffer.getvalue())
+
+
+# -- stage one: the w-conditioned student --------------------------------------------------
+class _GuidedTeacherNetwork(keras.Model):
+    """A guidance-conditioned "network" computing the guided teacher's function: its
+    output is the one that makes `predict` return exactly `(x_hat_w, eps_hat_w)`
+    (`parameterizations.target`; for `x`, `x_hat_w` itself)."""
+
+    guidance_conditioned = True
+
+    def __init__(self, teacher, parameterization):
+        super().__init__()
+        self.teacher = teacher
+        self.parameterization = parameterization
+        self.num_classes = teacher.num_classes
+
+    def call(self, inputs, training=False):
+        z, t, label, w = inputs
+        x_hat_w, eps_hat_w = guided_denoise(self.teacher, z, t, label, w, SCHEDULE,
+                                            self.parameterization)
+        return parameterizations.target(x_hat_w, eps_hat_w, SCHEDULE.logsnr(t),
+                                        self.parameterization)
+
+
+def _labelled(batch=8):
+    return data.make_dataset("mnist_embedded", batch_size=batch, image_size=8, seed=0,
+                             with_labels=True)
+
+
+def _first_batch(batch=8):
+    images, labels = next(iter(_labelled(batch)))
+    return np.asarray(images, np.float32), np.asarray(labels, np.int32)
+
+
+@pytest.mark.parametrize("parameterization", ["x", "v"])
+def test_stage_one_loss_is_zero_when_the_student_is_the_guided_teacher(parameterization):
+    from keras_progdist.guided_distillation import GuidanceDistiller
+
+    teacher = _guided_net(parameterization, seed=7)
+    trainer = GuidanceDistiller(teacher, parameterization=parameterization, w_min=1.0,
+                                w_max=4.0, seed=3)
+    images, labels = _first_batch()
+    # The student as built: the teacher's conditional model (its w embedding is 0),
+    # which is not the guided one for w in [1, 4].
+    assert float(trainer.compute_loss(x=images, y=labels)) > 1e-4
+    trainer.student = _GuidedTeacherNetwork(trainer.teacher, parameterization)
+    loss = float(trainer.compute_loss(x=images, y=labels))
+    if parameterization == "x":
+        assert loss == 0.0  # x_hat = the network output: the very same numbers
+    else:
+        assert loss < 1e-10  # v: x_hat = alpha z - sigma v_out, round-off only
+
+
+def test_stage_one_student_starts_as_the_teachers_conditional_model():
+    from keras_progdist.guided_distillation import GuidanceDistiller
+
+    teacher = _guided_net("v", seed=8)
+    trainer = GuidanceDistiller(teacher, parameterization="v")
+    # Everything but the guidance embedding comes from the teacher.
+    assert trainer.uninitialized and all(p.startswith("guidance_embedding/")
+                                         for p in trainer.uninitialized)
+    assert len(trainer.student.weights) == len(teacher.weights) + len(
+        trainer.uninitialized)
+    z, t, label = _batch(seed=9)
+    expected = _np(teacher([z, t, label]))
+    for w in (0.0, 2.5):
+        np.testing.assert_array_equal(
+            _np(trainer.student([z, t, label, np.full((4,), w, np.float32)])), expected)
+    with pytest.raises(ValueError, match="null_class=True"):
+        GuidanceDistiller(_randomize(UNet(SHAPE, **NET)))
+    with pytest.raises(ValueError, match="w_min <= w_max"):
+        GuidanceDistiller(teacher, w_min=2.0, w_max=1.0)
+
+
+def test_stage_one_trains_exactly_the_students_weights():
+    import warnings
+
+    from keras_progdist.guided_distillation import GuidanceDistiller
+
+    teacher_model = DiffusionModel(UNet(SHAPE, null_class=True, **NET),
+                                   parameterization="v", ema_decay=0.99, label_dropout=0.1)
+    _randomize(teacher_model.ema_network, seed=10)
+    ema = teacher_model.sampling_network
+    assert not ema.trainable  # an EMA network's config says trainable=False
+    trainer = GuidanceDistiller(ema, parameterization="v", w_min=0.0, w_max=4.0, seed=1)
+    student_ids = {id(v) for v in trainer.student.trainable_variables}
+    assert len(student_ids) == len(trainer.student.weights) > 0
+    assert {id(v) for v in trainer.trainable_variables} == student_ids
+    assert not trainer.teacher.trainable_variables
+
+    trainer.compile(optimizer=make_optimizer(1e-3, decay_to_zero_steps=6),
+                    jit_compile=True, steps_per_execution=3)
+    teacher_before = [w.copy() for w in trainer.teacher.get_weights()]
+    student_before = [w.copy() for w in trainer.student.get_weights()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = trainer.fit(_labelled(), steps_per_epoch=6, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert not [w for w in caught if "Gradients do not exist" in str(w.message)]
+    for before, after in zip(teacher_before, trainer.teacher.get_weights()):
+        np.testing.assert_array_equal(before, after)
+    moved = {w.path: float(np.max(np.abs(_np(w) - b)))
+             for w, b in zip(trainer.student.weights, student_before)}
+    assert moved["guidance_embedding/dense2/kernel"] > 0.0  # w is being learned
+    slot_shapes = sorted(tuple(v.shape) for v in trainer.optimizer.variables
+                         if len(v.shape) > 0)
+    student_shapes = sorted(tuple(v.shape) for v in trainer.student.trainable_variables
+                            if len(v.shape) > 0)
+    assert slot_shapes == sorted(student_shapes * 2)
+
+    # The trained student samples with guidance as an input (and needs it).
+    student = trainer.student_model(num_steps=2)
+    label = np.array([1, 2], np.int32)
+    assert student.sample(batch_size=2, label=label, guidance=[0.0, 3.0]).shape == \
+        (2,) + SHAPE
+    with pytest.raises(ValueError, match="guidance-conditioned: pass guidance"):
+        student.sample(batch_size=2, label=label)
+
+
+def test_stage_one_trainer_keras_file_round_trip(tmp_path):
+    from keras_progdist.guided_distillation import GuidanceDistiller
+
+    trainer = GuidanceDistiller(_guided_net("v", seed=11), parameterization="v",
+                                w_min=0.5, w_max=3.0, guidance_embedding_scale=100.0)
+    _randomize(trainer.student, seed=12)
+    path = str(tmp_path / "stage_one.keras")
+    trainer.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(loaded, GuidanceDistiller)
+    assert (loaded.w_min, loaded.w_max) == (0.5, 3.0)
+    assert loaded.student.get_config() == trainer.student.get_config()
+    for a, b in zip(loaded.student.get_weights(), trainer.student.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(loaded.teacher.get_weights(), trainer.teacher.get_weights()):
+        np.testing.assert_array_equal(a, b)
