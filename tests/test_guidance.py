@@ -375,3 +375,164 @@ def test_stage_one_trainer_keras_file_round_trip(tmp_path):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(loaded.teacher.get_weights(), trainer.teacher.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+# -- stage two: progressive distillation of the w-conditioned model ------------------------
+def _w_net(parameterization="v", seed=13):
+    """A guidance-conditioned U-Net with random weights (its w embedding included, so
+    the prediction depends on w)."""
+    out = 2 if parameterization == "both" else 1
+    return _randomize(UNet(SHAPE, null_class=True, guidance_conditioned=True,
+                           output_channels=out, **NET), seed)
+
+
+class _ClassImages(keras.Model):
+    """A closed-form w-conditioned teacher: `x_hat(z, t, c, w) = (1 + w) m_c - w m_null`
+    whatever `z` and `t`, the guided denoiser of data made of one image `m_c` per class
+    (`m_null` standing for the unconditional prediction). DDIM with a constant `x_hat`
+    lands on it, so every two-step target is exactly `(1 + w) m_c - w m_null`."""
+
+    guidance_conditioned = True
+
+    def __init__(self, means, record=None):
+        super().__init__()
+        self.means = ops.convert_to_tensor(means)
+        self.num_classes = len(means) - 1
+        # (label, w) of every call, when run eagerly; kept out of Keras' tracking.
+        object.__setattr__(self, "record", record)
+
+    def call(self, inputs, training=False):
+        z, t, label, w = inputs
+        if self.record is not None:
+            self.record.append((_np(label), _np(w)))
+        w = ops.reshape(w, (-1, 1, 1, 1))
+        return (1.0 + w) * ops.take(self.means, label, axis=0) - w * self.means[-1]
+
+
+def _class_images(seed=14):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1, 1, (CLASSES + 1,) + SHAPE).astype(np.float32)
+
+
+def test_guided_two_step_target_is_the_closed_form_guided_prediction():
+    from keras_progdist.distillation import Distiller
+
+    means = _class_images()
+    num_steps = 4
+    distiller = Distiller(_w_net("x"), parameterization="x", num_steps=num_steps,
+                          w_min=0.0, w_max=4.0)
+    distiller.teacher = _ClassImages(means)
+    rng = np.random.default_rng(15)
+    n = 8
+    images = rng.uniform(-1, 1, (n,) + SHAPE).astype(np.float32)
+    eps = rng.standard_normal((n,) + SHAPE).astype(np.float32)
+    label = rng.integers(0, CLASSES, (n,)).astype(np.int32)
+    # i = 1..4 twice (u in the middle of each bin): t = 1 and the t'' = 0 case included.
+    u = ((np.arange(n) % num_steps) + 0.5).astype(np.float32) / num_steps
+    w = np.array([0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 1.5, 2.5], np.float32)
+    _, t, x_tilde = distiller.targets(images, label, u, eps, w)
+    np.testing.assert_array_equal(_np(t), (np.arange(n) % num_steps + 1) / num_steps)
+    w4 = w[:, None, None, None]
+    expected = (1 + w4) * means[label] - w4 * means[-1]
+    # Measured: ~1e-6 (float32 round-off of the two steps and the solve for x~).
+    np.testing.assert_allclose(_np(x_tilde), expected, rtol=1e-5, atol=2e-5)
+
+
+def test_guided_distillation_loss_uses_one_w_per_example_for_teacher_and_student():
+    from keras_progdist.distillation import Distiller
+
+    distiller = Distiller(_w_net("x"), parameterization="x", num_steps=4, w_min=0.0,
+                          w_max=4.0, seed=5)
+    calls = []
+    distiller.teacher = distiller.student = _ClassImages(_class_images(), calls)
+    images, labels = _first_batch()
+    # The student is the teacher's closed-form function: its x_hat at (z_t, t, c, w) is
+    # the target, if and only if both see the same (c, w).
+    assert float(distiller.compute_loss(x=images, y=labels)) < 1e-9
+    # Teacher step 1, teacher step 2, student: the data's labels and one w per example.
+    assert len(calls) == 3
+    for label, w in calls:
+        np.testing.assert_array_equal(label, labels)
+        np.testing.assert_array_equal(w, calls[0][1])
+    w = calls[0][1]
+    assert w.shape == (len(labels),) and len(np.unique(w)) == len(w)
+    assert w.min() >= 0.0 and w.max() <= 4.0
+
+
+def _numpy_two_steps(net, z, t, label, w, num_steps, parameterization):
+    """The teacher's two DDIM steps `t -> t - 0.5/N -> t - 1/N` for ONE example, in
+    numpy apart from the network: `z_s = alpha_s x_hat + sigma_s eps_hat`."""
+    z = np.asarray(z, np.float32)[None]
+    for t_now, t_next in ((t, t - 0.5 / num_steps), (t - 0.5 / num_steps,
+                                                      t - 1.0 / num_steps)):
+        x_hat, eps_hat = (_np(v) for v in network_denoise(
+            net, z, np.array([t_now], np.float32), SCHEDULE, parameterization,
+            np.array([label], np.int32), guidance=np.array([w], np.float32)))
+        if t_next <= 0:
+            return x_hat[0]
+        alpha, sigma = (float(_np(v)) for v in SCHEDULE.alpha_sigma(np.float32(t_next)))
+        z = alpha * x_hat + sigma * eps_hat
+    return z[0]
+
+
+@pytest.mark.parametrize("parameterization", ["x", "v"])
+def test_one_student_step_lands_on_two_guided_teacher_steps(parameterization):
+    from keras_progdist.distillation import Distiller
+
+    num_steps = 8
+    net = _w_net(parameterization)
+    distiller = Distiller(net, parameterization=parameterization, num_steps=num_steps)
+    rng = np.random.default_rng(16)
+    n = 4
+    images = rng.uniform(-1, 1, (n,) + SHAPE).astype(np.float32)
+    eps = rng.standard_normal((n,) + SHAPE).astype(np.float32)
+    label = np.array([1, 4, 4, 9], np.int32)
+    indices = np.array([3, 5, 5, 7])
+    u = (indices - 0.5).astype(np.float32) / num_steps
+    w = np.array([0.0, 1.0, 4.0, 2.5], np.float32)
+    z_t, t, x_tilde = (_np(v) for v in distiller.targets(images, label, u, eps, w))
+    t_end = t - 1.0 / num_steps
+    # One student DDIM step t -> t'' with x_hat = x~.
+    alpha, sigma = (_np(v)[:, None, None, None] for v in SCHEDULE.alpha_sigma(t))
+    alpha_e, sigma_e = (_np(v)[:, None, None, None] for v in SCHEDULE.alpha_sigma(t_end))
+    z_student = alpha_e * x_tilde + sigma_e * (z_t - alpha * x_tilde) / sigma
+    teacher = np.stack([_numpy_two_steps(distiller.teacher, z_t[k], t[k], label[k], w[k],
+                                         num_steps, parameterization) for k in range(n)])
+    np.testing.assert_allclose(z_student, teacher, atol=1e-4)
+    # Examples 1 and 2 differ only in w, and w matters: one shared w would be caught.
+    assert np.abs(teacher[1] - teacher[2]).max() > 1e-3
+
+
+def test_guided_ladder_distills_down_to_one_step():
+    from keras_progdist.distillation import Distiller
+
+    distiller = Distiller(_w_net("v"), parameterization="v", num_steps=2, w_min=0.0,
+                          w_max=4.0, seed=2)
+    assert distiller.guidance_conditioned
+    student_ids = {id(v) for v in distiller.student.trainable_variables}
+    assert {id(v) for v in distiller.trainable_variables} == student_ids
+    teacher_before = [w.copy() for w in distiller.teacher.get_weights()]
+    students = distiller.distill_ladder(_labelled(), min_steps=1, updates_per_stage=3,
+                                        learning_rate=1e-4, verbose=0,
+                                        steps_per_execution=3)
+    assert [s.num_steps for s in students] == [2, 1]
+    label = np.array([3, 3], np.int32)
+    for student in students:
+        assert student.network.guidance_conditioned
+        images = student.sample(batch_size=2, label=label, guidance=[0.0, 4.0], seed=0)
+        assert np.all(np.isfinite(images))
+    # The first student trained away from the teacher it started as.
+    assert any(np.abs(a - b).max() > 0 for a, b in
+               zip(teacher_before, students[0].network.get_weights()))
+
+
+def test_guided_distiller_config_round_trip_and_old_configs():
+    from keras_progdist.distillation import Distiller
+
+    distiller = Distiller(_w_net("v"), parameterization="v", num_steps=4, w_min=1.0,
+                          w_max=3.0)
+    restored = Distiller.from_config(distiller.get_config())
+    assert restored.guidance_conditioned and (restored.w_min, restored.w_max) == (1.0, 3.0)
+    old = {k: v for k, v in Distiller(_randomize(UNet(SHAPE, **NET)), num_steps=2)
+           .get_config().items() if k not in ("w_min", "w_max")}
+    assert not Distiller.from_config(old).guidance_conditioned
