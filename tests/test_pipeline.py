@@ -210,6 +210,13 @@ BAD_INPUTS = [
      ValueError, "teacher.global_clipnorm must be a finite number > 0, got -1.0"),
     ("student dropout out of range", ["distill.student_dropout=1.0"], "all", ValueError,
      "distill.student_dropout must be a number in [0, 1), got 1.0"),
+    ("label dropout out of range", ["diffusion.label_dropout=1.0"], "train_teacher",
+     ValueError, "diffusion.label_dropout must be a number in [0, 1), got 1.0"),
+    ("label dropout without a null class", ["diffusion.label_dropout=0.1",
+                                            "UNet.num_classes=10",
+                                            "dataset.with_labels=True"],
+     "train_teacher", pipeline.PipelineError,
+     "set UNet.num_classes and UNet.null_class = True"),
 ]
 
 
@@ -434,3 +441,27 @@ def test_the_pipeline_trains_on_a_folder_of_png_files(tmp_path):
     with open(os.path.join(workdir, "config.json")) as f:
         network = json.load(f)["network"]
     assert network["image_shape"] == [8, 8, 1] and network["num_classes"] == 2
+
+
+def test_a_workdir_recorded_before_label_dropout_existed_still_matches(tmp_path):
+    """config.json files written before `diffusion.label_dropout` existed have no such
+    key: they mean 0 and must not stop a resume."""
+    from keras_progdist.training.experiment import Experiment
+
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")], SMALL)
+        workdir = tmp_path / "old"
+        experiment = Experiment(str(workdir))
+        experiment.check_workdir()
+        path = workdir / "config.json"
+        record = json.loads(path.read_text())
+        assert record["diffusion"].pop("label_dropout") == 0.0
+        path.write_text(json.dumps(record))
+        Experiment(str(workdir)).check_workdir(write=False)
+        record["diffusion"]["label_dropout"] = 0.1
+        path.write_text(json.dumps(record))
+        with pytest.raises(pipeline.PipelineError, match="label_dropout"):
+            Experiment(str(workdir)).check_workdir(write=False)
+    finally:
+        gin.clear_config()

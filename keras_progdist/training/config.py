@@ -16,11 +16,13 @@ from keras_progdist.networks.unet import UNet
 from keras_progdist.schedules import Schedule
 
 # UNet takes **kwargs (Keras' name/dtype/...), so without an allowlist gin would accept a
-# misspelled binding such as `UNet.chanels` and silently ignore it.
+# misspelled binding such as `UNet.chanels` and silently ignore it. The guidance input
+# `w` belongs to guided distillation's students, never to the teacher gin configures.
 UNetConfigurable = gin.external_configurable(
     UNet, name="UNet",
     allowlist=[p for p in inspect.signature(UNet.__init__).parameters
-               if p not in ("self", "kwargs", "image_shape", "output_channels")])
+               if p not in ("self", "kwargs", "image_shape", "output_channels",
+                            "guidance_conditioned", "guidance_embedding_scale")])
 ScheduleConfigurable = gin.external_configurable(Schedule, name="Schedule")
 
 MODES = ("train_teacher", "distill", "sample", "export", "eval", "all")
@@ -33,15 +35,28 @@ class PipelineError(ValueError):
 # -- configuration ---------------------------------------------------------------------
 @gin.configurable
 def diffusion(parameterization: str = "v", weighting: str = "snr_trunc",
-              ema_decay: float | None = 0.9999, seed: int = 0) -> dict:
-    """The teacher's diffusion settings: output parameterization, loss weighting, EMA."""
+              ema_decay: float | None = 0.9999, seed: int = 0,
+              label_dropout: float = 0.0) -> dict:
+    """The teacher's diffusion settings: output parameterization, loss weighting, EMA.
+
+    Args:
+        label_dropout: probability that a training label is replaced by the null class
+            (classifier-free guidance; 0.1-0.2 is usual). Needs `UNet.num_classes` and
+            `UNet.null_class = True`.
+    """
     parameterizations.check_parameterization(parameterization)
     losses.check_weighting(weighting)
     if ema_decay is not None:
         ema_decay = validation.fraction("diffusion.ema_decay", ema_decay)
     validation.nonnegative_int("diffusion.seed", seed)
+    label_dropout = validation.fraction("diffusion.label_dropout", label_dropout)
     return dict(parameterization=parameterization, weighting=weighting,
-                ema_decay=ema_decay, seed=seed)
+                ema_decay=ema_decay, seed=seed, label_dropout=label_dropout)
+
+
+# Settings added after workdirs were first recorded, with the value a record without
+# them means (`Experiment.check_workdir` compares records with these filled in).
+RECORD_DEFAULTS = {"diffusion": {"label_dropout": 0.0}}
 
 
 @gin.configurable

@@ -24,8 +24,9 @@ from keras_progdist.distillation import Distiller
 from keras_progdist.export.models import sampling_model
 from keras_progdist.networks.unet import UNet
 from keras_progdist.optimizers import make_optimizer
-from keras_progdist.training.config import (PipelineError, ScheduleConfigurable,
-                                            UNetConfigurable, diffusion, distill, teacher)
+from keras_progdist.training.config import (RECORD_DEFAULTS, PipelineError,
+                                            ScheduleConfigurable, UNetConfigurable,
+                                            diffusion, distill, teacher)
 from keras_progdist.training.preemption import (Preempted, PreemptionGuard,
                                                 StepCheckpoint, last_loss, resumable_fit)
 from keras_progdist.workdir import TEACHER, WorkDir, stage_name
@@ -78,6 +79,11 @@ class Experiment:
         if self.with_labels and not config["num_classes"]:
             raise PipelineError("dataset.with_labels = True but the UNet is "
                                 "unconditional: set UNet.num_classes.")
+        if self.diffusion["label_dropout"] and not config.get("null_class"):
+            raise PipelineError(
+                f"diffusion.label_dropout={self.diffusion['label_dropout']} replaces "
+                "labels by the null class: set UNet.num_classes and UNet.null_class = "
+                "True.")
         self.param_count = network.count_params()
         return config
 
@@ -100,6 +106,9 @@ class Experiment:
         path = self.path("config.json")
         existing = self.wd.read_config()
         if existing is not None:
+            existing = {**existing, **{key: {**defaults, **existing[key]}
+                                       for key, defaults in RECORD_DEFAULTS.items()
+                                       if isinstance(existing.get(key), dict)}}
             for key in ("network", "diffusion", "schedule"):
                 if _canon(existing[key]) != _canon(record[key]):
                     diff = {k: (existing[key].get(k), record[key].get(k))
