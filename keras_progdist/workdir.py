@@ -6,13 +6,15 @@ Layout (every file written atomically, see `fileio`):
     <root>/config.json                network/diffusion/schedule config (checked on resume)
     <root>/operative_config.gin       the gin config as last run
     <root>/teacher/ckpt|final         in-progress and finished teacher
+    <root>/guidance/ckpt|final        guided distillation's stage one (w-conditioned)
     <root>/student_<NNNNN>/ckpt|final the same for the stage to N steps
     <root>/stages.json                a JSON list, one entry per finished stage
     <root>/samples/*.png              sample grids, all stages from the same noise
     <root>/eval/                      evaluation (scores, report, sample files)
     <root>/logs/<stage>/              TensorBoard
 
-Stage names are made and parsed here only: `stage_name(N)` and `parse_stage(name)`.
+Stage names are made and parsed here only: `stage_name(N)` and `parse_stage(name)`
+(and the constants `TEACHER`, `GUIDANCE`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from keras_progdist import checkpoint, fileio
 
 TEACHER = "teacher"
+GUIDANCE = "guidance"  # guided distillation's stage one: the w-conditioned network
 _STUDENT = re.compile(r"^student_(\d{5})$")
 
 
@@ -46,16 +49,18 @@ def stage_name(num_steps: int | None = None) -> str:
 
 
 def parse_stage(name: str) -> int | None:
-    """The step count of a `student_<N>` stage name; None for the teacher.
+    """The step count of a `student_<N>` stage name; None for the teacher and the
+    guidance stage.
 
     Raises:
-        WorkDirError: a name that is neither.
+        WorkDirError: a name that is none of these.
     """
-    if name == TEACHER:
+    if name in (TEACHER, GUIDANCE):
         return None
     match = _STUDENT.match(name)
     if not match:
-        raise WorkDirError(f"{name!r} is not a stage name (teacher or student_NNNNN).")
+        raise WorkDirError(f"{name!r} is not a stage name (teacher, guidance or "
+                           "student_NNNNN).")
     return int(match.group(1))
 
 

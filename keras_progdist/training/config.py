@@ -136,6 +136,54 @@ def distill(teacher_steps: int = 1024, min_steps: int = 1, updates_per_stage: in
                 steps_per_execution=steps_per_execution, jit_compile=jit_compile)
 
 
+@gin.configurable
+def guidance(enabled: bool = False, w_min: float = 0.0, w_max: float = 4.0,
+             updates: int = 1000, learning_rate: float = 1e-4,
+             weighting: str = "snr_trunc", embedding_scale: float = 250.0,
+             sample_w: float = 2.0, checkpoint_every: int = 100,
+             steps_per_execution: int = 10, jit_compile: bool = True) -> dict:
+    """Guided distillation (Meng et al. 2023): stage one, then the ladder on its network.
+
+    With `enabled`, the teacher must be classifier-free guided (`UNet.null_class`,
+    `diffusion.label_dropout > 0`). Stage one (`guidance/`) trains a w-conditioned
+    student to give the guided teacher's
+    `x_hat_w = (1 + w) x_hat(z, c) - w x_hat(z, null)` in one evaluation for
+    `w ~ U[w_min, w_max]`; the distillation ladder then distills that network, each
+    example with its own `w` (`distill.*` settings as usual).
+
+    Args:
+        enabled: run guided distillation instead of plain distillation.
+        w_min, w_max: the range of guidance strengths trained (the paper: [0, 4]).
+        updates: stage one's optimizer updates.
+        learning_rate: stage one's Adam rate, decayed linearly to 0 over the stage.
+        weighting: stage one's x-MSE weighting.
+        embedding_scale: `UNet.guidance_embedding_scale` of the w-conditioned networks.
+        sample_w: the guidance strength of the sample grids.
+        checkpoint_every, steps_per_execution, jit_compile: as for the teacher.
+    """
+    validation.boolean("guidance.enabled", enabled)
+    w_min = validation.finite_float("guidance.w_min", w_min)
+    w_max = validation.finite_float("guidance.w_max", w_max)
+    if not w_min <= w_max:
+        raise PipelineError(f"guidance.w_min ({w_min}) must not be above guidance.w_max "
+                            f"({w_max}).")
+    _positive("guidance", updates=updates, checkpoint_every=checkpoint_every,
+              steps_per_execution=steps_per_execution)
+    validation.positive_float("guidance.learning_rate", learning_rate)
+    losses.check_weighting(weighting)
+    validation.positive_float("guidance.embedding_scale", embedding_scale)
+    sample_w = validation.finite_float("guidance.sample_w", sample_w)
+    validation.boolean("guidance.jit_compile", jit_compile)
+    if updates % checkpoint_every:
+        raise PipelineError(f"guidance.updates ({updates}) must be a multiple of "
+                            f"guidance.checkpoint_every ({checkpoint_every}).")
+    return dict(enabled=enabled, w_min=w_min, w_max=w_max, updates=updates,
+                learning_rate=learning_rate, weighting=weighting,
+                embedding_scale=float(embedding_scale), sample_w=sample_w,
+                checkpoint_every=checkpoint_every,
+                steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+
+
 def stage_ladder(teacher_steps: int, min_steps: int = 1) -> list:
     """Student step counts `[T/2, T/4, ..., min_steps]`."""
     ladder, n = [], teacher_steps // 2
