@@ -513,3 +513,21 @@ def test_guided_run_trains_stage_one_then_the_ladder_with_guided_grids(tmp_path)
     label = np.array([3, 3], np.int32)
     images = student.sample(batch_size=2, label=label, guidance=[0.0, 4.0], seed=0)
     assert images.shape == (2, 16, 16, 1) and np.all(np.isfinite(images))
+
+
+def test_the_guided_fashion_mnist_config_is_valid():
+    from keras_progdist.training import config
+
+    gin.clear_config()
+    try:
+        gin.parse_config_file(os.path.join(ROOT, "gin", "fashion_mnist_guided.gin"))
+        settings = config.diffusion()
+        guided = config.guidance()
+        config.teacher(), config.distill()
+        network = config.UNetConfigurable(image_shape=(16, 16, 1), output_channels=1)
+    finally:
+        gin.clear_config()
+    assert guided["enabled"] and (guided["w_min"], guided["w_max"]) == (0.0, 4.0)
+    assert settings["label_dropout"] == 0.1
+    assert network.null_class and network.num_classes == 10
+    assert not network.guidance_conditioned
