@@ -489,8 +489,15 @@ def test_guided_run_trains_stage_one_then_the_ladder_with_guided_grids(tmp_path)
 
     workdir = str(tmp_path / "guided")
     _run(workdir, "train_teacher", GUIDED)
+    # Stage one stops at a checkpoint (time budget) and the next run resumes it.
+    stopped = _run(workdir, "distill", GUIDED, check=False, flags=["--time_budget_s=1"])
+    assert stopped.returncode == 143, stopped.stdout + stopped.stderr[-2000:]
+    assert "[stage] guidance: training the w-conditioned network, w in [0.0, 4.0]" \
+        in stopped.stdout
+    assert "[preempted] guidance: SIGTERM or time budget; checkpoint saved at step 5" \
+        in stopped.stdout
     first = _run(workdir, "distill", GUIDED).stdout
-    assert "[stage] guidance: training the w-conditioned network, w in [0.0, 4.0]" in first
+    assert "[stage] guidance: resuming at step 5/20" in first
     assert _ladder(workdir) == GUIDED_LADDER
     for grid in ("teacher_00008steps.png", "guidance.png", "student_00004.png",
                  "student_00002.png"):
