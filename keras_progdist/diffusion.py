@@ -217,6 +217,12 @@ class DiffusionModel(keras.Model):
         return self.network.num_classes
 
     @property
+    def guided(self) -> bool:
+        """Whether `sample`/`denoise` take a guidance strength `w`: a classifier-free
+        guided network (`null_class`) or a guidance-conditioned one."""
+        return bool(self.network.null_class or self.network.guidance_conditioned)
+
+    @property
     def sampling_network(self):
         """The EMA network when there is one, else the trained network."""
         return self.ema_network if self.ema_network is not None else self.network

@@ -228,6 +228,8 @@ BAD_INPUTS = [
      pipeline.PipelineError, "guidance.w_min (5.0) must not be above guidance.w_max"),
     ("guided run evaluated", GUIDED, "all", pipeline.PipelineError,
      "--mode=all is not available for guided distillation"),
+    ("guided run sampled", GUIDED, "sample", pipeline.PipelineError,
+     "--mode=sample is not available for guided distillation"),
     ("label dropout without a null class", ["diffusion.label_dropout=0.1",
                                             "UNet.num_classes=10",
                                             "dataset.with_labels=True"],
@@ -520,6 +522,18 @@ def test_guided_run_trains_stage_one_then_the_ladder_with_guided_grids(tmp_path)
     label = np.array([3, 3], np.int32)
     images = student.sample(batch_size=2, label=label, guidance=[0.0, 4.0], seed=0)
     assert images.shape == (2, 16, 16, 1) and np.all(np.isfinite(images))
+
+    # Export rebuilds the w-conditioned students from the record's student_network.
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["student_network"]["guidance_conditioned"] is True
+    export_dir = str(tmp_path / "saved_models")
+    _run(workdir, "export", GUIDED, flags=[f"--export_dir={export_dir}",
+                                         "--experiment=guided"])
+    for n in (8, 4, 2):
+        path = os.path.join(export_dir, "guided", f"guided-{n}steps", "1",
+                            "assets.extra", "export_metadata.json")
+        with open(path) as f:
+            assert json.load(f)["guided"] is True
 
 
 def test_the_guided_fashion_mnist_config_is_valid():

@@ -57,7 +57,10 @@ def load_workdir_stages(workdir: str) -> list:
     diffusion = config["diffusion"]
     stages = []
     for stage, n in [(TEACHER, teacher_steps)] + [(stage_name(n), n) for n in students]:
-        network = UNet.from_config({**config["network"], "name": "network"})
+        # A guided run's students are w-conditioned (`student_network` in its record).
+        network_config = config["network"] if stage == TEACHER else \
+            config.get("student_network", config["network"])
+        network = UNet.from_config({**network_config, "name": "network"})
         checkpoint.restore(wd.stage_dir(stage), "final", network)
         model = sampling_model(network, n, get_schedule(config["schedule"]),
                                diffusion["parameterization"], diffusion["weighting"])

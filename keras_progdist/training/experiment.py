@@ -117,16 +117,26 @@ class Experiment:
         """
         record = {"network": self.network_config, "diffusion": self.diffusion,
                   "schedule": self.schedule.get_config()}
+        if self.guided:
+            # What export rebuilds the w-conditioned stages from.
+            record["student_network"] = self.student_network_config
         path = self.path("config.json")
         existing = self.wd.read_config()
         if existing is not None:
             existing = {**existing, **{key: {**defaults, **existing[key]}
                                        for key, defaults in RECORD_DEFAULTS.items()
                                        if isinstance(existing.get(key), dict)}}
-            for key in ("network", "diffusion", "schedule"):
-                if _canon(existing[key]) != _canon(record[key]):
-                    diff = {k: (existing[key].get(k), record[key].get(k))
-                            for k in record[key] if existing[key].get(k) != record[key].get(k)}
+            # A record without student_network is from a run whose students share the
+            # teacher's network config.
+            existing.setdefault("student_network", existing["network"])
+            record_students = {**record, "student_network": record.get(
+                "student_network", record["network"])}
+            for key in ("network", "diffusion", "schedule", "student_network"):
+                ours = record_students[key]
+                if _canon(existing[key]) != _canon(ours):
+                    diff = {k: (existing[key].get(k), ours.get(k))
+                            for k in set(ours) | set(existing[key])
+                            if existing[key].get(k) != ours.get(k)}
                     raise PipelineError(
                         f"The {key} config in {path} (written by the run that trained "
                         f"this workdir) does not match the gin config: (workdir, gin) = "

@@ -28,12 +28,12 @@ def _validate_run_settings(mode: str, experiment_name: str | None, workdir: str)
         The evaluation settings (empty when no evaluation is asked for).
     """
     diffusion(), teacher(), distill()  # each raises on a bad value
-    if guidance()["enabled"] and mode in ("eval", "sample", "export", "all"):
+    if guidance()["enabled"] and mode in ("eval", "sample", "all"):
         raise PipelineError(
             f"--mode={mode} is not available for guided distillation (guidance.enabled) "
-            "yet: evaluation, sample files and export do not pass a guidance strength. "
-            "Run --mode=train_teacher, then --mode=distill (each stage writes a guided "
-            "sample grid under samples/).")
+            "yet: evaluation and sample files do not pass a guidance strength. Run "
+            "--mode=train_teacher, --mode=distill, then --mode=export (each stage writes "
+            "a guided sample grid under samples/; the exports take label and guidance).")
     cfg = {}
     if mode in ("eval", "sample", "all"):
         cfg = report.settings()
