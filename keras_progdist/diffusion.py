@@ -30,28 +30,88 @@ SAMPLERS = ("ddim", "ancestral")
 
 
 def network_denoise(network, z, t, schedule: Schedule, parameterization: str,
-                    label=None, training: bool = False, clip: bool = False):
+                    label=None, training: bool = False, clip: bool = False,
+                    guidance=None):
     """`(x_hat, eps_hat)` of a network at `(z, t)` under a parameterization.
 
+    `guidance` is the guidance strength `w` (`x_hat_w = (1 + w) x_hat(z, c) -
+    w x_hat(z, null)`, so `w = 0` is the conditional model). What it does depends on
+    the network:
+
+    * a `guidance_conditioned` network takes `w` as its input (`guidance` required);
+    * any other network with `guidance` given is guided classifier-free
+      (`guided_denoise`: one call on the doubled batch; needs `null_class`);
+    * otherwise `guidance` must be None and the network is called once as it is.
+
     Args:
-        network: a `UNet` (or any model taking `[z, t]` / `[z, t, label]`).
+        network: a `UNet` (or any model taking `[z, t]`, `[z, t, label]` or
+            `[z, t, label, w]`).
         z: `[B, H, W, C]`; t: `[B]` in [0, 1]; label: `[B]` int or None.
         schedule: the `Schedule` giving `logsnr(t)`.
         parameterization: one of `parameterizations.PARAMETERIZATIONS`.
         training: passed to the network (dropout).
         clip: clip `x_hat` to [-1, 1] and recompute `eps_hat = (z - alpha x_hat) / sigma`
             from it (`parameterizations.clip_x_hat`).
+        guidance: `w`, a scalar or `[B]`, or None.
 
     Returns:
         `(x_hat, eps_hat)`, float32 `[B, H, W, C]` each.
     """
     z = ops.convert_to_tensor(z, "float32")
     t = ops.convert_to_tensor(t, "float32")
+    w_input = getattr(network, "guidance_conditioned", False)
+    if guidance is not None and not w_input:
+        return guided_denoise(network, z, t, label, guidance, schedule, parameterization,
+                              training=training, clip=clip)
     inputs = [z, t] if label is None else [z, t, ops.convert_to_tensor(label, "int32")]
+    if w_input:
+        if guidance is None:
+            raise ValueError("This network is guidance-conditioned: pass guidance "
+                             "(the strength w).")
+        inputs.append(samplers._per_example(guidance, z))
     output = network(inputs, training=training)
     x_hat, eps_hat, _ = parameterizations.predict(
         output, z, schedule.logsnr(t), parameterization, clip_x=clip)
     return x_hat, eps_hat
+
+
+def guided_denoise(network, z, t, label, w, schedule: Schedule, parameterization: str,
+                   training: bool = False, clip: bool = False):
+    """Classifier-free guidance: `x_hat_w = (1 + w) x_hat(z, c) - w x_hat(z, null)`.
+
+    `w = 0` is the conditional model. One network call on the doubled batch
+    `[z; z]`, `[t; t]`, `[c; null]` (`null = network.num_classes`, the row a
+    `null_class` U-Net reserves) gives both predictions; they are combined in x-space
+    and `eps_hat` follows from `x_hat_w` and `z` (`parameterizations.guide`).
+
+    Args:
+        network: a class-conditional `UNet` with `null_class=True`.
+        z: `[B, H, W, C]`; t: `[B]`; label: `[B]` int (the condition `c`).
+        w: guidance strength, a scalar or `[B]`.
+        schedule, parameterization, training, clip: as in `network_denoise`.
+
+    Returns:
+        `(x_hat_w, eps_hat_w)`, float32 `[B, H, W, C]` each.
+    """
+    if not getattr(network, "null_class", False):
+        raise ValueError("Classifier-free guidance needs a network with a null class "
+                         "(UNet(null_class=True)), trained with label dropout.")
+    if label is None:
+        raise ValueError("Classifier-free guidance needs a label.")
+    z = ops.convert_to_tensor(z, "float32")
+    t = ops.convert_to_tensor(t, "float32")
+    label = ops.convert_to_tensor(label, "int32")
+    null = ops.full_like(label, network.num_classes)
+    output = network([ops.concatenate([z, z], axis=0), ops.concatenate([t, t], axis=0),
+                      ops.concatenate([label, null], axis=0)], training=training)
+    logsnr = schedule.logsnr(t)
+    x_hat, eps_hat, _ = parameterizations.predict(
+        output, ops.concatenate([z, z], axis=0), ops.concatenate([logsnr, logsnr], axis=0),
+        parameterization)
+    x_hat_cond, x_hat_null = ops.split(x_hat, 2, axis=0)
+    eps_hat_cond, eps_hat_null = ops.split(eps_hat, 2, axis=0)
+    return parameterizations.guide(x_hat_cond, eps_hat_cond, x_hat_null, eps_hat_null, z,
+                                   logsnr, w, parameterization, clip_x=clip)
 
 
 def diffuse(x, eps, logsnr):
@@ -90,6 +150,10 @@ class DiffusionModel(keras.Model):
         max_steps: the most steps `sample()` accepts (a serving bound; `None`, the
             default, is unbounded). Must be >= `num_steps`.
         max_batch: the most images one `sample()` call may produce (`None`: unbounded).
+        label_dropout: probability that a training example's label is replaced by the
+            null class `num_classes` (classifier-free guidance; 0.1-0.2 is usual). The
+            network needs `null_class=True`. Then `sample(label=..., guidance=w)`
+            samples from `x_hat_w = (1 + w) x_hat(z, c) - w x_hat(z, null)`.
 
     Example:
         >>> model = DiffusionModel(UNet((16, 16, 1), channels=16, channel_mult=(1, 2)))
@@ -101,7 +165,7 @@ class DiffusionModel(keras.Model):
     def __init__(self, network, schedule="cosine", parameterization: str = "v",
                  weighting: str = "snr_trunc", ema_decay: float | None = 0.9999,
                  num_steps: int = 1024, seed: int = 0, max_steps: int | None = None,
-                 max_batch: int | None = None, **kwargs):
+                 max_batch: int | None = None, label_dropout: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if isinstance(network, dict):
             network = keras.saving.deserialize_keras_object(network)
@@ -123,6 +187,14 @@ class DiffusionModel(keras.Model):
         if self.max_steps is not None and num_steps > self.max_steps:
             raise ValueError(f"num_steps={num_steps} is above max_steps={self.max_steps}: "
                              "the model could not sample with its own step count.")
+        label_dropout = float(label_dropout)
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}.")
+        if label_dropout and not getattr(network, "null_class", False):
+            raise ValueError(
+                f"label_dropout={label_dropout} replaces labels by the null class: the "
+                "network must be class-conditional with UNet(null_class=True).")
+        self.label_dropout = label_dropout
         self.ema_decay = float(ema_decay) if ema_decay else None
         self.num_steps = int(num_steps)
         self.seed = int(seed)
@@ -145,6 +217,12 @@ class DiffusionModel(keras.Model):
         return self.network.num_classes
 
     @property
+    def guided(self) -> bool:
+        """Whether `sample`/`denoise` take a guidance strength `w`: a classifier-free
+        guided network (`null_class`) or a guidance-conditioned one."""
+        return bool(self.network.null_class or self.network.guidance_conditioned)
+
+    @property
     def sampling_network(self):
         """The EMA network when there is one, else the trained network."""
         return self.ema_network if self.ema_network is not None else self.network
@@ -165,6 +243,9 @@ class DiffusionModel(keras.Model):
         eps = keras.random.normal(ops.shape(images), seed=TensorSeed(fold_in(seed, 2)))
         logsnr = self.schedule.logsnr(t)
         z = diffuse(images, eps, logsnr)
+        if self.label_dropout:
+            label = drop_labels(label, self.label_dropout, self.num_classes,
+                                fold_in(seed, 3))
         x_hat, _ = network_denoise(self.network, z, t, self.schedule,
                                    self.parameterization, label, training=training)
         loss = ops.mean(losses.weighted_x_mse(images, x_hat, logsnr, self.weighting))
@@ -220,12 +301,16 @@ class DiffusionModel(keras.Model):
         return pack_jax_train_state({**parts, "non_trainable_variables": non_trainable})
 
     # -- inference ------------------------------------------------------------------
-    def denoise(self, z, t, label=None, use_ema: bool = True, clip: bool = False):
+    def denoise(self, z, t, label=None, use_ema: bool = True, clip: bool = False,
+                guidance=None):
         """`(x_hat, eps_hat)` at `(z, t)`; EMA weights unless `use_ema=False`.
 
         Args:
             z: noisy images `[B, H, W, C]`; t: `[B]` in [0, 1]; label: `[B]` or None.
             use_ema: use the EMA network when the model has one.
+            guidance: the guidance strength `w` (scalar or `[B]`):
+                `x_hat_w = (1 + w) x_hat(z, c) - w x_hat(z, null)`, `w = 0` being the
+                conditional model (see `network_denoise`); None for no guidance.
             clip: clip `x_hat` to [-1, 1] and recompute
                 `eps_hat = (z - alpha_t x_hat) / sigma_t` from the clipped value, as the
                 samplers do at every step.
@@ -235,11 +320,13 @@ class DiffusionModel(keras.Model):
         """
         network = self.sampling_network if use_ema else self.network
         return network_denoise(network, ops.cast(z, "float32"), ops.cast(t, "float32"),
-                               self.schedule, self.parameterization, label, clip=clip)
+                               self.schedule, self.parameterization, label, clip=clip,
+                               guidance=guidance)
 
     def sample(self, noise=None, num_steps: int | None = None, seed: int = 0,
                label=None, batch_size: int | None = None, sampler: str = "ddim",
-               clip: bool = True, variance: str = "fixed_small", use_ema: bool = True):
+               clip: bool = True, variance: str = "fixed_small", use_ema: bool = True,
+               guidance=None):
         """Generates images in [-1, 1].
 
         Args:
@@ -252,6 +339,12 @@ class DiffusionModel(keras.Model):
             clip: clip `x_hat` to [-1, 1] at every step.
             variance: the ancestral sampler's variance.
             use_ema: sample with the EMA weights when the model has them.
+            guidance: the guidance strength `w`, a number or `[B]` (one per image), at
+                every step: `x_hat_w = (1 + w) x_hat(z, c) - w x_hat(z, null)`, so
+                `w = 0` is the conditional model. A classifier-free guided model
+                (`null_class`) makes one network call per step on a doubled batch; a
+                guidance-conditioned (distilled) network takes `w` as an input and
+                needs it. None: no guidance.
 
         Returns:
             float32 numpy array `[B, H, W, C]`.
@@ -291,20 +384,44 @@ class DiffusionModel(keras.Model):
             if label is None:
                 raise ValueError("This model is class-conditional: pass label.")
             label = ops.convert_to_tensor(label, "int32")
-        key = (num_steps, sampler, bool(clip), variance, bool(use_ema), label is not None)
+        guidance = self._guidance_vector(guidance, batch)
+        key = (num_steps, sampler, bool(clip), variance, bool(use_ema), label is not None,
+               guidance is not None)
         if key not in self._compiled_samplers:
             self._compiled_samplers[key] = self._make_sampler(*key)
         seed_tensor = ops.convert_to_tensor([seed, 0], "int32")
-        args = (noise, seed_tensor) + ((label,) if label is not None else ())
+        args = (noise, seed_tensor) + ((label,) if label is not None else ()) + \
+            ((guidance,) if guidance is not None else ())
         return ops.convert_to_numpy(self._compiled_samplers[key](*args))
 
-    def _make_sampler(self, num_steps, sampler, clip, variance, use_ema, has_label):
+    def _guidance_vector(self, guidance, batch):
+        """`guidance` as float32 `[B]`, after checking the model can be guided."""
+        if guidance is None:
+            if self.network.guidance_conditioned:
+                raise ValueError("This model is guidance-conditioned: pass guidance "
+                                 "(the strength w).")
+            return None
+        if not (self.network.guidance_conditioned or self.network.null_class):
+            raise ValueError("guidance needs a model trained for it: a null class "
+                             "(UNet(null_class=True), label_dropout > 0) or a "
+                             "guidance-conditioned network.")
+        values = np.asarray(guidance, np.float32)
+        if values.ndim > 1 or (values.ndim == 1 and len(values) != batch):
+            raise ValueError(f"guidance must be a number or one per image ([{batch}]), "
+                             f"got shape {values.shape}.")
+        return ops.convert_to_tensor(np.broadcast_to(values, (batch,)).copy())
+
+    def _make_sampler(self, num_steps, sampler, clip, variance, use_ema, has_label,
+                      guided=False):
         network = self.sampling_network if use_ema else self.network
 
-        def run(noise, seed, label=None):
+        def run(noise, seed, *conditions):
+            label = conditions[0] if has_label else None
+            guidance = conditions[-1] if guided else None
+
             def denoise_fn(z, t):
                 return network_denoise(network, z, t, self.schedule,
-                                       self.parameterization, label)
+                                       self.parameterization, label, guidance=guidance)
             if sampler == "ddim":
                 return samplers.ddim_sample(denoise_fn, noise, num_steps, self.schedule,
                                             clip=clip)
@@ -340,12 +457,31 @@ class DiffusionModel(keras.Model):
             "seed": self.seed,
             "max_steps": self.max_steps,
             "max_batch": self.max_batch,
+            "label_dropout": self.label_dropout,
         }
 
     @classmethod
     def from_config(cls, config):
         # Configs saved before max_steps / max_batch existed load unbounded.
         return cls(**config)
+
+
+def drop_labels(label, rate, null_label, seed):
+    """Label dropout for classifier-free guidance: each label becomes `null_label`
+    with probability `rate`.
+
+    Args:
+        label: `[B]` int32 labels.
+        rate: the dropout probability, in [0, 1).
+        null_label: the reserved "no label" class (`num_classes`).
+        seed: a `[2]` seed tensor.
+
+    Returns:
+        `[B]` int32 labels.
+    """
+    label = ops.cast(label, "int32")
+    dropped = keras.random.uniform(ops.shape(label), seed=TensorSeed(seed)) < rate
+    return ops.where(dropped, ops.full_like(label, null_label), label)
 
 
 def _optional_positive_int(name: str, value):

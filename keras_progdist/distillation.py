@@ -13,6 +13,11 @@ weighted x-MSE to `x~` (the paper weights it by truncated SNR, `max(SNR, 1)`).
 
 The teacher runs in inference mode (no dropout); the student trains with
 `student_dropout`, 0 by default as in the paper's distillation configs.
+
+Guided distillation, stage two (Meng et al., CVPR 2023): with a guidance-conditioned
+network (`UNet(guidance_conditioned=True)`, from `guided_distillation.GuidanceDistiller`)
+each example draws `w ~ U[w_min, w_max]`, and the teacher's two steps and the student
+use the same `(label, w)`: `x_hat(z, t) = x_hat(z, t, c, w)` above.
 """
 
 from __future__ import annotations
@@ -24,14 +29,13 @@ from keras_progdist import losses, parameterizations
 from keras_progdist._keras_compat import scale_loss_for_distribution
 from keras_progdist.diffusion import (DiffusionModel, copy_weights, diffuse,
                                       network_denoise, training_seed)
+from keras_progdist.guided_distillation import check_guidance_range, sample_guidance
 from keras_progdist.networks.unet import UNet
 from keras_progdist.optimizers import make_optimizer, reset_optimizer
 from keras_progdist.random_utils import TensorSeed, fold_in
 from keras_progdist.parameterizations import expand_to
 from keras_progdist.samplers import ddim_step
 from keras_progdist.schedules import Schedule, alpha_sigma, get_schedule, log_sigma_ratio
-
-
 
 
 def teacher_two_steps(teacher_denoise, z_t, t, num_student_steps, schedule: Schedule):
@@ -85,6 +89,9 @@ class Distiller(keras.Model):
         seed: seed of `i`, `z_t` noise.
         student_dropout: dropout rate of the student's residual blocks (the paper's
             students use 0 whatever the teacher was trained with).
+        w_min, w_max: for a guidance-conditioned `network` (guided distillation, stage
+            two), the range of the guidance strength `w` drawn per example; teacher
+            and student see the same `(label, w)`. Unused otherwise.
 
     Only the student's weights are trainable, whatever `network` comes in (an EMA
     network is flagged non-trainable, and that flag travels in its config).
@@ -92,11 +99,14 @@ class Distiller(keras.Model):
 
     def __init__(self, network, schedule="cosine", parameterization: str = "v",
                  weighting: str = "snr_trunc", num_steps: int = 1, seed: int = 0,
-                 student_dropout: float = 0.0, **kwargs):
+                 student_dropout: float = 0.0, w_min: float = 0.0, w_max: float = 4.0,
+                 **kwargs):
         super().__init__(**kwargs)
         if isinstance(network, dict):
             network = keras.saving.deserialize_keras_object(network)
         config = network.get_config()
+        self.guidance_conditioned = bool(config.get("guidance_conditioned"))
+        self.w_min, self.w_max = check_guidance_range(w_min, w_max)
         self.schedule = get_schedule(schedule)
         self.parameterization = parameterizations.check_parameterization(parameterization)
         self.weighting = losses.check_weighting(weighting)
@@ -220,19 +230,30 @@ class Distiller(keras.Model):
             num_steps //= 2
         return students
 
-    def _denoiser(self, network, label, training):
+    def _denoiser(self, network, label, training, w=None):
         def denoise(z, t):
             return network_denoise(network, z, t, self.schedule, self.parameterization,
-                                   label, training=training)
+                                   label, training=training, guidance=w)
         return denoise
 
-    def targets(self, images, label, t_index_u, eps):
-        """`(z_t, t, x~)` for images, uniform draws (-> `i`) and noise; no gradient."""
+    def targets(self, images, label, t_index_u, eps, w=None):
+        """`(z_t, t, x~)` for images, uniform draws (-> `i`) and noise; no gradient.
+
+        Args:
+            images: `[B, H, W, C]`; label: `[B]` int or None.
+            t_index_u: `[B]` uniform draws in [0, 1) (`i = min(floor(u N) + 1, N)`).
+            eps: noise like `images`.
+            w: `[B]` guidance strengths for a guidance-conditioned teacher (both of its
+                steps use the example's `w`), else None.
+
+        Returns:
+            `z_t`, `t = i / N` and the target `x~` (see `distillation_target`).
+        """
         n = ops.cast(self.num_steps, "float32")
         i = ops.minimum(ops.floor(t_index_u * n) + 1.0, n)
         t = i / n
         z_t = diffuse(images, eps, self.schedule.logsnr(t))
-        teacher = self._denoiser(self.teacher, label, training=False)
+        teacher = self._denoiser(self.teacher, label, training=False, w=w)
         z_end, x_hat_last = teacher_two_steps(teacher, z_t, t, n, self.schedule)
         x_tilde = distillation_target(z_t, z_end, x_hat_last, t, t - 1.0 / n,
                                       self.schedule)
@@ -247,8 +268,12 @@ class Distiller(keras.Model):
         seed = training_seed(self.seed_generator)
         u = keras.random.uniform((ops.shape(images)[0],), seed=TensorSeed(fold_in(seed, 1)))
         eps = keras.random.normal(ops.shape(images), seed=TensorSeed(fold_in(seed, 2)))
-        z_t, t, x_tilde = self.targets(images, label, u, eps)
-        x_hat, _ = self._denoiser(self.student, label, training)(z_t, t)
+        w = None
+        if self.guidance_conditioned:
+            w = sample_guidance(ops.shape(images)[0], self.w_min, self.w_max,
+                                fold_in(seed, 3))
+        z_t, t, x_tilde = self.targets(images, label, u, eps, w)
+        x_hat, _ = self._denoiser(self.student, label, training, w)(z_t, t)
         loss = ops.mean(losses.weighted_x_mse(x_tilde, x_hat, self.schedule.logsnr(t),
                                               self.weighting))
         return scale_loss_for_distribution(loss)
@@ -263,6 +288,8 @@ class Distiller(keras.Model):
             "num_steps": int(ops.convert_to_numpy(self.num_steps)),
             "seed": self.seed,
             "student_dropout": self.student_dropout,
+            "w_min": self.w_min,
+            "w_max": self.w_max,
         }
 
     @classmethod

@@ -11,6 +11,10 @@ Given `z = alpha x + sigma eps` and `v = alpha eps - sigma x`
 
 In every case `eps_hat = (z - alpha x_hat) / sigma` except for `eps`, where the
 network's `eps_out` is used directly (division by `sigma` is what `eps` avoids).
+
+Classifier-free guidance (`guide`) combines a conditional and an unconditional
+prediction in x-space, `x_hat_w = (1 + w) x_hat(z, c) - w x_hat(z, null)`; `w = 0` is
+the conditional model.
 """
 
 from __future__ import annotations
@@ -83,6 +87,45 @@ def clip_x_hat(x_hat, z, logsnr):
     """
     x_clipped = ops.clip(ops.cast(x_hat, "float32"), -1.0, 1.0)
     return x_clipped, eps_from_x(x_clipped, z, logsnr)
+
+
+def guide(x_hat_cond, eps_hat_cond, x_hat_null, eps_hat_null, z, logsnr, w,
+          parameterization: str, clip_x: bool = False):
+    """Classifier-free guidance in x-space: `x_hat_w = (1 + w) x_hat_c - w x_hat_null`.
+
+    In this convention `w = 0` is the plain conditional model and `w > 0` pushes away
+    from the unconditional one (Meng et al. 2023, eq. 2; Ho & Salimans' `w`).
+    `eps_hat` then follows from `x_hat_w` and `z` as in `predict`:
+    `eps_hat = (z - alpha x_hat_w) / sigma`, except for `eps`, whose noise prediction is
+    the network's own, here `(1 + w) eps_hat_c - w eps_hat_null` (the same value in
+    exact arithmetic, since the weights `1 + w` and `-w` sum to 1, without dividing by
+    `sigma`).
+
+    Args:
+        x_hat_cond, eps_hat_cond: predictions given the label, `[B, H, W, C]`.
+        x_hat_null, eps_hat_null: predictions given the null label, same shape.
+        z: the noisy input `z_t`, same shape.
+        logsnr: `[B]` logSNR of `z`.
+        w: guidance strength, a scalar or `[B]` (one per example).
+        parameterization: one of `PARAMETERIZATIONS` (the network's).
+        clip_x: clip `x_hat_w` to [-1, 1] and recompute `eps_hat` from it (`clip_x_hat`).
+
+    Returns:
+        `(x_hat_w, eps_hat_w)`, float32 `[B, H, W, C]`.
+    """
+    check_parameterization(parameterization)
+    z = ops.cast(z, "float32")
+    w = expand_to(ops.ones((ops.shape(z)[0],), "float32") * ops.cast(w, "float32"), z)
+    x_hat = (1.0 + w) * ops.cast(x_hat_cond, "float32") - w * ops.cast(x_hat_null,
+                                                                       "float32")
+    if clip_x:
+        return clip_x_hat(x_hat, z, logsnr)
+    if parameterization == "eps":
+        eps_hat = (1.0 + w) * ops.cast(eps_hat_cond, "float32") - \
+            w * ops.cast(eps_hat_null, "float32")
+    else:
+        eps_hat = eps_from_x(x_hat, z, logsnr)
+    return x_hat, eps_hat
 
 
 def predict(output, z, logsnr, parameterization: str, clip_x: bool = False):

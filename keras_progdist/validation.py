@@ -48,6 +48,13 @@ def positive_float(name: str, value) -> float:
     return float(value)
 
 
+def finite_float(name: str, value) -> float:
+    """`value` as a float, if it is a finite number (of either sign)."""
+    if not _is_real(value) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}.")
+    return float(value)
+
+
 def nonnegative_float(name: str, value) -> float:
     if not _is_real(value) or not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}.")

@@ -6,15 +6,16 @@ Layout (every file written atomically, see `fileio`):
     <root>/config.json                network/diffusion/schedule config (checked on resume)
     <root>/operative_config.gin       the gin config as last run
     <root>/teacher/ckpt|final         in-progress and finished teacher
+    <root>/guidance/ckpt|final        guided distillation's stage one (w-conditioned)
     <root>/student_<NNNNN>/ckpt|final the same for the stage to N steps
     <root>/stages.json                a JSON list, one entry per finished stage
     <root>/samples/*.png              sample grids, all stages from the same noise
     <root>/eval/                      evaluation (scores, report, sample files)
     <root>/logs/<stage>/              TensorBoard
 
-Stage names are made and parsed here only: `stage_name(N)` and `parse_stage(name)`.
-A finished stage is loaded back, without gin, by `stage_model` / `stage_models`
-(evaluation and export read a run through these).
+Stage names are made and parsed here only: `stage_name(N)` and `parse_stage(name)`
+(and the constants `TEACHER`, `GUIDANCE`). A finished stage is loaded back, without
+gin, by `stage_model` / `stage_models` (evaluation and export read a run through these).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from keras_progdist import checkpoint, fileio
 
 TEACHER = "teacher"
 _SUMMARY_KEYS = ("stage", "num_steps", "updates", "loss", "seconds")
+GUIDANCE = "guidance"  # guided distillation's stage one: the w-conditioned network
 _STUDENT = re.compile(r"^student_(\d{5})$")
 
 
@@ -49,16 +51,18 @@ def stage_name(num_steps: int | None = None) -> str:
 
 
 def parse_stage(name: str) -> int | None:
-    """The step count of a `student_<N>` stage name; None for the teacher.
+    """The step count of a `student_<N>` stage name; None for the teacher and the
+    guidance stage.
 
     Raises:
-        WorkDirError: a name that is neither.
+        WorkDirError: a name that is none of these.
     """
-    if name == TEACHER:
+    if name in (TEACHER, GUIDANCE):
         return None
     match = _STUDENT.match(name)
     if not match:
-        raise WorkDirError(f"{name!r} is not a stage name (teacher or student_NNNNN).")
+        raise WorkDirError(f"{name!r} is not a stage name (teacher, guidance or "
+                           "student_NNNNN).")
     return int(match.group(1))
 
 
@@ -122,23 +126,27 @@ class WorkDir:
                                "it is damaged or was not written by this library.")
         return int(meta["num_steps"])
 
-    def stage_network_config(self, stage: str, network_config: dict) -> dict:
+    def stage_network_config(self, stage: str, config: dict) -> dict:
         """The UNet config a finished stage's weights were saved with.
 
-        Students may train with another dropout rate than the run's network config
-        (`distill.student_dropout`), and a Dropout layer with a nonzero rate carries a
-        seed variable, so the rate is part of the weights' layout: it is recorded in the
-        stage's `final` checkpoint and read back here (records without it used the run's
-        rate).
+        The teacher has the run's `network`; every other stage (students, a guided
+        run's stage one) has `student_network` where the record has one (a guided run's
+        w-conditioned network), else `network`. Students may also train with another
+        dropout rate (`distill.student_dropout`), and a Dropout layer with a nonzero
+        rate carries a seed variable, so the rate is part of the weights' layout: it is
+        recorded in the stage's `final` checkpoint and read back here (records without
+        it used the run's rate).
 
         Args:
-            stage: `teacher` or `student_<N>`.
-            network_config: the run's network config (`config.json`'s `network`).
+            stage: `teacher`, `guidance` or `student_<N>`.
+            config: the run's config record (`config.json`).
         Returns:
-            `network_config` with the stage's `dropout`.
+            The network config with the stage's `dropout`.
         """
+        network = config["network"] if stage == TEACHER else \
+            config.get("student_network", config["network"])
         meta = self.final_meta(stage)
-        return {**network_config, "dropout": meta.get("dropout", network_config["dropout"])}
+        return {**network, "dropout": meta.get("dropout", network["dropout"])}
 
     def final_sha256(self, stage: str) -> str:
         """The finished stage's weights sha256 as recorded (an identity, not a check)."""
@@ -183,7 +191,7 @@ class WorkDir:
                                f"({self.stage_dir(stage)}/final.json is missing).")
         steps = parse_stage(stage)
         steps = self.stage_steps(stage) if steps is None else steps
-        network = UNet.from_config({**self.stage_network_config(stage, config["network"]),
+        network = UNet.from_config({**self.stage_network_config(stage, config),
                                     "name": "network"})
         checkpoint.restore(self.stage_dir(stage), "final", network)
         diffusion = config["diffusion"]

@@ -338,6 +338,63 @@ def test_class_conditional_signatures_take_and_check_labels(tmp_path):
         serve(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
 
 
+@pytest.mark.parametrize("kind", ["classifier_free", "guidance_conditioned"])
+def test_guided_signatures_take_label_and_guidance(tmp_path, kind):
+    """A classifier-free guided teacher (one doubled network call per step) and a
+    guidance-conditioned student (w as an input) both serve
+    `x_hat_w = (1 + w) x_hat(z, c) - w x_hat(z, null)` with `guidance` per image."""
+    import tensorflow as tf
+
+    network = UNet((8, 8, 1), channels=8, channel_mult=(1,), num_res_blocks=1,
+                   attention_resolutions=(), num_groups=4, num_classes=3, null_class=True,
+                   guidance_conditioned=kind == "guidance_conditioned", name="network")
+    rng = np.random.default_rng(0)
+    network.set_weights([w + 0.1 * rng.standard_normal(w.shape).astype(w.dtype)
+                         for w in network.get_weights()])
+    model = DiffusionModel(network, ema_decay=None, num_steps=2)
+    assert model.guided
+    record = export.export_stage(model, str(tmp_path), kind.replace("_", "-"),
+                                 overwrite=False)
+    loaded = tf.saved_model.load(record["saved_model"])
+    serve, generate = loaded.signatures["serving_default"], loaded.signatures["generate"]
+    denoise = loaded.signatures["denoise"]
+
+    noise = np.random.default_rng(1).standard_normal((3, 8, 8, 1)).astype(np.float32)
+    label = np.array([0, 2, 2], np.int32)
+    guidance = np.array([0.0, 0.0, 3.0], np.float32)
+    generated = generate(noise=tf.constant(noise), steps=tf.constant(2),
+                         label=tf.constant(label),
+                         guidance=tf.constant(guidance))["images"].numpy()
+    np.testing.assert_allclose(generated, model.sample(noise=noise, num_steps=2, label=label,
+                                                       guidance=guidance), atol=1e-4)
+    assert np.abs(generated[1] - generated[2]).max() > 1e-3  # guidance acts per image
+    x_hat = denoise(z=tf.constant(noise), t=tf.constant([0.3, 0.5, 0.7]),
+                    label=tf.constant(label), guidance=tf.constant(guidance))["x_hat"]
+    expected, _ = model.denoise(noise, np.array([0.3, 0.5, 0.7], np.float32), label,
+                                guidance=guidance)
+    np.testing.assert_allclose(x_hat.numpy(), keras.ops.convert_to_numpy(expected),
+                               atol=1e-5)
+    images = serve(seed=tf.constant([4, 4]), label=tf.constant([1, 1]),
+                   guidance=tf.constant([0.0, 2.0]))["images"].numpy()
+    assert images.dtype == np.uint8 and not np.array_equal(images[0], images[1])
+
+    _expect_refused(serve, "guidance must hold one strength per seed",
+                    seed=np.array([1, 2], np.int32), label=np.array([0, 1], np.int32),
+                    guidance=np.array([1.0], np.float32))
+    _expect_refused(generate, "guidance must be finite", noise=noise[:1],
+                    steps=np.int32(2), label=np.array([0], np.int32),
+                    guidance=np.array([np.nan], np.float32))
+
+    metadata = json.load(open(os.path.join(record["saved_model"], export.METADATA_FILE)))
+    assert metadata["guided"] is True
+    from tensorflow_serving.apis import prediction_log_pb2
+    path = os.path.join(record["saved_model"], "assets.extra", "tf_serving_warmup_requests")
+    for raw in tf.data.TFRecordDataset(path):
+        request = prediction_log_pb2.PredictionLog.FromString(raw.numpy()).predict_log.request
+        assert sorted(request.inputs) == ["guidance", "label", "seed"]
+        serve(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
+
+
 def _snapshot(top):
     """Every path under `top` with its mtime (ns) and, for files, size: a folder whose
     snapshot is unchanged had nothing written, created, renamed or removed in it."""

@@ -26,6 +26,16 @@ EXPECTED_LADDER = [("teacher", 8, 40), ("student_00004", 4, 20),
                    ("student_00002", 2, 20), ("student_00001", 1, 20)]
 
 
+# A guided run (Meng et al. 2023): a classifier-free guided teacher, the w-conditioned
+# stage one, then the ladder 8 -> 4 -> 2 on its network.
+GUIDED = ["UNet.num_classes=10", "UNet.null_class=True", "dataset.with_labels=True",
+          "diffusion.label_dropout=0.2", "guidance.enabled=True", "guidance.updates=20",
+          "guidance.checkpoint_every=10", "guidance.steps_per_execution=5",
+          "distill.min_steps=2"]
+GUIDED_LADDER = [("teacher", 8, 40), ("guidance", 8, 20), ("student_00004", 4, 20),
+                 ("student_00002", 2, 20)]
+
+
 # Longer stages for the kill test, so kills land mid-stage and restarts must resume.
 KILL_PARAMS = ["teacher.train_steps=200", "distill.updates_per_stage=60"]
 KILL_LADDER = [("teacher", 8, 200), ("student_00004", 4, 60),
@@ -210,6 +220,21 @@ BAD_INPUTS = [
      ValueError, "teacher.global_clipnorm must be a finite number > 0, got -1.0"),
     ("student dropout out of range", ["distill.student_dropout=1.0"], "all", ValueError,
      "distill.student_dropout must be a number in [0, 1), got 1.0"),
+    ("label dropout out of range", ["diffusion.label_dropout=1.0"], "train_teacher",
+     ValueError, "diffusion.label_dropout must be a number in [0, 1), got 1.0"),
+    ("guidance without a guided teacher", ["guidance.enabled=True"], "train_teacher",
+     pipeline.PipelineError, "guidance.enabled distills a classifier-free guided teacher"),
+    ("guidance range reversed", ["guidance.w_min=5.0"], "train_teacher",
+     pipeline.PipelineError, "guidance.w_min (5.0) must not be above guidance.w_max"),
+    ("guided run evaluated", GUIDED, "all", pipeline.PipelineError,
+     "--mode=all is not available for guided distillation"),
+    ("guided run sampled", GUIDED, "sample", pipeline.PipelineError,
+     "--mode=sample is not available for guided distillation"),
+    ("label dropout without a null class", ["diffusion.label_dropout=0.1",
+                                            "UNet.num_classes=10",
+                                            "dataset.with_labels=True"],
+     "train_teacher", pipeline.PipelineError,
+     "set UNet.num_classes and UNet.null_class = True"),
 ]
 
 
@@ -458,3 +483,96 @@ def test_students_with_their_own_dropout_finish_load_and_export(
     loaded = workdir_export.load_workdir_stages(workdir)  # the export's loader
     assert [(stage, n) for stage, n, _ in loaded] == [("teacher", 4), ("student_00002", 2),
                                                       ("student_00001", 1)]
+
+
+def test_a_workdir_recorded_before_label_dropout_existed_still_matches(tmp_path):
+    """config.json files written before `diffusion.label_dropout` existed have no such
+    key: they mean 0 and must not stop a resume."""
+    from keras_progdist.training.experiment import Experiment
+
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")], SMALL)
+        workdir = tmp_path / "old"
+        experiment = Experiment(str(workdir))
+        experiment.check_workdir()
+        path = workdir / "config.json"
+        record = json.loads(path.read_text())
+        assert record["diffusion"].pop("label_dropout") == 0.0
+        path.write_text(json.dumps(record))
+        Experiment(str(workdir)).check_workdir(write=False)
+        record["diffusion"]["label_dropout"] = 0.1
+        path.write_text(json.dumps(record))
+        with pytest.raises(pipeline.PipelineError, match="label_dropout"):
+            Experiment(str(workdir)).check_workdir(write=False)
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.slow
+def test_guided_run_trains_stage_one_then_the_ladder_with_guided_grids(tmp_path):
+    from keras_progdist.training.experiment import Experiment
+
+    workdir = str(tmp_path / "guided")
+    _run(workdir, "train_teacher", GUIDED)
+    # Stage one stops at a checkpoint (time budget) and the next run resumes it.
+    stopped = _run(workdir, "distill", GUIDED, check=False, flags=["--time_budget_s=1"])
+    assert stopped.returncode == 143, stopped.stdout + stopped.stderr[-2000:]
+    assert "[stage] guidance: training the w-conditioned network, w in [0.0, 4.0]" \
+        in stopped.stdout
+    assert "[preempted] guidance: SIGTERM or time budget; checkpoint saved at step 5" \
+        in stopped.stdout
+    first = _run(workdir, "distill", GUIDED).stdout
+    assert "[stage] guidance: resuming at step 5/20" in first
+    assert _ladder(workdir) == GUIDED_LADDER
+    for grid in ("teacher_00008steps.png", "guidance.png", "student_00004.png",
+                 "student_00002.png"):
+        assert os.path.exists(os.path.join(workdir, "samples", grid))
+    again = _run(workdir, "distill", GUIDED).stdout
+    assert again.count("finished earlier") == 3
+    assert _ladder(workdir) == GUIDED_LADDER
+
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")],
+                                            SMALL + GUIDED)
+        experiment = Experiment(workdir)
+        teacher = experiment.load_final("teacher", 8)
+        student = experiment.load_final("student_00002", 2)
+    finally:
+        gin.clear_config()
+    assert teacher.network.null_class and not teacher.network.guidance_conditioned
+    assert student.network.guidance_conditioned
+    label = np.array([3, 3], np.int32)
+    images = student.sample(batch_size=2, label=label, guidance=[0.0, 4.0], seed=0)
+    assert images.shape == (2, 16, 16, 1) and np.all(np.isfinite(images))
+
+    # Export rebuilds the w-conditioned students from the record's student_network.
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["student_network"]["guidance_conditioned"] is True
+    export_dir = str(tmp_path / "saved_models")
+    _run(workdir, "export", GUIDED, flags=[f"--export_dir={export_dir}",
+                                         "--experiment=guided"])
+    for n in (8, 4, 2):
+        path = os.path.join(export_dir, "guided", f"guided-{n}steps", "1",
+                            "assets.extra", "export_metadata.json")
+        with open(path) as f:
+            assert json.load(f)["guided"] is True
+
+
+def test_the_guided_fashion_mnist_config_is_valid():
+    from keras_progdist.training import config
+
+    gin.clear_config()
+    try:
+        gin.parse_config_file(os.path.join(ROOT, "gin", "fashion_mnist_guided.gin"))
+        settings = config.diffusion()
+        guided = config.guidance()
+        config.teacher(), config.distill()
+        network = config.UNetConfigurable(image_shape=(16, 16, 1), output_channels=1)
+    finally:
+        gin.clear_config()
+    assert guided["enabled"] and (guided["w_min"], guided["w_max"]) == (0.0, 4.0)
+    assert settings["label_dropout"] == 0.1
+    assert network.null_class and network.num_classes == 10
+    assert not network.guidance_conditioned

@@ -15,13 +15,16 @@ def _np(x):
     return np.asarray(ops.convert_to_numpy(x))
 
 
-def _inputs(shape, batch=2, num_classes=None, seed=0):
+def _inputs(shape, batch=2, num_classes=None, seed=0, w=False):
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((batch,) + tuple(shape)).astype(np.float32)
     t = rng.uniform(0, 1, (batch,)).astype(np.float32)
+    inputs = [z, t]
     if num_classes:
-        return [z, t, rng.integers(0, num_classes, (batch,)).astype(np.int32)]
-    return [z, t]
+        inputs.append(rng.integers(0, num_classes, (batch,)).astype(np.int32))
+    if w:
+        inputs.append(rng.uniform(0, 4, (batch,)).astype(np.float32))
+    return inputs
 
 
 def _randomize(net, seed=0):
@@ -115,8 +118,58 @@ def test_keras_file_save_load_safe_mode_round_trip_gives_identical_outputs(tmp_p
     np.testing.assert_array_equal(_np(loaded(x)), _np(net(x)))
 
 
+GUIDED = dict(num_classes=4, null_class=True, guidance_conditioned=True,
+              guidance_embedding_scale=100.0, **TINY)
+
+
+def test_guidance_conditioned_get_config_round_trip_gives_identical_outputs():
+    shape = (16, 16, 1)
+    net = UNet(shape, **GUIDED)
+    assert [i.name for i in net.inputs] == ["z", "t", "label", "w"]
+    config = net.get_config()
+    assert config["guidance_conditioned"] and config["null_class"]
+    assert config["guidance_embedding_scale"] == 100.0
+    _randomize(net, seed=3)
+    clone = UNet.from_config(config)
+    assert clone.get_config() == config
+    assert clone.get_layer("guidance_embedding").scale == 100.0
+    clone.set_weights(net.get_weights())
+    x = _inputs(shape, num_classes=5, w=True)
+    np.testing.assert_array_equal(_np(clone(x)), _np(net(x)))
+    # w reaches the output.
+    other = x[:3] + [x[3] + 1.0]
+    assert np.abs(_np(net(other)) - _np(net(x))).max() > 1e-4
+
+
+def test_guidance_embedding_starts_at_zero_so_w_changes_nothing_until_trained():
+    shape = (16, 16, 1)
+    net = UNet(shape, **GUIDED)
+    dense2 = net.get_layer("guidance_embedding").dense2
+    np.testing.assert_array_equal(_np(dense2.kernel), 0.0)
+    _randomize(net, seed=4)
+    dense2.kernel.assign(np.zeros(dense2.kernel.shape, np.float32))
+    dense2.bias.assign(np.zeros(dense2.bias.shape, np.float32))
+    z, t, label, w = _inputs(shape, num_classes=5, w=True)
+    np.testing.assert_array_equal(_np(net([z, t, label, w])),
+                                  _np(net([z, t, label, w + 3.0])))
+
+
+def test_guidance_conditioned_keras_file_safe_mode_round_trip(tmp_path):
+    shape = (16, 16, 1)
+    net = UNet(shape, head_dim=8, **GUIDED)
+    _randomize(net, seed=5)
+    path = str(tmp_path / "guided_unet.keras")
+    net.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)  # no Lambda, no custom_objects
+    assert isinstance(loaded, UNet)
+    assert loaded.get_config() == net.get_config()
+    x = _inputs(shape, num_classes=5, seed=6, w=True)
+    np.testing.assert_array_equal(_np(loaded(x)), _np(net(x)))
+
+
 @pytest.mark.parametrize("layer,args", [
     (TimeEmbedding(8, name="te"), None),
+    (TimeEmbedding(8, scale=250.0, zero_output=True, name="we"), None),
     (ResBlock(8, dropout=0.1, resample="down", num_groups=4, name="rb"), None),
     (AttentionBlock(num_heads=2, num_groups=4, name="ab"), None),
 ])

@@ -72,10 +72,14 @@ def stage_metadata(model: DiffusionModel, name: str, num_steps: int, limits: dic
         "num_classes": int(model.num_classes or 0),
         "parameterization": model.parameterization,
         "schedule": model.schedule.get_config(),
+        "guided": model.guided,
         "signatures": {
-            "serving_default": "seed int32 [B] (+ label) -> images uint8 [B, H, W, C]",
-            "generate": "noise float32 [B, H, W, C], steps int32 [] (+ label) -> images",
-            "denoise": "z float32 [B, H, W, C], t float32 [B] (+ label) -> x_hat, eps_hat"},
+            "serving_default": "seed int32 [B] (+ label) (+ guidance) -> images uint8 "
+                               "[B, H, W, C]",
+            "generate": "noise float32 [B, H, W, C], steps int32 [] (+ label) "
+                        "(+ guidance) -> images",
+            "denoise": "z float32 [B, H, W, C], t float32 [B] (+ label) (+ guidance) -> "
+                       "x_hat, eps_hat"},
         "keras_version": keras.__version__,
         "tensorflow_version": tf.__version__,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

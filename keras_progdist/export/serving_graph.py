@@ -1,18 +1,25 @@
 """The serving graph: the three signatures of a stage's SavedModel, with every input
 checked inside the graph. Imports TensorFlow (the package imports this module lazily).
 
-    serving_default  seed int32 [B] (+ label int32 [B]) -> images uint8 [B, H, W, C]
+    serving_default  seed int32 [B] (+ label int32 [B]) (+ guidance float32 [B])
+                     -> images uint8 [B, H, W, C]
                      DDIM in the stage's own N steps from `noise_from_seeds(seed)`, clipped
-    generate         noise float32 [B, H, W, C], steps int32 [] (+ label)
+    generate         noise float32 [B, H, W, C], steps int32 [] (+ label) (+ guidance)
                      -> images float32 [B, H, W, C] in [-1, 1] (DDIM, clipped)
-    denoise          z float32 [B, H, W, C], t float32 [B] (+ label)
+    denoise          z float32 [B, H, W, C], t float32 [B] (+ label) (+ guidance)
                      -> x_hat, eps_hat float32 [B, H, W, C]
+
+`label` is an input of class-conditional models; `guidance` (the strength `w` per
+image, `x_hat_w = (1 + w) x_hat(z, c) - w x_hat(z, null)`, `w = 0` the conditional
+model) of guided ones: a classifier-free guided teacher (one network call on a doubled
+batch per step) or a guidance-conditioned (distilled) network, which takes `w` as input.
 
 The whole DDIM loop is in the graph (`samplers.ddim_sample`, the same function
 `DiffusionModel.sample` runs), so one model serves any step count up to a limit. Shapes
 are checked with `tf.ensure_shape` (a loaded signature, like TF Serving, runs whatever
 shape it is fed), values with `tf.debugging` asserts (negative seed, label outside
-`[0, num_classes)`, `steps <= 0`, `t` outside [0, 1]), and the serving limits fixed at
+`[0, num_classes)`, a non-finite guidance, `steps <= 0`, `t` outside [0, 1]), and the
+serving limits fixed at
 export: `1 <= B <= max_batch` in every signature and `steps <= max_steps` in `generate`.
 A bad request fails with `InvalidArgumentError` and the model keeps serving.
 """
@@ -76,6 +83,18 @@ def _batch_checks(x, input_name, max_batch):
     ]
 
 
+def _guidance_checks(guidance, batch, batch_input):
+    return [
+        tf.debugging.assert_equal(
+            tf.shape(guidance)[0], batch,
+            message=f"guidance must hold one strength per {batch_input} (same batch "
+                    "size)"),
+        tf.debugging.assert_equal(
+            tf.reduce_all(tf.math.is_finite(guidance)), True,
+            message="guidance must be finite"),
+    ]
+
+
 def _with_checks(checks, *tensors):
     with tf.control_dependencies(checks):
         return tuple(None if x is None else tf.identity(x) for x in tensors)
@@ -105,10 +124,14 @@ def build_archive(model: DiffusionModel, num_steps: int | None = None,
     height, width, channels = model.image_shape
     image_shape = (height, width, channels)
     num_classes = model.num_classes
+    guided = model.guided
+    if guided and not num_classes:
+        raise ExportError("Export of a guided model needs a class-conditional one.")
 
-    def ddim(noise, steps, label):
+    def ddim(noise, steps, label, guidance):
         def denoise_fn(z, t):
-            return network_denoise(network, z, t, schedule, parameterization, label)
+            return network_denoise(network, z, t, schedule, parameterization, label,
+                                   guidance=guidance)
         return samplers.ddim_sample(denoise_fn, noise, steps, schedule, clip=True)
 
     image_spec = [None, height, width, channels]
@@ -119,19 +142,27 @@ def build_archive(model: DiffusionModel, num_steps: int | None = None,
         # tensor <input> [...] is not compatible with expected shape [...]".
         return None if x is None else tf.ensure_shape(x, shape)
 
-    def serve(seed, label=None):
+    def conditions(batch, batch_input, label, guidance):
+        checks = []
+        if label is not None:
+            checks += _label_checks(label, batch, num_classes, batch_input)
+        if guidance is not None:
+            checks += _guidance_checks(guidance, batch, batch_input)
+        return checks
+
+    def serve(seed, label=None, guidance=None):
         seed, label = shaped(seed, [None]), shaped(label, [None])
+        guidance = shaped(guidance, [None])
         checks = _batch_checks(seed, "seed", max_batch)
         checks.append(tf.debugging.assert_non_negative(seed, message="seed must be >= 0"))
-        if label is not None:
-            checks += _label_checks(label, tf.shape(seed)[0], num_classes, "seed")
-        seed, label = _with_checks(checks, seed, label)
+        checks += conditions(tf.shape(seed)[0], "seed", label, guidance)
+        seed, label, guidance = _with_checks(checks, seed, label, guidance)
         noise = noise_from_seeds(seed, image_shape)
-        return {"images": to_uint8(ddim(noise, num_steps, label))}
+        return {"images": to_uint8(ddim(noise, num_steps, label, guidance))}
 
-    def generate(noise, steps, label=None):
+    def generate(noise, steps, label=None, guidance=None):
         noise, steps = shaped(noise, image_spec), shaped(steps, [])
-        label = shaped(label, [None])
+        label, guidance = shaped(label, [None]), shaped(guidance, [None])
         checks = _batch_checks(noise, "noise", max_batch) + [
             tf.debugging.assert_positive(steps, message="steps must be >= 1"),
             # The loop runs `steps` network evaluations: refuse before the first one.
@@ -139,25 +170,29 @@ def build_archive(model: DiffusionModel, num_steps: int | None = None,
                 steps, tf.constant(max_steps, tf.int32),
                 message=f"steps must be <= max_steps={max_steps} (the limit set at "
                         "export)")]
-        if label is not None:
-            checks += _label_checks(label, tf.shape(noise)[0], num_classes, "noise image")
-        noise, steps, label = _with_checks(checks, noise, steps, label)
-        return {"images": ddim(noise, steps, label)}
+        checks += conditions(tf.shape(noise)[0], "noise image", label, guidance)
+        noise, steps, label, guidance = _with_checks(checks, noise, steps, label, guidance)
+        return {"images": ddim(noise, steps, label, guidance)}
 
-    def denoise(z, t, label=None):
+    def denoise(z, t, label=None, guidance=None):
         z, t, label = shaped(z, image_spec), shaped(t, [None]), shaped(label, [None])
+        guidance = shaped(guidance, [None])
         checks = _batch_checks(z, "z", max_batch) + [
             tf.debugging.assert_equal(tf.shape(t)[0], tf.shape(z)[0],
                                       message="t must hold one time per z"),
             tf.debugging.assert_greater_equal(t, 0.0, message="t must be in [0, 1]"),
             tf.debugging.assert_less_equal(t, 1.0, message="t must be in [0, 1]")]
-        if label is not None:
-            checks += _label_checks(label, tf.shape(z)[0], num_classes, "z")
-        z, t, label = _with_checks(checks, z, t, label)
-        x_hat, eps_hat = network_denoise(network, z, t, schedule, parameterization, label)
+        checks += conditions(tf.shape(z)[0], "z", label, guidance)
+        z, t, label, guidance = _with_checks(checks, z, t, label, guidance)
+        x_hat, eps_hat = network_denoise(network, z, t, schedule, parameterization, label,
+                                         guidance=guidance)
         return {"x_hat": x_hat, "eps_hat": eps_hat}
 
+    # Positional order (seed / noise, steps / z, t), label, guidance: a guided model is
+    # class-conditional (checked above), so guidance never lands on `label`.
     label_spec = [tf.TensorSpec([None], tf.int32, name="label")] if num_classes else []
+    if guided:
+        label_spec.append(tf.TensorSpec([None], tf.float32, name="guidance"))
     archive = keras.export.ExportArchive()
     archive.track(network)
     archive.add_endpoint(

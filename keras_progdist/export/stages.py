@@ -44,7 +44,7 @@ def _write_version(model, paths, num_steps, limits, metadata, plan, explicit,
         archive = serving_graph.build_archive(model, num_steps, **limits)
         archive.write_out(tmp, verbose=False)
         write_warmup_requests(tmp, paths["model_name"], model.num_classes,
-                              warmup_batch_sizes)
+                              warmup_batch_sizes, guided=model.guided)
         return claim_version(tmp, base, metadata, plan, explicit)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

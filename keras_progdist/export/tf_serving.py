@@ -34,10 +34,11 @@ def serving_apis():
 
 
 def write_warmup_requests(saved_model_dir: str, serving_name: str, num_classes=None,
-                          batch_sizes=(1,)) -> str:
+                          batch_sizes=(1,), guided: bool = False) -> str:
     """Writes `assets.extra/tf_serving_warmup_requests` (TFRecord of `PredictionLog`s).
 
-    One `serving_default` request per batch size, seeds `0..B-1` (labels `i % classes`).
+    One `serving_default` request per batch size, seeds `0..B-1` (labels `i % classes`,
+    guidance 0 for a guided model).
     TF Serving replays them when it loads the version, before the first real request.
 
     Args:
@@ -45,6 +46,7 @@ def write_warmup_requests(saved_model_dir: str, serving_name: str, num_classes=N
         serving_name: the TF Serving model name the requests address.
         num_classes: the class count of a class-conditional model, else None.
         batch_sizes: one request per size.
+        guided: the model's signatures take `guidance`.
 
     Returns:
         The file's path.
@@ -64,6 +66,9 @@ def write_warmup_requests(saved_model_dir: str, serving_name: str, num_classes=N
             if num_classes:
                 request.inputs["label"].CopyFrom(tf.make_tensor_proto(
                     np.arange(batch, dtype=np.int32) % num_classes))
+            if guided:
+                request.inputs["guidance"].CopyFrom(tf.make_tensor_proto(
+                    np.zeros((batch,), np.float32)))
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())

@@ -2,8 +2,13 @@
 
 `UNet` is a functional `keras.Model` (the keras-hub "backbone" pattern): its config is
 its constructor arguments, so `.keras` files round-trip with `safe_mode` on and no
-`custom_objects`. It maps `(z, t[, label]) -> raw output` and knows nothing of
+`custom_objects`. It maps `(z, t[, label][, w]) -> raw output` and knows nothing of
 diffusion: a parameterization turns its output into `x_hat`.
+
+Two optional flags serve guided diffusion (Meng et al., CVPR 2023): `null_class` adds
+a reserved "no label" row (index `num_classes`) to the class embedding for
+classifier-free guidance, and `guidance_conditioned` adds a guidance-strength input `w`
+(the stage-one student of guided distillation).
 """
 
 from __future__ import annotations
@@ -36,17 +41,26 @@ class TimeEmbedding(layers.Layer):
     `emb = [sin(1000 t w_k), cos(1000 t w_k)]`, `w_k = 10000^(-k / (d/2))`, then
     `Dense(4d, swish) -> Dense(4d)`.
 
+    The same layer embeds the guidance strength `w` of a `guidance_conditioned` U-Net
+    (with its own `scale`, and `zero_output=True` so that the embedding starts at 0).
+
     Args:
         dim: sinusoid width `d`; the output has `4 d` features.
         scale: multiplies `t` before the sinusoids (1000 as in DDPM's integer steps).
+        zero_output: initialize the last Dense layer to zero, so the embedding is 0
+            (and adding it changes nothing) until it is trained.
     """
 
-    def __init__(self, dim: int, scale: float = 1000.0, **kwargs):
+    def __init__(self, dim: int, scale: float = 1000.0, zero_output: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.dim = dim
         self.scale = scale
+        self.zero_output = bool(zero_output)
         self.dense1 = layers.Dense(4 * dim, activation="swish", name="dense1")
-        self.dense2 = layers.Dense(4 * dim, name="dense2")
+        self.dense2 = layers.Dense(
+            4 * dim, kernel_initializer="zeros" if self.zero_output else "glorot_uniform",
+            name="dense2")
 
     def build(self, t_shape):
         self.dense1.build((None, self.dim))
@@ -63,7 +77,8 @@ class TimeEmbedding(layers.Layer):
         return tuple(t_shape) + (4 * self.dim,)
 
     def get_config(self):
-        return {**super().get_config(), "dim": self.dim, "scale": self.scale}
+        return {**super().get_config(), "dim": self.dim, "scale": self.scale,
+                "zero_output": self.zero_output}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -196,7 +211,7 @@ class AttentionBlock(layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class UNet(keras.Model):
-    """DDPM-style U-Net: `(z, t[, label]) -> output`.
+    """DDPM-style U-Net: `(z, t[, label][, w]) -> output`.
 
     Args:
         image_shape: `(H, W, C)` of the images.
@@ -209,6 +224,17 @@ class UNet(keras.Model):
         dropout: dropout rate in every residual block.
         num_classes: if set, a class embedding is added to the time embedding and the
             model takes a third input `label` (int32 `[B]`).
+        null_class: reserve the label `num_classes` for "no label" (the class
+            embedding gets `num_classes + 1` rows): the unconditional model of
+            classifier-free guidance, trained by label dropout
+            (`DiffusionModel(label_dropout=...)`). Needs `num_classes`.
+        guidance_conditioned: take a last input `w` (float32 `[B]`, the guidance
+            strength) whose embedding `TimeEmbedding(channels, guidance_embedding_scale,
+            zero_output=True)(w)` is added to the time embedding: the w-conditioned
+            student of guided distillation. It starts at 0, so a student initialized
+            from a teacher's weights starts as the teacher's conditional model.
+        guidance_embedding_scale: multiplies `w` before the sinusoids (250: `w` in
+            [0, 4] spans the range `t` in [0, 1] does at scale 1000).
         output_channels: defaults to `C` (use `2 C` for the `both` parameterization).
         resblock_resample: BigGAN-style residual down/up-sampling blocks (else
             strided conv / nearest upsample + conv).
@@ -226,12 +252,19 @@ class UNet(keras.Model):
                  attention_resolutions: Sequence[int] = (16,), num_heads: int = 1,
                  head_dim: int | None = None, dropout: float = 0.0,
                  num_classes: int | None = None, output_channels: int | None = None,
-                 resblock_resample: bool = True, num_groups: int = 32, **kwargs):
+                 resblock_resample: bool = True, num_groups: int = 32, null_class: bool = False,
+                 guidance_conditioned: bool = False,
+                 guidance_embedding_scale: float = 250.0, **kwargs):
         image_shape = tuple(int(s) for s in image_shape)
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         _validate(image_shape, channels, channel_mult, num_res_blocks,
                   attention_resolutions, dropout, num_classes)
+        null_class, guidance_conditioned = bool(null_class), bool(guidance_conditioned)
+        if null_class and not num_classes:
+            raise ValueError("UNet.null_class needs UNet.num_classes: the null class is "
+                             "the label num_classes of a class-conditional network.")
+        guidance_embedding_scale = float(guidance_embedding_scale)
         out_ch = output_channels or image_shape[-1]
 
         z = keras.Input(image_shape, name="z")
@@ -241,8 +274,14 @@ class UNet(keras.Model):
         if num_classes:
             label = keras.Input((), dtype="int32", name="label")
             inputs.append(label)
-            temb = temb + layers.Embedding(num_classes, 4 * channels,
+            rows = num_classes + 1 if null_class else num_classes
+            temb = temb + layers.Embedding(rows, 4 * channels,
                                            name="class_embedding")(label)
+        if guidance_conditioned:
+            w = keras.Input((), name="w")
+            inputs.append(w)
+            temb = temb + TimeEmbedding(channels, guidance_embedding_scale,
+                                        zero_output=True, name="guidance_embedding")(w)
 
         def block(h, ch, name, resample=None):
             return ResBlock(ch, dropout, resample, num_groups, name=name)(h, temb)
@@ -299,8 +338,19 @@ class UNet(keras.Model):
         self.output_channels = out_ch
         self.resblock_resample = resblock_resample
         self.num_groups = num_groups
+        self.null_class = null_class
+        self.guidance_conditioned = guidance_conditioned
+        self.guidance_embedding_scale = guidance_embedding_scale
 
     def get_config(self):
+        # The guidance keys are written only when used: the config of a network without
+        # them stays what it was, so workdirs whose config.json predates them resume.
+        guidance = {}
+        if self.null_class:
+            guidance["null_class"] = True
+        if self.guidance_conditioned:
+            guidance["guidance_conditioned"] = True
+            guidance["guidance_embedding_scale"] = self.guidance_embedding_scale
         return {
             "name": self.name,
             "trainable": self.trainable,
@@ -316,6 +366,7 @@ class UNet(keras.Model):
             "output_channels": self.output_channels,
             "resblock_resample": self.resblock_resample,
             "num_groups": self.num_groups,
+            **guidance,
         }
 
     @classmethod

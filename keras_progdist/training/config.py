@@ -19,11 +19,13 @@ from keras_progdist.networks.unet import UNet
 from keras_progdist.schedules import Schedule
 
 # UNet takes **kwargs (Keras' name/dtype/...), so without an allowlist gin would accept a
-# misspelled binding such as `UNet.chanels` and silently ignore it.
+# misspelled binding such as `UNet.chanels` and silently ignore it. The guidance input
+# `w` belongs to guided distillation's students, never to the teacher gin configures.
 UNetConfigurable = gin.external_configurable(
     UNet, name="UNet",
     allowlist=[p for p in inspect.signature(UNet.__init__).parameters
-               if p not in ("self", "kwargs", "image_shape", "output_channels")])
+               if p not in ("self", "kwargs", "image_shape", "output_channels",
+                            "guidance_conditioned", "guidance_embedding_scale")])
 ScheduleConfigurable = gin.external_configurable(Schedule, name="Schedule")
 
 MODES = ("train_teacher", "distill", "sample", "export", "eval", "all")
@@ -36,15 +38,28 @@ class PipelineError(ValueError):
 # -- configuration ---------------------------------------------------------------------
 @gin.configurable
 def diffusion(parameterization: str = "v", weighting: str = "snr_trunc",
-              ema_decay: float | None = 0.9999, seed: int = 0) -> dict:
-    """The teacher's diffusion settings: output parameterization, loss weighting, EMA."""
+              ema_decay: float | None = 0.9999, seed: int = 0,
+              label_dropout: float = 0.0) -> dict:
+    """The teacher's diffusion settings: output parameterization, loss weighting, EMA.
+
+    Args:
+        label_dropout: probability that a training label is replaced by the null class
+            (classifier-free guidance; 0.1-0.2 is usual). Needs `UNet.num_classes` and
+            `UNet.null_class = True`.
+    """
     parameterizations.check_parameterization(parameterization)
     losses.check_weighting(weighting)
     if ema_decay is not None:
         ema_decay = validation.fraction("diffusion.ema_decay", ema_decay)
     validation.nonnegative_int("diffusion.seed", seed)
+    label_dropout = validation.fraction("diffusion.label_dropout", label_dropout)
     return dict(parameterization=parameterization, weighting=weighting,
-                ema_decay=ema_decay, seed=seed)
+                ema_decay=ema_decay, seed=seed, label_dropout=label_dropout)
+
+
+# Settings added after workdirs were first recorded, with the value a record without
+# them means (`Experiment.check_workdir` compares records with these filled in).
+RECORD_DEFAULTS = {"diffusion": {"label_dropout": 0.0}}
 
 
 @gin.configurable
@@ -187,6 +202,54 @@ def dataset_settings() -> dict:
     """The `dataset.*` bindings in force, as a plain dict (only those set: the
     evaluation fills in `data.make_dataset`'s defaults and records these as given)."""
     return dict(gin.get_bindings("dataset"))
+
+
+@gin.configurable
+def guidance(enabled: bool = False, w_min: float = 0.0, w_max: float = 4.0,
+             updates: int = 1000, learning_rate: float = 1e-4,
+             weighting: str = "snr_trunc", embedding_scale: float = 250.0,
+             sample_w: float = 2.0, checkpoint_every: int = 100,
+             steps_per_execution: int = 10, jit_compile: bool = True) -> dict:
+    """Guided distillation (Meng et al. 2023): stage one, then the ladder on its network.
+
+    With `enabled`, the teacher must be classifier-free guided (`UNet.null_class`,
+    `diffusion.label_dropout > 0`). Stage one (`guidance/`) trains a w-conditioned
+    student to give the guided teacher's
+    `x_hat_w = (1 + w) x_hat(z, c) - w x_hat(z, null)` in one evaluation for
+    `w ~ U[w_min, w_max]`; the distillation ladder then distills that network, each
+    example with its own `w` (`distill.*` settings as usual).
+
+    Args:
+        enabled: run guided distillation instead of plain distillation.
+        w_min, w_max: the range of guidance strengths trained (the paper: [0, 4]).
+        updates: stage one's optimizer updates.
+        learning_rate: stage one's Adam rate, decayed linearly to 0 over the stage.
+        weighting: stage one's x-MSE weighting.
+        embedding_scale: `UNet.guidance_embedding_scale` of the w-conditioned networks.
+        sample_w: the guidance strength of the sample grids.
+        checkpoint_every, steps_per_execution, jit_compile: as for the teacher.
+    """
+    validation.boolean("guidance.enabled", enabled)
+    w_min = validation.finite_float("guidance.w_min", w_min)
+    w_max = validation.finite_float("guidance.w_max", w_max)
+    if not w_min <= w_max:
+        raise PipelineError(f"guidance.w_min ({w_min}) must not be above guidance.w_max "
+                            f"({w_max}).")
+    _positive("guidance", updates=updates, checkpoint_every=checkpoint_every,
+              steps_per_execution=steps_per_execution)
+    validation.positive_float("guidance.learning_rate", learning_rate)
+    losses.check_weighting(weighting)
+    validation.positive_float("guidance.embedding_scale", embedding_scale)
+    sample_w = validation.finite_float("guidance.sample_w", sample_w)
+    validation.boolean("guidance.jit_compile", jit_compile)
+    if updates % checkpoint_every:
+        raise PipelineError(f"guidance.updates ({updates}) must be a multiple of "
+                            f"guidance.checkpoint_every ({checkpoint_every}).")
+    return dict(enabled=enabled, w_min=w_min, w_max=w_max, updates=updates,
+                learning_rate=learning_rate, weighting=weighting,
+                embedding_scale=float(embedding_scale), sample_w=sample_w,
+                checkpoint_every=checkpoint_every,
+                steps_per_execution=steps_per_execution, jit_compile=jit_compile)
 
 
 def stage_ladder(teacher_steps: int, min_steps: int = 1) -> list:

@@ -22,13 +22,15 @@ from keras_progdist import (checkpoint, data, distribute, fileio, images,
 from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.distillation import Distiller
 from keras_progdist.export.models import sampling_model
+from keras_progdist.guided_distillation import GuidanceDistiller
 from keras_progdist.networks.unet import UNet
 from keras_progdist.optimizers import make_optimizer
-from keras_progdist.training.config import (PipelineError, ScheduleConfigurable,
-                                            UNetConfigurable, diffusion, distill, teacher)
+from keras_progdist.training.config import (RECORD_DEFAULTS, PipelineError,
+                                            ScheduleConfigurable, UNetConfigurable,
+                                            diffusion, distill, guidance, teacher)
 from keras_progdist.training.preemption import (Preempted, PreemptionGuard,
                                                 StepCheckpoint, last_loss, resumable_fit)
-from keras_progdist.workdir import TEACHER, WorkDir, stage_name
+from keras_progdist.workdir import GUIDANCE, TEACHER, WorkDir, stage_name
 
 SAMPLE_SEED = 1234
 
@@ -59,10 +61,18 @@ class Experiment:
         keras.utils.set_random_seed(self.diffusion["seed"])
         self.teacher_cfg = teacher()
         self.distill_cfg = distill()
+        self.guidance_cfg = guidance()
+        self.guided = self.guidance_cfg["enabled"]
         self.schedule = ScheduleConfigurable()
         self.dataset = data.make_dataset()
         self.image_shape, self.batch_size, self.with_labels = data.batch_spec(self.dataset)
         self.network_config = self._network_config()
+        # Guided distillation: stage one and every student take the guidance input w.
+        self.student_network_config = self.network_config
+        if self.guided:
+            self.student_network_config = {
+                **self.network_config, "guidance_conditioned": True,
+                "guidance_embedding_scale": self.guidance_cfg["embedding_scale"]}
 
     def _network_config(self) -> dict:
         channels = self.image_shape[-1]
@@ -78,6 +88,16 @@ class Experiment:
         if self.with_labels and not config["num_classes"]:
             raise PipelineError("dataset.with_labels = True but the UNet is "
                                 "unconditional: set UNet.num_classes.")
+        if self.diffusion["label_dropout"] and not config.get("null_class"):
+            raise PipelineError(
+                f"diffusion.label_dropout={self.diffusion['label_dropout']} replaces "
+                "labels by the null class: set UNet.num_classes and UNet.null_class = "
+                "True.")
+        if self.guidance_cfg["enabled"] and not self.diffusion["label_dropout"]:
+            raise PipelineError(
+                "guidance.enabled distills a classifier-free guided teacher: set "
+                "diffusion.label_dropout (e.g. 0.1), UNet.num_classes and "
+                "UNet.null_class = True.")
         self.param_count = network.count_params()
         return config
 
@@ -97,13 +117,26 @@ class Experiment:
         """
         record = {"network": self.network_config, "diffusion": self.diffusion,
                   "schedule": self.schedule.get_config()}
+        if self.guided:
+            # What export rebuilds the w-conditioned stages from.
+            record["student_network"] = self.student_network_config
         path = self.path("config.json")
         existing = self.wd.read_config()
         if existing is not None:
-            for key in ("network", "diffusion", "schedule"):
-                if _canon(existing[key]) != _canon(record[key]):
-                    diff = {k: (existing[key].get(k), record[key].get(k))
-                            for k in record[key] if existing[key].get(k) != record[key].get(k)}
+            existing = {**existing, **{key: {**defaults, **existing[key]}
+                                       for key, defaults in RECORD_DEFAULTS.items()
+                                       if isinstance(existing.get(key), dict)}}
+            # A record without student_network is from a run whose students share the
+            # teacher's network config.
+            existing.setdefault("student_network", existing["network"])
+            record_students = {**record, "student_network": record.get(
+                "student_network", record["network"])}
+            for key in ("network", "diffusion", "schedule", "student_network"):
+                ours = record_students[key]
+                if _canon(existing[key]) != _canon(ours):
+                    diff = {k: (existing[key].get(k), ours.get(k))
+                            for k in set(ours) | set(existing[key])
+                            if existing[key].get(k) != ours.get(k)}
                     raise PipelineError(
                         f"The {key} config in {path} (written by the run that trained "
                         f"this workdir) does not match the gin config: (workdir, gin) = "
@@ -119,8 +152,11 @@ class Experiment:
         return self.strategy.scope() if self.strategy is not None else \
             contextlib.nullcontext()
 
-    def new_network(self, name="network") -> UNet:
-        return UNet.from_config({**self.network_config, "name": name})
+    def new_network(self, name="network", stage: str = TEACHER) -> UNet:
+        """A freshly initialized network of `stage`'s architecture (the teacher's, or
+        in a guided run for every other stage the w-conditioned one)."""
+        config = self.network_config if stage == TEACHER else self.student_network_config
+        return UNet.from_config({**config, "name": name})
 
     def sampling_model(self, network: UNet, num_steps: int) -> DiffusionModel:
         """An EMA-free `DiffusionModel` around `network` that samples in `num_steps`."""
@@ -133,7 +169,10 @@ class Experiment:
         noise = keras.random.normal((count,) + self.image_shape, seed=SAMPLE_SEED)
         label = np.arange(count) % self.network_config["num_classes"] \
             if self.network_config["num_classes"] else None
-        samples = model.sample(noise=noise, num_steps=num_steps, label=label)
+        # A guided run's grids, the teacher's included, are guided at guidance.sample_w.
+        guidance = self.guidance_cfg["sample_w"] if self.guided else None
+        samples = model.sample(noise=noise, num_steps=num_steps, label=label,
+                               guidance=guidance)
         return images.save_grid(samples, self.path("samples", filename))
 
     def load_final(self, stage: str, num_steps: int) -> DiffusionModel:
@@ -150,8 +189,11 @@ class Experiment:
         return model
 
     def stages(self) -> list:
-        """`[(stage, num_steps)]`: the teacher, then every stage of the ladder."""
-        return [(TEACHER, self.distill_cfg["teacher_steps"])] + \
+        """`[(stage, num_steps)]`: the teacher, (in a guided run) the guidance stage,
+        then every stage of the ladder."""
+        teacher_steps = self.distill_cfg["teacher_steps"]
+        guided = [(GUIDANCE, teacher_steps)] if self.guided else []
+        return [(TEACHER, teacher_steps)] + guided + \
             [(stage_name(n), n) for n in self.distill_cfg["ladder"]]
 
     def finished_stages(self) -> list:
@@ -262,14 +304,53 @@ class Experiment:
         return self._finish_stage(TEACHER, model.sampling_network, steps,
                                   cfg["train_steps"], loss, seconds)
 
+    def train_guidance(self, verbose: int = 1) -> DiffusionModel:
+        """Guided distillation's stage one (or its resume, or skip): the w-conditioned
+        network that gives the guided teacher's `x_hat_w` in one evaluation; returns
+        its sampling model."""
+        cfg = self.guidance_cfg
+        steps = self.distill_cfg["teacher_steps"]
+        if self.wd.is_finished(GUIDANCE):
+            print(f"[stage] {GUIDANCE}: finished earlier, skipping", flush=True)
+            return self._finished(GUIDANCE, steps)
+        teacher_network = self.load_final(TEACHER, steps).network
+        keras.utils.set_random_seed(self.diffusion["seed"])
+        with self.scope():
+            trainer = GuidanceDistiller(
+                teacher_network, schedule=self.schedule,
+                parameterization=self.diffusion["parameterization"],
+                weighting=cfg["weighting"], w_min=cfg["w_min"], w_max=cfg["w_max"],
+                seed=self.diffusion["seed"] + 2,
+                student_dropout=self.distill_cfg["student_dropout"],
+                guidance_embedding_scale=cfg["embedding_scale"],
+                name="guidance_distiller")
+            trainer.compile(optimizer=make_optimizer(
+                cfg["learning_rate"], decay_to_zero_steps=cfg["updates"],
+                global_clipnorm=1.0),
+                **distribute.fit_settings(self.strategy, cfg["jit_compile"],
+                                          cfg["steps_per_execution"]))
+            trainer.optimizer.build(trainer.trainable_variables)
+        print(f"[stage] {GUIDANCE}: training the w-conditioned network, w in "
+              f"[{cfg['w_min']}, {cfg['w_max']}], {cfg['updates']} updates", flush=True)
+        loss, seconds = self.run_stage(GUIDANCE, trainer, cfg["updates"],
+                                       cfg["checkpoint_every"], verbose)
+        return self._finish_stage(GUIDANCE, trainer.student, steps, cfg["updates"], loss,
+                                  seconds)
+
     def distill(self, verbose: int = 1) -> list:
-        """Runs (or resumes) every distillation stage; returns the finished ladder."""
+        """Runs (or resumes) every distillation stage; returns the finished ladder.
+
+        In a guided run (`guidance.enabled`) the guidance stage comes first and the
+        ladder distills its w-conditioned network."""
         cfg = self.distill_cfg
         if not self.wd.is_finished(TEACHER):
             raise PipelineError(
                 f"No trained teacher in {self.workdir} (teacher/final.json is missing): "
                 "run --mode=train_teacher first, or --mode=all.")
-        previous = self.load_final(TEACHER, cfg["teacher_steps"]).network
+        if self.guided:
+            previous = self.train_guidance(verbose).network
+        else:
+            previous = self.load_final(TEACHER, cfg["teacher_steps"]).network
         distiller = None
         for n in cfg["ladder"]:
             stage = stage_name(n)
@@ -289,7 +370,9 @@ class Experiment:
                         parameterization=self.diffusion["parameterization"],
                         weighting=cfg["weighting"], num_steps=n,
                         seed=self.diffusion["seed"] + 1,
-                        student_dropout=cfg["student_dropout"], name="distiller")
+                        student_dropout=cfg["student_dropout"],
+                        w_min=self.guidance_cfg["w_min"], w_max=self.guidance_cfg["w_max"],
+                        name="distiller")
                 distiller.prepare_stage(
                     previous, n, updates, cfg["learning_rate"], global_clipnorm=1.0,
                     **distribute.fit_settings(self.strategy, cfg["jit_compile"],

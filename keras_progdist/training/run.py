@@ -15,7 +15,8 @@ import keras
 from keras_progdist import data, distribute, tensorboard_log, validation
 from keras_progdist.evaluation import report, samples
 from keras_progdist.training.config import (MODES, PipelineError, dataset_settings,
-                                            diffusion, distill, evaluate, teacher)
+                                            diffusion, distill, evaluate, guidance,
+                                            teacher)
 from keras_progdist.training.experiment import Experiment
 from keras_progdist.training.preemption import Preempted, PreemptionGuard
 from keras_progdist.workdir import WorkDir
@@ -28,6 +29,12 @@ def _validate_run_settings(mode: str, experiment_name: str | None, workdir: str)
         The evaluation settings (empty when no evaluation is asked for).
     """
     diffusion(), teacher(), distill()  # each raises on a bad value
+    if guidance()["enabled"] and mode in ("eval", "sample", "all"):
+        raise PipelineError(
+            f"--mode={mode} is not available for guided distillation (guidance.enabled) "
+            "yet: evaluation and sample files do not pass a guidance strength. Run "
+            "--mode=train_teacher, --mode=distill, then --mode=export (each stage writes "
+            "a guided sample grid under samples/; the exports take label and guidance).")
     cfg = {}
     if mode in ("eval", "sample", "all"):
         cfg = evaluate()
