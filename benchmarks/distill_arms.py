@@ -82,6 +82,7 @@ ARMS = {
 }
 # What an arm's work directory takes from its teacher's.
 TEACHER_FILES = ("config.json", "operative_config.gin", "teacher")
+RESUME_LINE = re.compile(r"^\[stage\] (\S+): resuming at step (\d+)/")
 STEP_LINE = re.compile(r"^\[(student_\d{5}|teacher)\] step (\d+)/(\d+): loss ([0-9.eE+-]+|nan)")
 
 
@@ -268,6 +269,19 @@ def loss_curves(log_path: str) -> dict:
     return {stage: sorted(points.items()) for stage, points in curves.items()}
 
 
+def resumed_steps(log_path: str) -> dict:
+    """{stage: the step it last resumed from}: a stage's `seconds` cover only the
+    process that finished it, i.e. its updates from that step on."""
+    out = {}
+    if os.path.exists(log_path):
+        with open(log_path, errors="replace") as f:
+            for line in f:
+                match = RESUME_LINE.match(line.strip())
+                if match:
+                    out[match.group(1)] = int(match.group(2))
+    return out
+
+
 def sample_distances(workdir: str) -> dict:
     """RMSEs between models' evaluation samples (see the module docstring)."""
     import numpy as np
@@ -316,8 +330,10 @@ def collect(args) -> dict:
     for kind in sorted({ARMS[a][0] for a in args.arms}):
         directory = teacher_dir(args, kind)
         stages = _read_json(os.path.join(directory, "stages.json")) or []
+        log = os.path.join(args.rundir, "logs", f"teacher_{kind}.log")
         results["teachers"][kind] = {
             "bindings": TEACHERS[kind], "stages": stages,
+            "resumed_from": resumed_steps(log).get("teacher", 0),
             "loss_curve": loss_curves(os.path.join(args.rundir, "logs",
                                                    f"teacher_{kind}.log")).get("teacher")}
     for arm in args.arms:

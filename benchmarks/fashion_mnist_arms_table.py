@@ -64,9 +64,15 @@ def summarize(results: dict, recorded: dict | None) -> dict:
                 "rmse_to_original_teacher": dist.get("rmse_to_original_teacher"),
                 "rmse_ddim_to_original_teacher": ddim.get("rmse_ddim_to_original_teacher"),
             })
-        teacher_stage = results["teachers"][arm["teacher"]]["stages"]
-        teacher_seconds = teacher_stage[0]["seconds"] if teacher_stage else None
+        teacher_record = results["teachers"][arm["teacher"]]
+        teacher_stage = teacher_record["stages"]
         teacher_updates = teacher_stage[0]["updates"] if teacher_stage else None
+        teacher_seconds = None
+        if teacher_stage:
+            # `seconds` covers the updates of the process that finished the teacher
+            # only; scale its rate to all of them.
+            timed = teacher_updates - teacher_record.get("resumed_from", 0)
+            teacher_seconds = teacher_stage[0]["seconds"] * teacher_updates / timed
         distill_seconds = sum(r["seconds"] for r in rows)
         arms[name] = {
             "about": arm["about"], "teacher": arm["teacher"], "bindings": arm["bindings"],
@@ -103,6 +109,10 @@ def _f(value, digits=2, scale=1.0):
     return "—" if value is None else f"{value * scale:.{digits}f}"
 
 
+def _e(value):
+    return "—" if value is None else f"{value:.1e}"
+
+
 def markdown(summary: dict, command: str) -> str:
     out = ["# Fashion-MNIST distillation arms on one teacher (`" + summary["gin_file"] + "`)",
            "",
@@ -125,13 +135,14 @@ def markdown(summary: dict, command: str) -> str:
                 f"| {r['num_steps']} | {r['updates']} | {_f(r['fid'])} | "
                 f"{_f(r['kid'], scale=1e3)} | {_f(r['fid_ratio'])} | "
                 f"{_f(r['paper_ratio'])} | {_f(ddim.get('fid'))} | "
-                f"{_f(r['loss_first'], 4)} → {_f(r['loss_last'], 4)} | "
+                f"{_e(r['loss_first'])} → {_e(r['loss_last'])} | "
                 f"{_f(r['rmse_to_teacher_2n'], 4)} | {_f(r['rmse_to_original_teacher'], 4)} | "
                 f"{_f(r['rmse_ddim_to_original_teacher'], 4)} |")
         cost = arm["cost"]
         out += ["", f"Cost: distillation {cost['distill_seconds']} s and "
                     f"{cost['distill_updates']} updates; teacher {cost['teacher_seconds']} s "
-                    f"and {cost['teacher_updates']} updates; seconds ratio "
+                    f"and {cost['teacher_updates']} updates (its rate over the updates it "
+                    f"was timed for, scaled to all); seconds ratio "
                     f"{_f(cost['seconds_ratio'])}.", ""]
     if "goal_4_steps" in summary:
         goal = summary["goal_4_steps"]
