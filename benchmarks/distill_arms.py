@@ -358,10 +358,10 @@ def _read_json(path: str):
 def write_results(args, extra=None) -> str:
     results = collect(args)
     results.update(extra or {})
+    from keras_progdist import fileio
+
     path = os.path.join(args.rundir, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    fileio.atomic_write_json(path, results)
     return path
 
 
