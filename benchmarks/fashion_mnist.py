@@ -96,6 +96,7 @@ def run_piece(args, piece: str, deadline: float | None) -> int:
                f"--gin_file={args.gin_file}", f"--workdir={args.workdir}",
                f"--mode={MODE_OF[piece]}", "--verbose=2",
                f"--gin_param=dataset.data_dir='{args.data_dir}'"]
+    command += [f"--gin_param={p}" for p in getattr(args, "gin_param", [])]
     if deadline is not None:
         left = deadline - time.time()
         if left <= 0:

@@ -191,6 +191,24 @@ def test_label_dropout_trains_the_null_row_and_sampling_is_guided():
             batch_size=1, guidance=1.0, label=None)
 
 
+def test_evaluation_samples_are_guided_at_the_strength_asked():
+    """`samples.generate_range(..., guidance=w)` (what the guided benchmark scores) is
+    `sample(noise, label, guidance=w)` on the evaluation's noise and labels."""
+    from keras_progdist.evaluation import samples
+
+    model = DiffusionModel(_guided_net("v", seed=3), parameterization="v", ema_decay=None,
+                           num_steps=2)
+    noise = keras.random.normal((6,) + SHAPE, seed=9)  # batch 0 of a run of 6, seed 9
+    label = samples.labels_for(0, 6, CLASSES)
+    got = {w: samples.generate_range(model, 2, 0, 6, 6, 6, 9, CLASSES, guidance=w)
+           for w in (None, 0.0, 2.0)}
+    np.testing.assert_allclose(got[2.0], _np(model.sample(noise=noise, num_steps=2,
+                                                          label=label, guidance=2.0)),
+                               **ROUND_OFF)
+    np.testing.assert_allclose(got[0.0], got[None], **ROUND_OFF)
+    assert np.abs(got[2.0] - got[0.0]).max() > 1e-3
+
+
 def test_drop_labels_drops_at_the_rate_to_the_null_class():
     from keras_progdist.diffusion import drop_labels
 

@@ -560,19 +560,22 @@ def test_guided_run_trains_stage_one_then_the_ladder_with_guided_grids(tmp_path)
             assert json.load(f)["guided"] is True
 
 
-def test_the_guided_fashion_mnist_config_is_valid():
+@pytest.mark.parametrize("name,classes,teacher_steps", [
+    ("fashion_mnist_guided.gin", 10, 64), ("imagenet64_guided.gin", 1000, 1024)])
+def test_the_guided_configs_are_valid(name, classes, teacher_steps):
     from keras_progdist.training import config
 
     gin.clear_config()
     try:
-        gin.parse_config_file(os.path.join(ROOT, "gin", "fashion_mnist_guided.gin"))
+        gin.parse_config_file(os.path.join(ROOT, "gin", name))
         settings = config.diffusion()
         guided = config.guidance()
-        config.teacher(), config.distill()
-        network = config.UNetConfigurable(image_shape=(16, 16, 1), output_channels=1)
+        config.teacher()
+        ladder = config.distill()
+        unet = {k: gin.query_parameter(f"UNet.{k}") for k in ("num_classes", "null_class")}
     finally:
         gin.clear_config()
     assert guided["enabled"] and (guided["w_min"], guided["w_max"]) == (0.0, 4.0)
     assert settings["label_dropout"] == 0.1
-    assert network.null_class and network.num_classes == 10
-    assert not network.guidance_conditioned
+    assert unet == {"num_classes": classes, "null_class": True}
+    assert ladder["teacher_steps"] == teacher_steps and ladder["student_dropout"] == 0.0

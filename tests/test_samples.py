@@ -210,7 +210,7 @@ def test_generate_range_is_a_slice_of_the_whole_run():
     class Recorder:
         image_shape = (2, 2, 1)
 
-        def sample(self, noise, num_steps, label):
+        def sample(self, noise, num_steps, label, guidance=None):
             return np.asarray(noise) * 0.1
 
     whole = samples.generate_range(Recorder(), 1, 0, 10, 10, 4, 7)

@@ -90,7 +90,8 @@ def labels_for(start: int, stop: int, num_classes) -> np.ndarray | None:
 
 
 def generate_range(model, num_steps: int, start: int, stop: int, num_samples: int,
-                   batch_size: int, seed: int, num_classes=None) -> np.ndarray:
+                   batch_size: int, seed: int, num_classes=None,
+                   guidance=None) -> np.ndarray:
     """Samples [start, stop) of the evaluation's fixed noise, floats in [-1, 1].
 
     Sample `i` lies in batch `b = i // batch_size`, whose noise is
@@ -108,6 +109,9 @@ def generate_range(model, num_steps: int, start: int, stop: int, num_samples: in
         batch_size: the noise batch size.
         seed: the first batch's seed.
         num_classes: labels are `index % num_classes` for a class-conditional model.
+        guidance: the guidance strength `w` of every sample (see
+            `DiffusionModel.sample`); None for an unguided model. The noise and labels
+            do not depend on it, so the samples of two strengths differ only by `w`.
 
     Returns:
         float32 `[stop - start, H, W, C]`.
@@ -123,7 +127,8 @@ def generate_range(model, num_steps: int, start: int, stop: int, num_samples: in
         noise = keras.random.normal((count,) + tuple(model.image_shape),
                                     seed=seed + batch_start)
         label = labels_for(batch_start, batch_start + count, num_classes)
-        batch = model.sample(noise=noise, num_steps=num_steps, label=label)
+        batch = model.sample(noise=noise, num_steps=num_steps, label=label,
+                             guidance=guidance)
         lo, hi = max(start, batch_start) - batch_start, min(stop, batch_start + count) \
             - batch_start
         out.append(np.asarray(batch)[lo:hi])
