@@ -1,0 +1,79 @@
+"""The guided benchmark's goal check, table and argument handling (no training)."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location(
+    "fashion_mnist_guided_bench", os.path.join(ROOT, "benchmarks", "fashion_mnist_guided.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def _r(stage, name, steps, nfe, w, fid, accuracy, kid=0.01):
+    return {"stage": stage, "model": name, "num_steps": steps, "nfe": nfe, "w": w,
+            "fid": fid, "kid": kid, "kid_std_err": 0.001, "class_accuracy": accuracy,
+            "num_samples": 2048, "num_reference": 5000}
+
+
+RESULTS = [
+    _r("teacher", "teacher", 64, 128, 0.0, 20.0, 0.70),
+    _r("teacher", "teacher", 64, 128, 1.0, 15.0, 0.80),
+    _r("guidance", "stage one", 64, 64, 1.0, 16.0, 0.80),
+    _r("student_00004", "4 steps", 4, 4, 0.0, 30.0, 0.60),
+    _r("student_00004", "4 steps", 4, 4, 1.0, 19.0, 0.785),
+]
+
+
+def test_goal_compares_the_4_step_student_with_the_teacher_at_w_1():
+    check = bench.goal_check(RESULTS)
+    assert check["checked"] and check["metric"] == "fid" and check["w"] == 1.0
+    got = {c["goal"]: (round(c["value"], 4), c["passed"]) for c in check["checks"]}
+    assert got == {
+        "FID 4-step student / teacher": (round(19 / 15, 4), True),          # 1.27
+        "class accuracy: |teacher - student| (points)": (1.5, True),
+        "network evaluations: student / teacher": (round(4 / 128, 4), True),
+    }
+    assert check["passed"]
+    worse = [dict(r, class_accuracy=0.77) if r["stage"] == "student_00004" else r
+             for r in RESULTS]
+    assert not bench.goal_check(worse)["passed"]  # 3 points below the teacher
+    above = [dict(r, class_accuracy=0.83) if r["stage"] == "student_00004" else r
+             for r in RESULTS]
+    assert not bench.goal_check(above)["passed"]  # 3 points above: not "within 2"
+    without = [r for r in RESULTS if r["stage"] != "student_00004"]
+    assert bench.goal_check(without) == {
+        "checked": False, "why": "no scores for the teacher and the 4-step student at w=1"}
+
+
+def test_goal_falls_back_to_kid_and_the_table_shows_every_w():
+    results = [dict(r, fid=None) if r["stage"] == "teacher" else r for r in RESULTS]
+    assert bench.goal_check(results)["metric"] == "kid"
+    text = bench.markdown({"results": RESULTS, "goal": bench.goal_check(RESULTS),
+                           "classifier": {"test_accuracy": 0.8512, "num_test": 10000},
+                           "backend": "tensorflow", "measured": "2026-11-29",
+                           "command": "python benchmarks/fashion_mnist_guided.py"})
+    assert "| teacher | 64 | 128 | 20.00 | 15.00 |" in text
+    assert "| stage one | 64 | 64 | — | 16.00 |" in text
+    assert "| 4 steps | 4 | 4 | 60.0 | 78.5 |" in text
+    assert "85.12% on the 10,000 real test images" in text
+
+
+def test_bad_arguments_fail_before_any_work(tmp_path):
+    with pytest.raises(bench.BenchmarkError, match="lacks"):
+        bench.parse_args([f"--data_dir={tmp_path}", f"--workdir={tmp_path}/w"])
+    for name in bench.DATA_FILES:
+        (tmp_path / name).write_bytes(b"")
+    ok = [f"--data_dir={tmp_path}", f"--workdir={tmp_path}/w"]
+    assert bench.parse_args(ok).ws == (0.0, 0.5, 1.0, 2.0, 4.0)
+    with pytest.raises(bench.BenchmarkError, match="finite strengths"):
+        bench.parse_args(ok + ["--ws=1,-2"])
+    with pytest.raises(bench.BenchmarkError, match="comma-separated numbers"):
+        bench.parse_args(ok + ["--ws=one"])
+    with pytest.raises(bench.BenchmarkError, match="at least 1"):
+        bench.parse_args(ok + ["--steps=4,0"])
+    with pytest.raises(bench.BenchmarkError, match="does not exist"):
+        bench.parse_args(ok + ["--gin_file=nope.gin"])
+    assert bench.main(ok + ["--gin_file=fashion_mnist_cpu.gin", "--piece=table"]) == 2
