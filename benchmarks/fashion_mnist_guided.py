@@ -291,6 +291,7 @@ def read_score(path: str, key: dict):
 
 def evaluate(args, deadline) -> int:
     """Scores every (model, w) not scored yet; 0 when all are, 143 at the deadline."""
+    import keras
     import numpy as np
 
     from keras_progdist import evaluation, fileio, images
@@ -337,6 +338,7 @@ def evaluate(args, deadline) -> int:
                   "class_accuracy": float(np.mean(predicted == labels)),
                   "classifier_test_accuracy": probe_info["test_accuracy"],
                   "num_samples": cfg["num_samples"], "num_reference": scores["num_real"],
+                  "backend": keras.backend.backend(),
                   "sample_seconds": round(sample_seconds, 1),
                   "seconds": round(time.time() - start, 1)}
         os.makedirs(os.path.dirname(score_path(args, stage, w)), exist_ok=True)
@@ -381,7 +383,9 @@ def goal_check(results: list, goal: dict = GOAL) -> dict:
             "passed": all(c["passed"] for c in checks)}
 
 
-def collect(args) -> list:
+def collect(args, backend: str) -> list:
+    """The saved scores of this backend's samples (the noise differs between backends)
+    for the models the work directory holds now, in table order."""
     folder = os.path.join(guided_dir(args), "runs")
     out = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
@@ -389,7 +393,7 @@ def collect(args) -> list:
             with open(os.path.join(folder, name)) as f:
                 out.append(json.load(f)["result"])
     order = {e["stage"]: i for i, e in enumerate(guided_models(args.workdir))}
-    out = [r for r in out if r["stage"] in order]
+    out = [r for r in out if r["stage"] in order and r.get("backend") == backend]
     return sorted(out, key=lambda r: (order[r["stage"]], r["w"]))
 
 
@@ -473,7 +477,7 @@ def table(args) -> dict:
 
     from keras_progdist import fileio
 
-    results = collect(args)
+    results = collect(args, keras.backend.backend())
     if not results:
         raise BenchmarkError(f"No scores under {guided_dir(args)}: run --piece=eval.")
     with open(os.path.join(guided_dir(args), "classifier.json")) as f:
