@@ -144,6 +144,28 @@ def markdown(summary: dict, command: str) -> str:
                     f"and {cost['teacher_updates']} updates (its rate over the updates it "
                     f"was timed for, scaled to all); seconds ratio "
                     f"{_f(cost['seconds_ratio'])}.", ""]
+    teachers = {arm["teacher"]: arm for arm in summary["arms"].values() if arm["ddim"]}
+    for kind, arm in teachers.items():
+        out += [f"## Undistilled DDIM of the {kind} teacher (FID {_f(arm['teacher_fid'])} at "
+                f"{arm['teacher_steps']} steps)", "",
+                "| steps | DDIM FID | DDIM KID ×1e3 | DDIM FID / teacher |",
+                "|---:|---:|---:|---:|"]
+        for n, v in sorted(arm["ddim"].items(), key=lambda kv: -int(kv[0])):
+            ratio = v["fid"] / arm["teacher_fid"] if v["fid"] and arm["teacher_fid"] else None
+            out.append(f"| {n} | {_f(v['fid'])} | {_f(v['kid'], scale=1e3)} | {_f(ratio)} |")
+        out.append("")
+    for name, arm in summary["arms"].items():
+        misses = [f"{r['num_steps']} steps {r['fid_ratio']:.2f}× against {r['paper_ratio']:.2f}×"
+                  f" (+{r['fid_ratio'] - r['paper_ratio']:.2f})"
+                  for r in arm["stages"] if r["fid_ratio"] and r["paper_ratio"]
+                  and r["fid_ratio"] > r["paper_ratio"]]
+        met = [str(r["num_steps"]) for r in arm["stages"] if r["fid_ratio"]
+               and r["paper_ratio"] and r["fid_ratio"] <= r["paper_ratio"]]
+        if misses or met:
+            out.append(f"Arm {name} against the paper's ratios (N ≤ 8): "
+                       + ("missed at " + "; ".join(misses) if misses else "none missed")
+                       + (f"; met at {', '.join(met)} steps" if met else "") + ".")
+    out.append("")
     if "goal_4_steps" in summary:
         goal = summary["goal_4_steps"]
         out += [f"Goal: the 4-step student ≤ {goal['limit']}× its teacher's FID. Best arm "
