@@ -16,4 +16,5 @@ KERAS_BACKEND=jax "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not sl
   tests/test_distillation.py tests/test_checkpoint.py tests/test_array_data.py \
   tests/test_image_folder.py tests/test_preemption.py tests/test_workdir.py \
   tests/test_keras_compat.py tests/test_config.py tests/test_samples.py \
-  tests/test_report.py tests/test_guidance.py tests/test_guided_benchmark.py "$@"
+  tests/test_report.py tests/test_guidance.py tests/test_guided_benchmark.py \
+  tests/test_distill_diagnostics.py "$@"
