@@ -324,10 +324,13 @@ def sample_distances(workdir: str) -> dict:
 
 
 def collect(args) -> dict:
-    """results.json: settings, stages, scores and measurements of every arm."""
+    """results.json: settings, stages, scores and measurements of every arm in RUNDIR
+    (those of this call and any run there before, so that running the arms in several
+    calls loses none)."""
     results = {"gin_file": args.gin_file, "gin_param": args.gin_param, "arms": {},
                "teachers": {}}
-    for kind in sorted({ARMS[a][0] for a in args.arms}):
+    arms = [a for a in ARMS if a in args.arms or os.path.isdir(arm_dir(args, a))]
+    for kind in sorted({ARMS[a][0] for a in arms}):
         directory = teacher_dir(args, kind)
         stages = _read_json(os.path.join(directory, "stages.json")) or []
         log = os.path.join(args.rundir, "logs", f"teacher_{kind}.log")
@@ -336,7 +339,7 @@ def collect(args) -> dict:
             "resumed_from": resumed_steps(log).get("teacher", 0),
             "loss_curve": loss_curves(os.path.join(args.rundir, "logs",
                                                    f"teacher_{kind}.log")).get("teacher")}
-    for arm in args.arms:
+    for arm in arms:
         directory = arm_dir(args, arm)
         curves = loss_curves(os.path.join(args.rundir, "logs", f"{arm}_distill.log"))
         metrics = _read_json(os.path.join(directory, "eval", "metrics.json"))
