@@ -36,11 +36,15 @@ def _scores(arm: dict) -> dict:
 
 def summarize(results: dict, recorded: dict | None) -> dict:
     arms = {}
-    shared_ddim = {}
+    # Undistilled DDIM is the teacher's: scored (and sampled) in one arm per teacher.
+    shared_ddim, shared_ddim_rmse = {}, {}
     for name, arm in results["arms"].items():
         for (kind, n), r in _scores(arm).items():
             if kind == "ddim":
                 shared_ddim.setdefault(arm["teacher"], {})[n] = r
+        for model, dist in arm["distances"].items():
+            if model.startswith("ddim_"):
+                shared_ddim_rmse.setdefault(arm["teacher"], {})[model] = dist
     for name, arm in results["arms"].items():
         scores = _scores(arm)
         teacher = next((r for (k, _), r in scores.items() if k == "teacher"), None)
@@ -50,7 +54,7 @@ def summarize(results: dict, recorded: dict | None) -> dict:
             r = scores.get(("distilled", n), {})
             curve = arm["loss_curves"].get(f"student_{n:05d}", [])
             dist = arm["distances"].get(f"distilled_{n:05d}", {})
-            ddim = arm["distances"].get(f"ddim_{n:05d}") or {}
+            ddim = shared_ddim_rmse.get(arm["teacher"], {}).get(f"ddim_{n:05d}") or {}
             rows.append({
                 "num_steps": n, "updates": stages[n]["updates"],
                 "seconds": round(stages[n]["seconds"], 1),
