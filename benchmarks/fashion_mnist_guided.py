@@ -150,18 +150,22 @@ def settings(args) -> tuple:
     from keras_progdist.training import config
 
     gin.clear_config()
-    config.parse_gin([args.gin_file], [f"dataset.data_dir={args.data_dir!r}"]
-                     + list(args.gin_param))
-    dataset = config.dataset_settings()
-    guided = config.guidance()
+    try:
+        config.parse_gin([args.gin_file], [f"dataset.data_dir={args.data_dir!r}"]
+                         + list(args.gin_param))
+        dataset = config.dataset_settings()
+        guided = config.guidance()
+        cfg = config.evaluate(num_samples=args.num_samples,
+                              num_reference=args.num_reference,
+                              batch_size=args.batch_size, seed=args.seed, ddim_steps=())
+    finally:
+        gin.clear_config()  # parsing locks gin; unlocked again for whoever binds next
     if dataset.get("name") != "fashion_mnist" or not dataset.get("with_labels"):
         raise BenchmarkError(f"{args.gin_file}: this benchmark needs class-conditional "
                              "fashion_mnist (dataset.with_labels = True).")
     if not guided["enabled"]:
         raise BenchmarkError(f"{args.gin_file}: guidance.enabled is not set: this is "
                              "not a guided run.")
-    cfg = config.evaluate(num_samples=args.num_samples, num_reference=args.num_reference,
-                          batch_size=args.batch_size, seed=args.seed, ddim_steps=())
     return dataset, cfg, guided
 
 

@@ -77,3 +77,7 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
     with pytest.raises(bench.BenchmarkError, match="does not exist"):
         bench.parse_args(ok + ["--gin_file=nope.gin"])
     assert bench.main(ok + ["--gin_file=fashion_mnist_cpu.gin", "--piece=table"]) == 2
+    import gin
+
+    gin.bind_parameter("dataset.name", "mnist_embedded")  # gin is left unlocked
+    gin.clear_config()
