@@ -69,25 +69,15 @@ class BenchmarkError(Exception):
     """Bad arguments or missing inputs, found before any work starts (exit code 2)."""
 
 
-def _floats(text: str) -> tuple:
+def _numbers(flag: str, text: str, kind, example: str, least) -> tuple:
+    """Comma-separated numbers of `kind`, each finite and at least `least`."""
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise BenchmarkError(f"--ws={text!r}: give comma-separated numbers, e.g. "
-                             "0,0.5,1,2,4") from None
-    if not values or any(not math.isfinite(v) or v < 0 for v in values):
-        raise BenchmarkError(f"--ws={text!r}: give finite strengths >= 0.")
-    return tuple(sorted(set(values)))
-
-
-def _ints(text: str) -> tuple:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise BenchmarkError(f"--steps={text!r}: give comma-separated step counts, "
-                             "e.g. 8,4") from None
-    if any(v < 1 for v in values):
-        raise BenchmarkError(f"--steps={text!r}: step counts are at least 1.")
+        raise BenchmarkError(f"{flag}={text!r}: give comma-separated numbers, e.g. "
+                             f"{example}") from None
+    if any(not math.isfinite(v) or v < least for v in values):
+        raise BenchmarkError(f"{flag}={text!r}: give finite values of at least {least}.")
     return values
 
 
@@ -119,8 +109,10 @@ def parse_args(argv=None):
     if unknown or not pieces:
         parser.error(f"--piece: unknown {unknown}; allowed: {PIECES} or 'all'")
     args.pieces = pieces
-    args.ws = _floats(args.ws)
-    args.steps = _ints(args.steps)
+    args.ws = tuple(sorted(set(_numbers("--ws", args.ws, float, "0,0.5,1,2,4", 0))))
+    if not args.ws:
+        raise BenchmarkError("--ws: give at least one guidance strength.")
+    args.steps = _numbers("--steps", args.steps, int, "8,4", 1)
     if args.num_samples < 2 or args.num_reference < 2 or args.batch_size < 1:
         raise BenchmarkError("--num_samples and --num_reference must be at least 2, "
                              "--batch_size at least 1.")
@@ -282,17 +274,6 @@ def score_key(args, wd, entry: dict, w: float, cfg: dict, dataset: dict) -> dict
             "classifier": classifier_key(args, dataset)}
 
 
-def read_score(path: str, key: dict):
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None  # torn or foreign: score again
-    return record.get("result") if record.get("key") == key else None
-
-
 def evaluate(args, deadline) -> int:
     """Scores every (model, w) not scored yet; 0 when all are, 143 at the deadline."""
     import keras
@@ -306,8 +287,8 @@ def evaluate(args, deadline) -> int:
     wd = WorkDir(args.workdir)
     entries = guided_models(args.workdir, args.steps)
     todo = [(e, w) for e in entries for w in args.ws
-            if read_score(score_path(args, e["stage"], w),
-                          score_key(args, wd, e, w, cfg, dataset)) is None]
+            if report.cached_result(score_path(args, e["stage"], w),
+                                    score_key(args, wd, e, w, cfg, dataset)) is None]
     print(f"[guided] {len(entries)} models x {len(args.ws)} strengths: {len(todo)} to "
           "score", flush=True)
     if not todo:

@@ -68,8 +68,10 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
         (tmp_path / name).write_bytes(b"")
     ok = [f"--data_dir={tmp_path}", f"--workdir={tmp_path}/w"]
     assert bench.parse_args(ok).ws == (0.0, 0.5, 1.0, 2.0, 4.0)
-    with pytest.raises(bench.BenchmarkError, match="finite strengths"):
+    with pytest.raises(bench.BenchmarkError, match="at least 0"):
         bench.parse_args(ok + ["--ws=1,-2"])
+    with pytest.raises(bench.BenchmarkError, match="at least one"):
+        bench.parse_args(ok + ["--ws=,"])
     with pytest.raises(bench.BenchmarkError, match="comma-separated numbers"):
         bench.parse_args(ok + ["--ws=one"])
     with pytest.raises(bench.BenchmarkError, match="at least 1"):

@@ -233,7 +233,9 @@ def evaluation_runs(workdir, cfg: dict) -> list:
             for kind, steps, stage, model in runs]
 
 
-def _cached_result(path: str, key: dict):
+def cached_result(path: str, key: dict):
+    """The `result` of a `{key, result}` score file whose key equals `key`, else None
+    (no file, another key, or a torn or foreign file: score again)."""
     if not os.path.exists(path):
         return None
     try:
@@ -367,7 +369,7 @@ def evaluate_workdir(workdir, cfg: dict, dataset: dict, verbose: int = 1,
         key = {**protocol, "weights_sha256": run["weights_sha256"]}
         if manifest is not None:
             key["samples_sha256"] = sample_files.samples_sha256(manifest)
-        result = _cached_result(path, key)
+        result = cached_result(path, key)
         if result is None:
             _stop_at_deadline(deadline, len(results), len(runs), out_dir)
             fid_model, real = _fid_and_reference(state, cfg, dataset, verbose)
@@ -494,7 +496,7 @@ def score_sample_dir(sample_dir: str, cfg: dict, dataset: dict, out_dir: str | N
                "weights_sha256": manifest["weights_sha256"],
                "samples_sha256": sample_files.samples_sha256(manifest)}
         path = os.path.join(out_dir, "runs", f"{manifest['model']}.json")
-        result = _cached_result(path, key)
+        result = cached_result(path, key)
         how = "saved earlier"
         if result is None:
             _stop_at_deadline(deadline, len(results), len(manifests), out_dir)
