@@ -11,15 +11,17 @@ grid times `t = i / N`:
     x~  = the target that makes one student DDIM step land on the teacher's two steps
     z error of the step = |alpha_s - (sigma_s / sigma_t) alpha_t| * RMSE(x_hat - x~),
                           s = t - 1/N: how far the student's next z is from the
-                          teacher's (DDIM is linear in x_hat, so this is exact
-                          where eps_hat follows from x_hat: x, eps and v; the 'both'
-                          parameterization predicts eps_hat apart)
+                          teacher's. DDIM is linear in x_hat (every parameterization
+                          gives eps_hat = (z_t - alpha_t x_hat) / sigma_t), so this is
+                          exact; the last step (s = 0) returns x_hat itself and the
+                          factor is 1
 
 once for the finished student and once for the student as it started the stage (the
 teacher's own weights, taking one step where it was trained for two). `closed` is the
 share of that starting gap the stage's training removed: a step with a small share is
 where the stage's updates did not reach. The stage's own loss (weighted x-MSE) is
-reported per t too. Prints JSON and writes `--out`.
+reported per t too, with the stage's own weighting (`distill.weighting`). Prints JSON and
+writes `--out`.
 """
 
 from __future__ import annotations
@@ -54,9 +56,12 @@ def parse_args(argv=None):
     return args
 
 
-def stage_errors(teacher_net, student_net, num_steps: int, images, eps, config) -> list:
+def stage_errors(teacher_net, student_net, num_steps: int, images, eps, config,
+                 weighting: str | None = None) -> list:
     """Per student grid time: the loss and the z error of the trained student and of
-    the stage's starting point (the teacher's weights). See the module docstring."""
+    the stage's starting point (the teacher's weights). See the module docstring.
+
+    `weighting` is the stage's loss weighting (default: the teacher's)."""
     import numpy as np
     from keras import ops
 
@@ -66,6 +71,7 @@ def stage_errors(teacher_net, student_net, num_steps: int, images, eps, config) 
     from keras_progdist.schedules import alpha_sigma, get_schedule
 
     diffusion = config["diffusion"]
+    weighting = weighting or diffusion["weighting"]
     schedule = get_schedule(config["schedule"])
     distiller = Distiller(teacher_net, schedule=schedule,
                           parameterization=diffusion["parameterization"],
@@ -77,12 +83,14 @@ def stage_errors(teacher_net, student_net, num_steps: int, images, eps, config) 
         logsnr_t = schedule.logsnr(t)
         alpha_t, sigma_t = alpha_sigma(logsnr_t)
         alpha_s, sigma_s = alpha_sigma(schedule.logsnr(t - 1.0 / num_steps))
-        gain = float(np.abs(ops.convert_to_numpy(alpha_s - sigma_s / sigma_t * alpha_t))[0])
+        # The last step returns x_hat itself (samplers.ddim_step): its factor is 1.
+        gain = 1.0 if i == 1 else float(
+            np.abs(ops.convert_to_numpy(alpha_s - sigma_s / sigma_t * alpha_t))[0])
         row = {"t": i / num_steps}
         for name, net in (("start", teacher_net), ("trained", student_net)):
             x_hat, _ = network_denoise(net, z_t, t, schedule, diffusion["parameterization"])
             loss = ops.mean(losses.weighted_x_mse(x_tilde, x_hat, logsnr_t,
-                                                  diffusion["weighting"]))
+                                                  weighting))
             rmse_x = float(np.sqrt(np.mean((ops.convert_to_numpy(x_hat)
                                             - ops.convert_to_numpy(x_tilde)) ** 2)))
             row[name] = {"loss": float(ops.convert_to_numpy(loss)), "rmse_x": rmse_x,
@@ -105,6 +113,7 @@ def main(argv=None) -> int:
 
     schema.parse_gin([args.gin_file], [f"dataset.data_dir={args.data_dir!r}"])
     dataset = schema.dataset_settings()
+    weighting = schema.distill()["weighting"]
     gin.clear_config()
     wd = WorkDir(args.workdir)
     config = wd.require_config()
@@ -120,12 +129,18 @@ def main(argv=None) -> int:
            "stages": {}}
     previous = TEACHER
     for n in wd.finished_students():
+        if wd.stage_steps(previous) != 2 * n:
+            raise SystemExit(f"error: the {n}-step student's teacher would be {previous} "
+                             f"({wd.stage_steps(previous)} steps), not a {2 * n}-step "
+                             "model: the ladder has a gap")
         teacher = wd.stage_model(previous, config).network
         student = wd.stage_model(stage_name(n), config).network
-        rows = stage_errors(teacher, student, n, images, eps, config)
+        rows = stage_errors(teacher, student, n, images, eps, config, weighting)
         out["stages"][str(n)] = rows
         print(f"[error_by_t] {n} steps: closed "
-              + ", ".join(f"t={r['t']:.3g} {r['closed']:.2f}" for r in rows[-4:]),
+              + ", ".join(f"t={r['t']:.3g} " + ("—" if r["closed"] is None
+                                                   else f"{r['closed']:.2f}")
+                          for r in rows[-4:]),
               flush=True)
         previous = stage_name(n)
     from keras_progdist import fileio

@@ -166,7 +166,13 @@ def guided_dir(args) -> str:
 
 
 def _key_text(w: float) -> str:
-    return f"{w:g}"
+    return repr(float(w))  # exact: two strengths never share a file
+
+
+def _backend() -> str:
+    import keras
+
+    return keras.backend.backend()
 
 
 # -- the classifier ---------------------------------------------------------------------
@@ -180,6 +186,12 @@ def _class_images(dataset: dict, split: str):
                                       image_size=dataset.get("image_size"),
                                       resize=dataset.get("resize", "bilinear"))
     return images.astype(np.float32) / 127.5 - 1.0, labels.astype(np.int32)
+
+
+def _classifier_files(args) -> tuple:
+    folder = guided_dir(args)
+    return (os.path.join(folder, "classifier.weights.h5"),
+            os.path.join(folder, "classifier.json"))
 
 
 def classifier_key(args, dataset: dict) -> dict:
@@ -202,8 +214,7 @@ def classifier(args, dataset: dict, train: bool = True):
     from keras_progdist.evaluation import digits
 
     folder = guided_dir(args)
-    weights, record = (os.path.join(folder, "classifier.weights.h5"),
-                       os.path.join(folder, "classifier.json"))
+    weights, record = _classifier_files(args)
     key = classifier_key(args, dataset)
     model = digits.build_classifier(dataset.get("image_size") or 28)
     if os.path.exists(record) and os.path.exists(weights):
@@ -233,6 +244,23 @@ def classifier(args, dataset: dict, train: bool = True):
     return model, info
 
 
+def classifier_identity(args, dataset: dict):
+    """What a class accuracy was measured with: the classifier's settings and the
+    sha256 of its weights (a retrained classifier is another probe); None when no
+    classifier for these settings exists yet."""
+    from keras_progdist import fileio
+
+    weights, record = _classifier_files(args)
+    if not (os.path.exists(record) and os.path.exists(weights)):
+        return None
+    with open(record) as f:
+        info = json.load(f)
+    key = classifier_key(args, dataset)
+    if info.get("key") != key:
+        return None
+    return {**key, "weights_sha256": fileio.sha256_file(weights)}
+
+
 # -- the models -------------------------------------------------------------------------
 def guided_models(workdir: str, steps: tuple = ()) -> list:
     """The finished models of a guided work directory, in table order: dicts with
@@ -259,19 +287,29 @@ def guided_models(workdir: str, steps: tuple = ()) -> list:
 
 
 def score_path(args, stage: str, w: float) -> str:
-    return os.path.join(guided_dir(args), "runs", f"{stage}_w{_key_text(w)}.json")
+    """One file per (backend, model, w): the backends draw different noise."""
+    return os.path.join(guided_dir(args), "runs", _backend(),
+                        f"{stage}_w{_key_text(w)}.json")
 
 
-def score_key(args, wd, entry: dict, w: float, cfg: dict, dataset: dict) -> dict:
-    import keras
-
+def score_key(wd, entry: dict, w: float, cfg: dict, dataset: dict, probe: dict) -> dict:
+    """Everything a score depends on: the model's weights, w, the sampling protocol,
+    the reference statistics, the backend and the classifier (`classifier_identity`)."""
     from keras_progdist.evaluation import report
 
     return {"weights_sha256": wd.final_sha256(entry["stage"]), "w": w,
-            "num_steps": entry["num_steps"], "backend": keras.backend.backend(),
+            "num_steps": entry["num_steps"], "backend": _backend(),
             "reference": report.reference_key(cfg, dataset),
             "protocol": {k: cfg[k] for k in ("num_samples", "batch_size", "seed")},
-            "classifier": classifier_key(args, dataset)}
+            "classifier": probe}
+
+
+def _spent(deadline) -> bool:
+    if deadline is not None and time.time() >= deadline:
+        print("[guided] time budget spent: run the same command again to go on",
+              flush=True)
+        return True
+    return False
 
 
 def evaluate(args, deadline) -> int:
@@ -286,22 +324,25 @@ def evaluate(args, deadline) -> int:
     dataset, cfg, _ = settings(args)
     wd = WorkDir(args.workdir)
     entries = guided_models(args.workdir, args.steps)
+    if classifier_identity(args, dataset) is None and _spent(deadline):
+        return BUDGET_EXIT
+    probe, probe_info = classifier(args, dataset, train=True)  # trained once
+    identity = classifier_identity(args, dataset)
     todo = [(e, w) for e in entries for w in args.ws
             if report.cached_result(score_path(args, e["stage"], w),
-                                    score_key(args, wd, e, w, cfg, dataset)) is None]
+                                    score_key(wd, e, w, cfg, dataset, identity)) is None]
     print(f"[guided] {len(entries)} models x {len(args.ws)} strengths: {len(todo)} to "
           "score", flush=True)
     if not todo:
         return 0
-    probe, probe_info = classifier(args, dataset, train=True)
+    if _spent(deadline):
+        return BUDGET_EXIT
     fid_model = evaluation.load_fid_network()
     real = report.reference_features(fid_model, cfg, dataset, verbose=2)
     config, models = wd.require_config(), {}
     labels = samples.labels_for(0, cfg["num_samples"], 10)
     for entry, w in todo:
-        if deadline is not None and time.time() >= deadline:
-            print("[guided] time budget spent: run the same command again to go on",
-                  flush=True)
+        if _spent(deadline):
             return BUDGET_EXIT
         stage = entry["stage"]
         if stage not in models:
@@ -311,7 +352,7 @@ def evaluate(args, deadline) -> int:
                                    cfg["num_samples"], cfg["num_samples"],
                                    cfg["batch_size"], cfg["seed"], 10, guidance=w)
         sample_seconds = time.time() - start
-        images.save_grid(x[:100], os.path.join(guided_dir(args), "grids",
+        images.save_grid(x[:100], os.path.join(guided_dir(args), "grids", _backend(),
                                               f"{stage}_w{_key_text(w)}.png"), columns=10)
         scores = metrics.fid_and_kid(real, report.fake_features(fid_model, x, cfg))
         predicted = np.argmax(digits.predict_probs(probe, x), -1)
@@ -328,7 +369,7 @@ def evaluate(args, deadline) -> int:
                   "seconds": round(time.time() - start, 1)}
         os.makedirs(os.path.dirname(score_path(args, stage, w)), exist_ok=True)
         fileio.atomic_write_json(score_path(args, stage, w),
-                                 {"key": score_key(args, wd, entry, w, cfg, dataset),
+                                 {"key": score_key(wd, entry, w, cfg, dataset, identity),
                                   "result": result})
         fid = "—" if result["fid"] is None else f"{result['fid']:.2f}"
         print(f"[guided] {entry['name']} ({result['nfe']} NFE), w={w:g}: FID {fid}, "
@@ -341,15 +382,19 @@ def evaluate(args, deadline) -> int:
 # -- the table --------------------------------------------------------------------------
 def goal_check(results: list, goal: dict = GOAL) -> dict:
     """The issue's goal on the measured scores: the `goal['steps']`-step student at
-    `goal['w']` against the guided teacher at the same `w` (FID, or KID when FID could
-    not be computed)."""
+    `goal['w']` against the guided teacher at the same `w` (FID ratio, class accuracy,
+    network evaluations); not checked without FIDs."""
     at_w = {r["stage"]: r for r in results if r["w"] == goal["w"]}
     teacher = at_w.get("teacher")
     student = at_w.get(f"student_{goal['steps']:05d}")
     if teacher is None or student is None:
         return {"checked": False, "why": f"no scores for the teacher and the "
                                          f"{goal['steps']}-step student at w={goal['w']:g}"}
-    metric = "fid" if teacher["fid"] is not None and student["fid"] is not None else "kid"
+    if teacher["fid"] is None or student["fid"] is None:
+        # The goal is an FID ratio; a KID ratio has another scale (KID may even be <= 0).
+        return {"checked": False, "why": "FID is undefined below 2048 samples and the "
+                                         "goal is stated in FID (compare KID in the table)"}
+    metric = "fid"
     ratio = student[metric] / teacher[metric]
     # "Within 2 points": either side (a student far above its teacher is off too).
     points = 100 * abs(teacher["class_accuracy"] - student["class_accuracy"])
@@ -368,18 +413,24 @@ def goal_check(results: list, goal: dict = GOAL) -> dict:
             "passed": all(c["passed"] for c in checks)}
 
 
-def collect(args, backend: str) -> list:
-    """The saved scores of this backend's samples (the noise differs between backends)
-    for the models the work directory holds now, in table order."""
-    folder = os.path.join(guided_dir(args), "runs")
+def collect(args) -> list:
+    """The scores of this call's selection (`--ws`, `--steps`) whose keys match the
+    current weights, protocol, classifier and backend, in table order: a stale score
+    (older weights, other settings) is never shown."""
+    from keras_progdist.evaluation import report
+    from keras_progdist.workdir import WorkDir
+
+    dataset, cfg, _ = settings(args)
+    identity = classifier_identity(args, dataset)
+    wd = WorkDir(args.workdir)
     out = []
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        if name.endswith(".json"):
-            with open(os.path.join(folder, name)) as f:
-                out.append(json.load(f)["result"])
-    order = {e["stage"]: i for i, e in enumerate(guided_models(args.workdir))}
-    out = [r for r in out if r["stage"] in order and r.get("backend") == backend]
-    return sorted(out, key=lambda r: (order[r["stage"]], r["w"]))
+    for entry in guided_models(args.workdir, args.steps):
+        for w in args.ws:
+            result = report.cached_result(score_path(args, entry["stage"], w),
+                                          score_key(wd, entry, w, cfg, dataset, identity))
+            if result is not None:
+                out.append(result)
+    return out
 
 
 def markdown(summary: dict) -> str:
@@ -462,9 +513,11 @@ def table(args) -> dict:
 
     from keras_progdist import fileio
 
-    results = collect(args, keras.backend.backend())
+    results = collect(args)
     if not results:
-        raise BenchmarkError(f"No scores under {guided_dir(args)}: run --piece=eval.")
+        raise BenchmarkError(f"No scores under {guided_dir(args)} for these models, "
+                             "strengths and settings on this backend: run --piece=eval "
+                             "with the same flags.")
     with open(os.path.join(guided_dir(args), "classifier.json")) as f:
         probe = json.load(f)
     summary = {"benchmark": "fashion_mnist_guided", "gin_file": os.path.basename(args.gin_file),
@@ -494,16 +547,20 @@ def main(argv=None) -> int:
         return 2
     deadline = None if args.time_budget_s is None else time.time() + args.time_budget_s
     for piece in args.pieces:
-        if piece in ("teacher", "distill"):
-            code = run_piece(args, piece, deadline)
-        elif piece == "classifier":
-            classifier(args, settings(args)[0])
-            code = 0
-        elif piece == "eval":
-            code = evaluate(args, deadline)
-        else:
-            table(args)
-            code = 0
+        try:
+            if piece in ("teacher", "distill"):
+                code = run_piece(args, piece, deadline)
+            elif piece == "classifier":
+                classifier(args, settings(args)[0])
+                code = 0
+            elif piece == "eval":
+                code = evaluate(args, deadline)
+            else:
+                table(args)
+                code = 0
+        except BenchmarkError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if code != 0:
             print(f"[guided] {piece} exited {code}"
                   + (": time budget spent, run the same command again to go on"

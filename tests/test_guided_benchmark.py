@@ -48,9 +48,10 @@ def test_goal_compares_the_4_step_student_with_the_teacher_at_w_1():
         "checked": False, "why": "no scores for the teacher and the 4-step student at w=1"}
 
 
-def test_goal_falls_back_to_kid_and_the_table_shows_every_w():
+def test_goal_needs_fids_and_the_table_shows_every_w():
     results = [dict(r, fid=None) if r["stage"] == "teacher" else r for r in RESULTS]
-    assert bench.goal_check(results)["metric"] == "kid"
+    check = bench.goal_check(results)
+    assert not check["checked"] and "stated in FID" in check["why"]
     text = bench.markdown({"results": RESULTS, "goal": bench.goal_check(RESULTS),
                            "classifier": {"test_accuracy": 0.8512, "num_test": 10000},
                            "backend": "tensorflow", "measured": "2026-11-29",
