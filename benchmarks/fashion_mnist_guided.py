@@ -314,7 +314,6 @@ def _spent(deadline) -> bool:
 
 def evaluate(args, deadline) -> int:
     """Scores every (model, w) not scored yet; 0 when all are, 143 at the deadline."""
-    import keras
     import numpy as np
 
     from keras_progdist import evaluation, fileio, images
@@ -364,7 +363,7 @@ def evaluate(args, deadline) -> int:
                   "class_accuracy": float(np.mean(predicted == labels)),
                   "classifier_test_accuracy": probe_info["test_accuracy"],
                   "num_samples": cfg["num_samples"], "num_reference": scores["num_real"],
-                  "backend": keras.backend.backend(),
+                  "backend": _backend(),
                   "sample_seconds": round(sample_seconds, 1),
                   "seconds": round(time.time() - start, 1)}
         os.makedirs(os.path.dirname(score_path(args, stage, w)), exist_ok=True)
@@ -509,7 +508,6 @@ def plot(results: list, path: str) -> str:
 
 
 def table(args) -> dict:
-    import keras
 
     from keras_progdist import fileio
 
@@ -521,7 +519,7 @@ def table(args) -> dict:
     with open(os.path.join(guided_dir(args), "classifier.json")) as f:
         probe = json.load(f)
     summary = {"benchmark": "fashion_mnist_guided", "gin_file": os.path.basename(args.gin_file),
-               "gin_param": args.gin_param, "backend": keras.backend.backend(),
+               "gin_param": args.gin_param, "backend": _backend(),
                "measured": time.strftime("%Y-%m-%d", time.gmtime()),
                "command": " ".join(["python benchmarks/fashion_mnist_guided.py"]
                                    + [a for a in args.argv if not a.startswith(
