@@ -304,6 +304,13 @@ def score_key(wd, entry: dict, w: float, cfg: dict, dataset: dict, probe: dict) 
             "classifier": probe}
 
 
+def score_order(entry: dict, w: float, goal: dict = GOAL) -> tuple:
+    """Sort key for the (model, w) cells: the goal's comparison first, then the goal's
+    two models at the other strengths, then everything else in table order."""
+    goal_model = entry["name"] in ("teacher", f"{goal['steps']} steps")
+    return (not (goal_model and w == goal["w"]), not goal_model)
+
+
 def _spent(deadline) -> bool:
     if deadline is not None and time.time() >= deadline:
         print("[guided] time budget spent: run the same command again to go on",
@@ -330,6 +337,9 @@ def evaluate(args, deadline) -> int:
     todo = [(e, w) for e in entries for w in args.ws
             if report.cached_result(score_path(args, e["stage"], w),
                                     score_key(wd, e, w, cfg, dataset, identity)) is None]
+    # The goal's cells first (teacher and goal student at the goal's w, then the rest
+    # of those two models), so a run cut short by its budget still answers the goal.
+    todo.sort(key=lambda item: score_order(item[0], item[1]))
     print(f"[guided] {len(entries)} models x {len(args.ws)} strengths: {len(todo)} to "
           "score", flush=True)
     if not todo:

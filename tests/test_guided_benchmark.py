@@ -84,3 +84,16 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
 
     gin.bind_parameter("dataset.name", "mnist_embedded")  # gin is left unlocked
     gin.clear_config()
+
+
+def test_the_goal_cells_are_scored_first():
+    models = [{"name": "teacher", "num_steps": 64}, {"name": "stage one", "num_steps": 64},
+              {"name": "8 steps", "num_steps": 8}, {"name": "4 steps", "num_steps": 4}]
+    cells = [(m, w) for m in models for w in (0.0, 1.0, 4.0)]
+    cells.sort(key=lambda c: bench.score_order(*c))
+    order = [(m["name"], w) for m, w in cells]
+    assert order[:2] == [("teacher", 1.0), ("4 steps", 1.0)]
+    assert order[2:6] == [("teacher", 0.0), ("teacher", 4.0), ("4 steps", 0.0),
+                          ("4 steps", 4.0)]
+    assert order[6:] == [("stage one", 0.0), ("stage one", 1.0), ("stage one", 4.0),
+                         ("8 steps", 0.0), ("8 steps", 1.0), ("8 steps", 4.0)]
