@@ -7,8 +7,14 @@ cd "$ROOT"
 export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2}"
 echo "== Lint (ruff: unused and undefined names, syntax)"
 "$VENV/bin/ruff" check --quiet .
-echo "== TensorFlow backend: all tests"
-KERAS_BACKEND=tensorflow "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "$@"
+# Two processes: one TensorFlow process that ran every test grew to ~20 GB, since TF
+# keeps every traced function alive; the slow end-to-end tests get a process of their own.
+echo "== TensorFlow backend: all tests but the slow end-to-end ones"
+KERAS_BACKEND=tensorflow "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 \
+  -m "not slow" "$@"
+echo "== TensorFlow backend: the slow end-to-end tests"
+KERAS_BACKEND=tensorflow "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 \
+  -m slow "$@"
 echo "== JAX backend: backend-agnostic tests, preemption (TensorFlow made unimportable)"
 KERAS_BACKEND=jax "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" \
   tests/test_schedules.py tests/test_parameterizations.py tests/test_losses.py \
