@@ -268,3 +268,11 @@ def _is_power_of_two(n) -> bool:
 def _positive(scope: str, **values):
     for name, value in values.items():
         validation.positive_int(f"{scope}.{name}", value)
+    every, chunk = values.get("checkpoint_every"), values.get("steps_per_execution")
+    if every is not None and chunk is not None and every % chunk:
+        # Keras runs whole chunks of `steps_per_execution` updates: an epoch (here a
+        # checkpoint interval) shorter than or out of step with them overshoots, and
+        # the stage would train more updates than configured and recorded.
+        raise PipelineError(f"{scope}.checkpoint_every ({every}) must be a multiple of "
+                            f"{scope}.steps_per_execution ({chunk}): Keras runs "
+                            f"{chunk} updates at a time.")
