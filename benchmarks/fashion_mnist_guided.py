@@ -102,6 +102,8 @@ def parse_args(argv=None):
     parser.add_argument("--classifier_epochs", type=int, default=5)
     parser.add_argument("--results_name", default="fashion_mnist_cpu_guided")
     parser.add_argument("--gin_param", action="append", default=[])
+    parser.add_argument("--check_only", action="store_true",
+                        help="check the arguments, data and gin file, then exit 0")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     pieces = PIECES if args.piece == "all" else tuple(p for p in args.piece.split(",") if p)
@@ -548,11 +550,14 @@ def table(args) -> dict:
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
-        if "eval" in args.pieces or "table" in args.pieces:
+        if args.check_only or "eval" in args.pieces or "table" in args.pieces:
             settings(args)  # a bad gin file fails here, before any training
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.check_only:
+        print("[guided] arguments, data and gin file are fine", flush=True)
+        return 0
     deadline = None if args.time_budget_s is None else time.time() + args.time_budget_s
     for piece in args.pieces:
         try:

@@ -80,6 +80,10 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
     with pytest.raises(bench.BenchmarkError, match="does not exist"):
         bench.parse_args(ok + ["--gin_file=nope.gin"])
     assert bench.main(ok + ["--gin_file=fashion_mnist_cpu.gin", "--piece=table"]) == 2
+    # --check_only: the same checks, nothing else (no workdir is made)
+    assert bench.main(ok + ["--gin_file=fashion_mnist_cpu.gin", "--check_only"]) == 2
+    assert bench.main(ok + ["--check_only"]) == 0
+    assert not (tmp_path / "w").exists()
     import gin
 
     gin.bind_parameter("dataset.name", "mnist_embedded")  # gin is left unlocked
@@ -97,3 +101,25 @@ def test_the_goal_cells_are_scored_first():
                           ("4 steps", 4.0)]
     assert order[6:] == [("stage one", 0.0), ("stage one", 1.0), ("stage one", 4.0),
                          ("8 steps", 0.0), ("8 steps", 1.0), ("8 steps", 4.0)]
+
+
+def test_the_gpu_wrapper_refuses_bad_flags_before_starting_anything(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in bench.DATA_FILES:
+        (data / name).write_bytes(b"")
+    runs = tmp_path / "runs"
+    env = dict(os.environ, GUIDED_GPU_RUNS=str(runs), GUIDED_GPU_DATA=str(data),
+               PROGDIST_PYTHON=sys.executable, KERAS_PROGDIST_CACHE=str(tmp_path / "c"),
+               GUIDED_GPU_WHEELS=str(tmp_path / "no_wheels"))
+    script = os.path.join(ROOT, "benchmarks", "fashion_mnist_guided_gpu.sh")
+    bad = subprocess.run(["bash", script, "start", "60", "--ws=-1"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "--ws='-1': give finite values of at least 0" in bad.stderr
+    assert not (runs / "train.pid").exists()  # nothing was started
+    usage = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
