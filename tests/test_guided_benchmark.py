@@ -82,6 +82,8 @@ def test_bad_arguments_fail_before_any_work(tmp_path):
     assert bench.main(ok + ["--gin_file=fashion_mnist_cpu.gin", "--piece=table"]) == 2
     # --check_only: the same checks, nothing else (no workdir is made)
     assert bench.main(ok + ["--gin_file=fashion_mnist_cpu.gin", "--check_only"]) == 2
+    assert bench.main(ok + ["--gin_file=fashion_mnist_cpu.gin", "--check_only",
+                            "--piece=teacher"]) == 2  # the gin file is read all the same
     assert bench.main(ok + ["--check_only"]) == 0
     assert not (tmp_path / "w").exists()
     import gin
