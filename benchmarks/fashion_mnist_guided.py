@@ -520,7 +520,6 @@ def plot(results: list, path: str) -> str:
 
 
 def table(args) -> dict:
-
     from keras_progdist import fileio
 
     results = collect(args)

@@ -266,6 +266,8 @@ def _is_power_of_two(n) -> bool:
 
 
 def _positive(scope: str, **values):
+    """Every value a positive int; and `checkpoint_every`, when given with
+    `steps_per_execution`, a multiple of it (raises `PipelineError`)."""
     for name, value in values.items():
         validation.positive_int(f"{scope}.{name}", value)
     every, chunk = values.get("checkpoint_every"), values.get("steps_per_execution")
