@@ -13,8 +13,9 @@ file's `distill` settings; `updates` is per stage, the 2- and 1-step stages get 
     b2   2x the updates (800 / 1600)
     b4   4x the updates (1600 / 3200)
     c    b4 with batch 256 instead of 64: 16x the examples of `a` per stage
-    d0   a teacher trained with dropout 0.1; students without dropout (the paper), b2
-    d1   the same teacher; students keep its dropout 0.1, b2
+    d0   a teacher trained with dropout 0.1; students without dropout (the paper), at
+         a's updates (the arm has its own teacher to train, so it gets a's cheaper ladder)
+    d1   the same teacher; students keep its dropout 0.1, at a's updates
 
 Pieces, each a `bin/run.py` call on the JAX backend (nothing here imports TensorFlow):
 the teachers (in parallel), then per arm `--mode=distill`, `--mode=sample` and, once the
@@ -75,10 +76,10 @@ ARMS = {
     "b4": ("plain", _updates(1600), "4x updates: 1600 (3200)"),
     "c": ("plain", _updates(1600) + ["dataset.batch_size=256"],
           "4x updates at batch 256: 16x the examples of a"),
-    "d0": ("dropout", _updates(800) + ["distill.student_dropout=0.0"],
-           "teacher with dropout 0.1, students without (the paper), 800 (1600)"),
-    "d1": ("dropout", _updates(800) + ["distill.student_dropout=0.1"],
-           "teacher with dropout 0.1, students with 0.1, 800 (1600)"),
+    "d0": ("dropout", _updates(400) + ["distill.student_dropout=0.0"],
+           "teacher with dropout 0.1, students without (the paper), 400 (800)"),
+    "d1": ("dropout", _updates(400) + ["distill.student_dropout=0.1"],
+           "teacher with dropout 0.1, students with 0.1, 400 (800)"),
 }
 # What an arm's work directory takes from its teacher's.
 TEACHER_FILES = ("config.json", "operative_config.gin", "teacher")
