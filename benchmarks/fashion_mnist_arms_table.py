@@ -118,13 +118,16 @@ def _e(value):
 
 
 def markdown(summary: dict, command: str) -> str:
-    out = ["# Fashion-MNIST distillation arms on one teacher (`" + summary["gin_file"] + "`)",
+    out = ["# Fashion-MNIST distillation arms (`" + summary["gin_file"] + "`)",
            "",
            "Same protocol as `fashion_mnist_cpu_tensorflow.md`: 2048 samples per model "
-           "against 5000 real training images at 16x16, Inception-v3 pool3 FID and KID; "
-           "every arm distils the same teacher weights and is scored from the same noise.",
-           f"Extra bindings for every arm: `{' '.join(summary['gin_param']) or 'none'}`.",
-           f"Reproduce: `{command}`.", ""]
+           "against 5000 real training images at 16x16, Inception-v3 pool3 FID and KID. "
+           "Each kind of teacher is trained once and copied into its arms, so the arms of "
+           "one teacher differ only in their students; every model is scored from the "
+           "same noise.",
+           f"Extra bindings of the last driver call: "
+           f"`{' '.join(summary['gin_param']) or 'none'}`.",
+           f"Reproduce: {command}.", ""]
     for name, arm in summary["arms"].items():
         out += [f"## Arm {name}: {arm['about']}", "",
                 f"Teacher ({arm['teacher']}): {arm['teacher_steps']} steps, FID "
@@ -193,15 +196,24 @@ def plot(summary: dict, path: str) -> str | None:
         if points:
             xs, ys = zip(*sorted(points))
             ax.plot(xs, ys, "o-", lw=2.5 if name == best else 1,
-                    label=f"distilled, arm {name}" + (" (best)" if name == best else ""))
-    arm = summary["arms"][best]
-    ddim = [(n, v["fid"]) for n, v in arm["ddim"].items() if v["fid"]]
-    if ddim:
-        xs, ys = zip(*sorted(ddim))
-        ax.plot(xs, ys, "s--", color="gray", label="undistilled DDIM")
-    if arm["teacher_fid"]:
-        ax.axhline(arm["teacher_fid"], color="black", lw=1,
-                   label=f"teacher, {arm['teacher_steps']} steps")
+                    label=f"distilled, arm {name} ({arm['teacher']} teacher)"
+                    + (", best" if name == best else ""))
+    # Arms may distil different teachers: each teacher's line and its undistilled DDIM
+    # (scored in one arm per teacher) are drawn once, in its own dash style.
+    teachers = {}
+    for arm in summary["arms"].values():
+        known = teachers.setdefault(arm["teacher"], {"fid": None, "ddim": {}})
+        known["fid"] = known["fid"] or arm["teacher_fid"]
+        known["steps"] = arm["teacher_steps"]
+        known["ddim"].update({n: v["fid"] for n, v in arm["ddim"].items() if v["fid"]})
+    for (kind, teacher), dashes in zip(sorted(teachers.items()), ("-", ":", "-.", "--")):
+        if teacher["fid"]:
+            ax.axhline(teacher["fid"], color="black", lw=1, ls=dashes,
+                       label=f"{kind} teacher, {teacher['steps']} steps")
+        if teacher["ddim"]:
+            xs, ys = zip(*sorted((int(n), v) for n, v in teacher["ddim"].items()))
+            ax.plot(xs, ys, "s", ls=dashes, color="gray",
+                    label=f"undistilled DDIM, {kind} teacher")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sampling steps")
@@ -220,7 +232,7 @@ def main(argv=None) -> int:
     parser.add_argument("--recorded", default=os.path.join(
         ROOT, "benchmarks", "results", "fashion_mnist_cpu_tensorflow.json"))
     parser.add_argument("--command", default=None,
-                        help="the command that made RUNDIR, quoted in the table")
+                        help="the commands that made RUNDIR, as markdown (quote them yourself)")
     args = parser.parse_args(argv)
     with open(os.path.join(args.rundir, "results.json")) as f:
         results = json.load(f)
@@ -232,7 +244,7 @@ def main(argv=None) -> int:
     out = os.path.join(ROOT, "benchmarks", "results", args.name)
     with open(out + ".json", "w") as f:
         json.dump(summary, f, indent=1)
-    command = args.command or f"python benchmarks/distill_arms.py {args.rundir}"
+    command = args.command or f"`python benchmarks/distill_arms.py {args.rundir}`"
     with open(out + ".md", "w") as f:
         f.write(markdown(summary, command))
     plot(summary, out + "_fid_vs_steps.png")
