@@ -453,9 +453,9 @@ def main(argv=None) -> int:
             bindings = bindings + ["evaluate.ddim_steps=()"]
         return bindings
 
-    pieces.run([(f"{a}_distill", _command(args, arm_dir(args, a), "distill", arm_bindings(a),
-                                          training_left()), False) for a in ready],
-               training_left)
+    distilled = pieces.run([(f"{a}_distill", _command(args, arm_dir(args, a), "distill",
+                                                      arm_bindings(a), training_left()), False)
+                            for a in ready], training_left)
     # Whatever finished is sampled, also after a spent budget (no budget: sampling is
     # short and a budgeted sampler would stop between models).
     pieces.run([(f"{a}_sample", _command(args, arm_dir(args, a), "sample", arm_bindings(a),
@@ -472,9 +472,11 @@ def main(argv=None) -> int:
     _say(f"results: {path} ({time.time() - start:.1f} s)")
     with open(path) as f:
         arms = json.load(f)["arms"]
-    ladder = len(arms[args.arms[0]]["stages"]) if args.arms[0] in arms else 0
+    # An arm is finished when its distillation piece ran its whole ladder (exit 0); one
+    # stopped by the budget (143) or never started is not, whatever stages it has.
     unfinished = [a for a in args.arms
-                  if a not in ready or len(arms[a]["stages"]) < max(ladder, 2)]
+                  if a not in ready or distilled.get(f"{a}_distill") != 0
+                  or len(arms.get(a, {}).get("stages", [])) < 2]
     return BUDGET_EXIT if unfinished else 0
 
 
