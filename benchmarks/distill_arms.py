@@ -190,7 +190,7 @@ class Pieces:
                 if remaining is not None and remaining <= 0:
                     stopping = True
                     _say("time is up: SIGTERM to the running pieces")
-                    for name, _ in pending:
+                    for name, *_ in pending:
                         codes[name] = BUDGET_EXIT
                     pending = []
                     for process, _, _ in running.values():
