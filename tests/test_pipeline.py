@@ -16,12 +16,21 @@ import pytest
 from keras_progdist import checkpoint, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# These tests are about what the pipeline does with stages, not about the training step:
+# they train without XLA, which would make each stage of these short runs compile for
+# about twice as long (a 40-update teacher: 31 s against 17 s). XLA training is tested
+# in-process (test_distillation, the README).
 SMALL = [
     "UNet.channels=8", "UNet.num_groups=4", "dataset.batch_size=16",
     "teacher.train_steps=40", "teacher.checkpoint_every=10", "teacher.steps_per_execution=5",
     "distill.teacher_steps=8", "distill.updates_per_stage=20",
     "distill.checkpoint_every=10", "distill.steps_per_execution=5",
+    "teacher.jit_compile=False", "distill.jit_compile=False", "guidance.jit_compile=False",
 ]
+# Smaller still where the test needs no 16x16 images, attention or multi-step loop: 8x8
+# images, no attention, one update per call.
+FAST_COMPILE = ["dataset.image_size=8", "UNet.attention_resolutions=()",
+                "teacher.steps_per_execution=1", "distill.steps_per_execution=1"]
 EXPECTED_LADDER = [("teacher", 8, 40), ("student_00004", 4, 20),
                    ("student_00002", 2, 20), ("student_00001", 1, 20)]
 
@@ -37,7 +46,7 @@ GUIDED_LADDER = [("teacher", 8, 40), ("guidance", 8, 20), ("student_00004", 4, 2
 
 
 # Longer stages for the kill test, so kills land mid-stage and restarts must resume.
-KILL_PARAMS = ["teacher.train_steps=200", "distill.updates_per_stage=60"]
+KILL_PARAMS = ["teacher.train_steps=200", "distill.updates_per_stage=60", *FAST_COMPILE]
 KILL_LADDER = [("teacher", 8, 200), ("student_00004", 4, 60),
                ("student_00002", 2, 60), ("student_00001", 1, 60)]
 
@@ -455,7 +464,7 @@ def test_the_pipeline_trains_on_a_folder_of_png_files(tmp_path):
                 "dataset.image_size=8", "UNet.attention_resolutions=()",
                 "dataset.with_labels=True", "UNet.num_classes=2",
                 "teacher.train_steps=10", "distill.teacher_steps=4",
-                "distill.min_steps=2", "distill.updates_per_stage=10"]
+                "distill.min_steps=2", "distill.updates_per_stage=10", *FAST_COMPILE]
     _in_process(workdir, "train_teacher", bindings)
     _in_process(workdir, "distill", bindings)
     with open(os.path.join(workdir, "stages.json")) as f:
@@ -474,8 +483,8 @@ def test_students_with_their_own_dropout_finish_load_and_export(
     stage, a re-run, the export) must build each stage with the rate it was saved with."""
     workdir = str(tmp_path / "run")
     bindings = [f"UNet.dropout={teacher_dropout}", f"distill.student_dropout={student_dropout}",
-                "teacher.train_steps=10", "teacher.steps_per_execution=5",
-                "distill.teacher_steps=4", "distill.updates_per_stage=10"]
+                "teacher.train_steps=10", "distill.teacher_steps=4",
+                "distill.updates_per_stage=10", *FAST_COMPILE]
     _in_process(workdir, "train_teacher", bindings)
     _in_process(workdir, "distill", bindings)
     assert [s[:2] for s in _ladder(workdir)] == [("teacher", 4), ("student_00002", 2),
@@ -519,28 +528,29 @@ def test_guided_run_trains_stage_one_then_the_ladder_with_guided_grids(tmp_path)
     from keras_progdist.training.experiment import Experiment
 
     workdir = str(tmp_path / "guided")
-    _run(workdir, "train_teacher", GUIDED)
+    guided = GUIDED + FAST_COMPILE
+    _run(workdir, "train_teacher", guided)
     # Stage one stops at a checkpoint (time budget) and the next run resumes it.
-    stopped = _run(workdir, "distill", GUIDED, check=False, flags=["--time_budget_s=1"])
+    stopped = _run(workdir, "distill", guided, check=False, flags=["--time_budget_s=1"])
     assert stopped.returncode == 143, stopped.stdout + stopped.stderr[-2000:]
     assert "[stage] guidance: training the w-conditioned network, w in [0.0, 4.0]" \
         in stopped.stdout
     assert "[preempted] guidance: SIGTERM or time budget; checkpoint saved at step 5" \
         in stopped.stdout
-    first = _run(workdir, "distill", GUIDED).stdout
+    first = _run(workdir, "distill", guided).stdout
     assert "[stage] guidance: resuming at step 5/20" in first
     assert _ladder(workdir) == GUIDED_LADDER
     for grid in ("teacher_00008steps.png", "guidance.png", "student_00004.png",
                  "student_00002.png"):
         assert os.path.exists(os.path.join(workdir, "samples", grid))
-    again = _run(workdir, "distill", GUIDED).stdout
+    again = _run(workdir, "distill", guided).stdout
     assert again.count("finished earlier") == 3
     assert _ladder(workdir) == GUIDED_LADDER
 
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")],
-                                            SMALL + GUIDED)
+                                            SMALL + guided)
         experiment = Experiment(workdir)
         teacher = experiment.load_final("teacher", 8)
         student = experiment.load_final("student_00002", 2)
@@ -550,13 +560,13 @@ def test_guided_run_trains_stage_one_then_the_ladder_with_guided_grids(tmp_path)
     assert student.network.guidance_conditioned
     label = np.array([3, 3], np.int32)
     images = student.sample(batch_size=2, label=label, guidance=[0.0, 4.0], seed=0)
-    assert images.shape == (2, 16, 16, 1) and np.all(np.isfinite(images))
+    assert images.shape == (2, 8, 8, 1) and np.all(np.isfinite(images))
 
     # Export rebuilds the w-conditioned students from the record's student_network.
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["student_network"]["guidance_conditioned"] is True
     export_dir = str(tmp_path / "saved_models")
-    _run(workdir, "export", GUIDED, flags=[f"--export_dir={export_dir}",
+    _run(workdir, "export", guided, flags=[f"--export_dir={export_dir}",
                                          "--experiment=guided"])
     for n in (8, 4, 2):
         path = os.path.join(export_dir, "guided", f"guided-{n}steps", "1",

@@ -24,6 +24,11 @@ PARAMS = [
     "distill.teacher_steps=4", "distill.min_steps=2", "distill.updates_per_stage=40",
     "distill.checkpoint_every=20", "distill.steps_per_execution=5",
 ]
+if keras.backend.backend() == "tensorflow":
+    # What is tested is the checkpoint and the resume, not XLA, which roughly doubled
+    # each stage's time in these short runs (a 40-update teacher: 31 s against 17 s).
+    # JAX always compiles.
+    PARAMS += ["teacher.jit_compile=False", "distill.jit_compile=False"]
 
 
 def _command(workdir, mode, flags=()):
@@ -123,19 +128,3 @@ def test_sigterm_stop_mid_epoch_resumes_to_identical_weights(reference, tmp_path
     resumed = _run(workdir, "train_teacher")
     assert f"resuming at step {step}/40" in resumed
     _assert_same_weights(workdir, reference, "teacher")
-
-    # The stage under a time budget: grow it until the stop lands inside the stage.
-    for budget in (2, 4, 8, 16, 32):
-        result = subprocess.run(_command(workdir, "distill", [f"--time_budget_s={budget}"]),
-                                capture_output=True, text=True, env=_env(), timeout=600)
-        assert result.returncode in (0, 143), result.stdout + result.stderr[-3000:]
-        if "checkpoint saved at step" in result.stdout:
-            break
-    else:
-        pytest.fail("no time budget stopped the stage mid-way")
-    assert result.returncode == 143
-    step = checkpoint.read_meta(os.path.join(workdir, "student_00002"), "ckpt")["step"]
-    assert 0 < step < 40
-    resumed = _run(workdir, "distill")
-    assert f"resuming at step {step}/40" in resumed
-    _assert_same_weights(workdir, reference, "student_00002")

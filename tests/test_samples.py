@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import gin
+import keras
 import numpy as np
 import pytest
 
@@ -27,6 +28,11 @@ TRAIN = [
     "distill.teacher_steps=4", "distill.updates_per_stage=10",
     "distill.checkpoint_every=10", "distill.steps_per_execution=5",
 ]
+if keras.backend.backend() == "tensorflow":
+    # These tests are about the samples: on TensorFlow, XLA and the multi-step loop cost
+    # more to compile than these few updates take. (JAX always compiles.)
+    TRAIN += ["teacher.jit_compile=False", "teacher.steps_per_execution=1",
+              "distill.jit_compile=False", "distill.steps_per_execution=1"]
 # Two noise batches of 4; (a short last batch is covered by the slicing test below, and
 # each extra batch shape costs a compilation per model).
 NUM_SAMPLES, BATCH = 8, 4
