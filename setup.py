@@ -32,6 +32,6 @@ setup(
         "jax": ["jax[cpu]>=0.6"],
         # torch only runs the reference the FID port is tested against (the weights are
         # read without it); bin/setup_env.sh installs its CPU build before this extra.
-        "test": ["pytest>=8", "foolbox==3.3.4", "torch>=2.0", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "foolbox==3.3.4", "torch>=2.0", "ruff>=0.6"],
     },
 )

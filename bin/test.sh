@@ -7,16 +7,21 @@ cd "$ROOT"
 export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2}"
 echo "== Lint (ruff: unused and undefined names, syntax)"
 "$VENV/bin/ruff" check --quiet .
-# Two processes: one TensorFlow process that ran every test grew to ~20 GB, since TF
-# keeps every traced function alive; the slow end-to-end tests get a process of their own.
+# Two test processes at a time (pytest-xdist): most of a test's time is single-threaded
+# tracing and compiling, so two of them fill the two cores a CI machine has. Tests that
+# share an expensive fixture stay on one worker (tests/conftest.py, SHARED_FIXTURES).
+# KPD_TEST_WORKERS=0 runs everything in this process.
+WORKERS=(-n "${KPD_TEST_WORKERS:-2}" --dist loadgroup)
+if [ "${KPD_TEST_WORKERS:-2}" = "0" ]; then WORKERS=(); fi
+# The slow end-to-end tests get processes of their own: one TensorFlow process that ran
+# every test grew to ~20 GB, since TF keeps every traced function alive.
+PYTEST=("$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "${WORKERS[@]}")
 echo "== TensorFlow backend: all tests but the slow end-to-end ones"
-KERAS_BACKEND=tensorflow "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 \
-  -m "not slow" "$@"
+KERAS_BACKEND=tensorflow "${PYTEST[@]}" -m "not slow" "$@"
 echo "== TensorFlow backend: the slow end-to-end tests"
-KERAS_BACKEND=tensorflow "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 \
-  -m slow "$@"
+KERAS_BACKEND=tensorflow "${PYTEST[@]}" -m slow "$@"
 echo "== JAX backend: backend-agnostic tests, preemption (TensorFlow made unimportable)"
-KERAS_BACKEND=jax "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not slow" \
+KERAS_BACKEND=jax "${PYTEST[@]}" -m "not slow" \
   tests/test_schedules.py tests/test_parameterizations.py tests/test_losses.py \
   tests/test_samplers.py tests/test_unet.py tests/test_diffusion.py \
   tests/test_distillation.py tests/test_checkpoint.py tests/test_array_data.py \
