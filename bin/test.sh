@@ -8,10 +8,11 @@ export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_multi_thread_eigen=true intra_op_parall
 echo "== Lint (ruff: unused and undefined names, syntax)"
 "$VENV/bin/ruff" check --quiet .
 # Two test processes at a time (pytest-xdist): most of a test's time is single-threaded
-# tracing and compiling, so two of them fill the two cores a CI machine has. Tests that
-# share an expensive fixture stay on one worker (tests/conftest.py, SHARED_FIXTURES).
-# KPD_TEST_WORKERS=0 runs everything in this process.
-WORKERS=(-n "${KPD_TEST_WORKERS:-2}" --dist loadgroup)
+# tracing and compiling, so two of them fill the two cores a CI machine has. A test file
+# goes to one worker whole, so a module's fixture is built once. (`--dist loadgroup`
+# would place single tests, but with pytest 9 its groups are ignored: the fixtures were
+# built on both workers.) KPD_TEST_WORKERS=0 runs everything in this process.
+WORKERS=(-n "${KPD_TEST_WORKERS:-2}" --dist loadfile)
 if [ "${KPD_TEST_WORKERS:-2}" = "0" ]; then WORKERS=(); fi
 # The slow end-to-end tests get processes of their own: one TensorFlow process that ran
 # every test grew to ~20 GB, since TF keeps every traced function alive.

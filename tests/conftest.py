@@ -14,30 +14,15 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 
 
-# Module- and session-scoped fixtures that take many seconds to build: trained work
-# directories, an export, worker processes, the FID network. bin/test.sh runs two
-# pytest-xdist workers with `--dist loadgroup`: the tests of a file that use one of these
-# are grouped onto one worker, so the fixture is built once; every other test goes to
-# whichever worker is free.
-SHARED_FIXTURES = {
-    "trained_workdir", "reference", "exported", "trained", "workers", "mirrored",
-    "data_parallel", "run_py_tpu", "real_images", "fid_model", "keras_features",
-    "torch_features", "mnist", "tfds_dir",
-}
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "tensorflow_only: needs the TensorFlow backend")
     config.addinivalue_line("markers", "jax_only: needs the JAX backend")
     config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more")
-    config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker")
 
 
 def pytest_collection_modifyitems(config, items):
     backend = keras.backend.backend()
     for item in items:
-        if SHARED_FIXTURES.intersection(item.fixturenames):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
         if "tensorflow_only" in item.keywords and backend != "tensorflow":
             item.add_marker(pytest.mark.skip(reason="TensorFlow backend only"))
         if "jax_only" in item.keywords and backend != "jax":
