@@ -1,10 +1,11 @@
-"""The resumable pipeline: kill/resume, preemption, bad input, evaluation report."""
+"""The resumable pipeline: the ladder, re-runs, bad input, checkpoint checks and the
+evaluation report. (Random kills: test_pipeline_kills.py; guided runs:
+test_pipeline_guided.py; stops at an exact step and resumes to the same weights:
+test_preemption.py.)"""
 
 import json
 import os
-import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,155 +17,34 @@ import pytest
 from keras_progdist import checkpoint, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# These tests are about what the pipeline does with stages, not about the training step:
-# they train without XLA, which would make each stage of these short runs compile for
-# about twice as long (a 40-update teacher: 31 s against 17 s). XLA training is tested
-# in-process (test_distillation, the README).
-SMALL = [
-    "UNet.channels=8", "UNet.num_groups=4", "dataset.batch_size=16",
-    "teacher.train_steps=40", "teacher.checkpoint_every=10", "teacher.steps_per_execution=5",
-    "distill.teacher_steps=8", "distill.updates_per_stage=20",
-    "distill.checkpoint_every=10", "distill.steps_per_execution=5",
-    "teacher.jit_compile=False", "distill.jit_compile=False", "guidance.jit_compile=False",
-]
-# Smaller still where the test needs no 16x16 images, attention or multi-step loop: 8x8
-# images, no attention, one update per call.
-FAST_COMPILE = ["dataset.image_size=8", "UNet.attention_resolutions=()",
-                "teacher.steps_per_execution=1", "distill.steps_per_execution=1"]
+sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
+from pipeline_runs import (GUIDED, SMALL, command, env, in_process,  # noqa: E402
+                           ladder, run)
+
 EXPECTED_LADDER = [("teacher", 8, 40), ("student_00004", 4, 20),
                    ("student_00002", 2, 20), ("student_00001", 1, 20)]
 
 
-# A guided run (Meng et al. 2023): a classifier-free guided teacher, the w-conditioned
-# stage one, then the ladder 8 -> 4 -> 2 on its network.
-GUIDED = ["UNet.num_classes=10", "UNet.null_class=True", "dataset.with_labels=True",
-          "diffusion.label_dropout=0.2", "guidance.enabled=True", "guidance.updates=20",
-          "guidance.checkpoint_every=10", "guidance.steps_per_execution=5",
-          "distill.min_steps=2"]
-GUIDED_LADDER = [("teacher", 8, 40), ("guidance", 8, 20), ("student_00004", 4, 20),
-                 ("student_00002", 2, 20)]
-
-
-# Longer stages for the kill test, so kills land mid-stage and restarts must resume.
-KILL_PARAMS = ["teacher.train_steps=200", "distill.updates_per_stage=60", *FAST_COMPILE]
-KILL_LADDER = [("teacher", 8, 200), ("student_00004", 4, 60),
-               ("student_00002", 2, 60), ("student_00001", 1, 60)]
-
-
-def _command(workdir, mode, extra=(), flags=()):
-    params = [f"--gin_param={p}" for p in SMALL + list(extra)]
-    return [sys.executable, os.path.join(ROOT, "bin", "run.py"), "--gin_file=tiny.gin",
-            f"--workdir={workdir}", f"--mode={mode}", "--verbose=0", *params, *flags]
-
-
-def _env():
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
-            "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow")}
-
-
-def _run(workdir, mode, extra=(), check=True, flags=()):
-    result = subprocess.run(_command(workdir, mode, extra, flags), capture_output=True,
-                            text=True, env=_env(), timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{mode} failed ({result.returncode}):\n{result.stdout}\n"
-                             f"{result.stderr[-3000:]}")
-    return result
-
-
-def _ladder(workdir):
-    with open(os.path.join(workdir, "stages.json")) as f:
-        return [(s["stage"], s["num_steps"], s["updates"]) for s in json.load(f)]
-
-
-def _all_checkpoints_verify(workdir):
-    for stage in os.listdir(workdir):
-        directory = os.path.join(workdir, stage)
-        for name in ("ckpt", "final"):
-            if checkpoint.exists(directory, name):
-                checkpoint.read_meta(directory, name)  # raises on a corrupt checkpoint
-
-
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
-    """A small finished teacher + 3 stages, trained once for this module: the teacher
-    in two pieces (a 1-second time budget, then the rest), as on a lent GPU."""
+    """A small finished teacher + 3 stages, trained once for this module."""
     workdir = str(tmp_path_factory.mktemp("trained"))
-    first = _run(workdir, "train_teacher", check=False, flags=["--time_budget_s=1"])
-    second = _run(workdir, "train_teacher")
-    _run(workdir, "distill")
-    return workdir, first, second
-
-
-@pytest.mark.slow
-def test_time_budget_stops_at_a_checkpoint_and_the_next_piece_goes_on(trained_workdir):
-    _, first, second = trained_workdir
-    assert first.returncode == 143, first.stdout + first.stderr[-2000:]
-    # The budget ran out during compilation, so the first chunk of 5 steps is saved.
-    assert "[preempted] teacher: SIGTERM or time budget; checkpoint saved at step 5" \
-        in first.stdout
-    assert "resuming at step 5/40" in second.stdout
+    run(workdir, "train_teacher")
+    run(workdir, "distill")
+    return workdir
 
 
 @pytest.mark.slow
 def test_finished_run_has_the_configured_ladder(trained_workdir):
-    trained_workdir = trained_workdir[0]
-    assert _ladder(trained_workdir) == EXPECTED_LADDER
+    assert ladder(trained_workdir) == EXPECTED_LADDER
     for stage, _, _ in EXPECTED_LADDER:
         assert os.path.exists(os.path.join(trained_workdir, "samples",
                                            f"{stage}.png" if stage != "teacher"
                                            else "teacher_00008steps.png"))
     # Re-running finishes at once: no stage is redone.
-    result = _run(trained_workdir, "distill")
+    result = run(trained_workdir, "distill")
     assert result.stdout.count("finished earlier") == 3
-    assert _ladder(trained_workdir) == EXPECTED_LADDER
-
-
-@pytest.mark.slow
-def test_random_kills_lose_no_stage(tmp_path):
-    """SIGKILL, SIGTERM, SIGKILL at random moments, then resume to the end. (The time
-    budget test covers a stop at an exact step; this one covers stops anywhere, including
-    during a checkpoint write.)"""
-    workdir = str(tmp_path / "killed")
-    rng = random.Random(0)
-    resumed = 0
-    kills = [signal.SIGKILL, signal.SIGTERM, signal.SIGKILL]
-    mode_of = lambda: "distill" if checkpoint.exists(  # noqa: E731
-        os.path.join(workdir, "teacher"), "final") else "train_teacher"
-    for sig in kills:
-        process = subprocess.Popen(_command(workdir, mode_of(), KILL_PARAMS),
-                                   stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, env=_env())
-        # Wait for the first checkpoint of this process (or its end), then a random delay.
-        deadline = time.time() + 300
-        start_ckpts = _ckpt_steps(workdir)
-        while time.time() < deadline and process.poll() is None and \
-                _ckpt_steps(workdir) == start_ckpts:
-            time.sleep(0.5)
-        time.sleep(rng.uniform(0.0, 1.5))
-        if process.poll() is None:
-            process.send_signal(sig)
-        output = process.communicate(timeout=300)[0]
-        if sig == signal.SIGTERM and process.returncode == 143:
-            assert "[preempted]" in output
-        resumed += output.count("resuming at")
-        _all_checkpoints_verify(workdir)
-    for mode in ("train_teacher", "distill"):
-        output = _run(workdir, mode, KILL_PARAMS).stdout
-        resumed += output.count("resuming at")
-    assert _ladder(workdir) == KILL_LADDER
-    assert resumed >= 2, "the restarts should have resumed from checkpoints"
-    _all_checkpoints_verify(workdir)
-
-
-def _ckpt_steps(workdir):
-    steps = {}
-    if not os.path.isdir(workdir):
-        return steps
-    for stage in os.listdir(workdir):
-        path = os.path.join(workdir, stage, "ckpt.json")
-        if os.path.exists(path):
-            steps[stage] = os.path.getmtime(path)
-    return steps
+    assert ladder(trained_workdir) == EXPECTED_LADDER
 
 
 # -- bad input: each a specific error before any training ---------------------------------
@@ -294,7 +174,7 @@ def test_runtime_errors_print_the_message_alone(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bin", "run.py"), "--gin_file=tiny",
          f"--workdir={tmp_path / 'empty'}", "--mode=distill"],
-        capture_output=True, text=True, env=_env(), timeout=300)
+        capture_output=True, text=True, env=env(), timeout=300)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "No trained teacher" in errors[0], result.stderr
@@ -305,7 +185,7 @@ def test_unknown_gin_binding_is_a_usage_error(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bin", "run.py"), "--gin_file=tiny",
          f"--workdir={tmp_path}", "--gin_param=UNet.chanels=8"],
-        capture_output=True, text=True, env=_env(), timeout=300)
+        capture_output=True, text=True, env=env(), timeout=300)
     assert result.returncode != 0
     assert "Bad gin configuration" in result.stderr and "chanels" in result.stderr
 
@@ -313,7 +193,7 @@ def test_unknown_gin_binding_is_a_usage_error(tmp_path):
 def test_missing_gin_file_lists_the_available_ones(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bin", "run.py"), "--gin_file=cifar11",
-         f"--workdir={tmp_path}"], capture_output=True, text=True, env=_env(), timeout=300)
+         f"--workdir={tmp_path}"], capture_output=True, text=True, env=env(), timeout=300)
     assert result.returncode != 0
     assert "--gin_file=cifar11: no such file" in result.stderr
     assert "cifar_v.gin" in result.stderr
@@ -323,26 +203,14 @@ EVAL_SMALL = ["evaluate.num_samples=16", "evaluate.num_reference=32",
               "evaluate.ddim_steps=(1, 2)", "evaluate.batch_size=16"]
 
 
-def _in_process(workdir, mode, bindings=(), time_budget_s=None):
-    gin.clear_config()
-    try:
-        gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")],
-                                            SMALL + list(bindings))
-        return pipeline.run(workdir, mode, verbose=0, time_budget_s=time_budget_s)
-    finally:
-        gin.clear_config()
-
-
 @pytest.mark.slow
 def test_mismatched_network_config_is_refused(trained_workdir):
-    trained_workdir = trained_workdir[0]
     with pytest.raises(pipeline.PipelineError, match="network config .* does not match"):
-        _in_process(trained_workdir, "distill", ["UNet.channels=16"])
+        in_process(trained_workdir, "distill", ["UNet.channels=16"])
 
 
 @pytest.mark.slow
 def test_corrupt_checkpoint_is_detected(trained_workdir, tmp_path):
-    trained_workdir = trained_workdir[0]
     import shutil
 
     copy = str(tmp_path / "copy")
@@ -355,18 +223,17 @@ def test_corrupt_checkpoint_is_detected(trained_workdir, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     os.remove(os.path.join(copy, "student_00004", "final.json"))
     with pytest.raises(checkpoint.CheckpointError, match="is corrupt: its sha256"):
-        _in_process(copy, "distill")
+        in_process(copy, "distill")
 
 
 @pytest.mark.slow
 def test_eval_writes_metrics_report_and_plot(trained_workdir, tmp_path):
-    trained_workdir = trained_workdir[0]
     import shutil
 
     pytest.importorskip("torch")
     copy = str(tmp_path / "eval")
     shutil.copytree(trained_workdir, copy)
-    _in_process(copy, "eval", EVAL_SMALL)
+    in_process(copy, "eval", EVAL_SMALL)
     with open(os.path.join(copy, "eval", "metrics.json")) as f:
         report = json.load(f)
     kinds = [(r["kind"], r["num_steps"]) for r in report["results"]]
@@ -385,8 +252,8 @@ def test_eval_writes_metrics_report_and_plot(trained_workdir, tmp_path):
     kept = {f: os.path.getmtime(os.path.join(runs, f)) for f in os.listdir(runs)}
     assert len(kept) == 5
     with pytest.raises(pipeline.Preempted):
-        _in_process(copy, "eval", EVAL_SMALL, time_budget_s=1e-9)
-    _in_process(copy, "eval", EVAL_SMALL)
+        in_process(copy, "eval", EVAL_SMALL, time_budget_s=1e-9)
+    in_process(copy, "eval", EVAL_SMALL)
     assert {f: os.path.getmtime(os.path.join(runs, f)) for f in kept} == kept
     assert os.path.exists(os.path.join(runs, "distilled_00001.json"))
     with open(os.path.join(copy, "eval", "metrics.json")) as f:
@@ -397,11 +264,11 @@ def test_eval_of_an_empty_workdir_says_so(tmp_path):
     from keras_progdist.evaluation.report import EvaluationError
 
     with pytest.raises(ValueError, match="does not exist: nothing has been trained"):
-        _in_process(str(tmp_path / "missing"), "eval")
+        in_process(str(tmp_path / "missing"), "eval")
     assert not os.path.exists(tmp_path / "missing"), "eval must not create a workdir"
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvaluationError, match="Nothing to evaluate"):
-        _in_process(str(tmp_path / "empty"), "eval")
+        in_process(str(tmp_path / "empty"), "eval")
 
 
 @pytest.mark.slow
@@ -410,12 +277,11 @@ def test_a_kill_during_evaluation_resumes_and_a_finished_job_rerun_is_a_no_op(
     import shutil
 
     workdir = str(tmp_path / "work")
-    shutil.copytree(trained_workdir[0], workdir)
+    shutil.copytree(trained_workdir, workdir)
     params = [f"--gin_param={p}" for p in EVAL_SMALL]
     flags = [*params, f"--export_dir={tmp_path / 'export'}", "--verbose=2"]
-    command = _command(workdir, "all", flags=flags)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=_env())
+    process = subprocess.Popen(command(workdir, "all", flags=flags), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env())
     seen = []
     for line in process.stdout:
         seen.append(line)
@@ -425,12 +291,12 @@ def test_a_kill_during_evaluation_resumes_and_a_finished_job_rerun_is_a_no_op(
     process.wait(timeout=600)
     assert any(line.startswith("[eval]") for line in seen), "".join(seen)
 
-    resumed = _run(workdir, "all", flags=flags)
+    resumed = run(workdir, "all", flags=flags)
     assert "finished earlier, skipping" in resumed.stdout
     assert "up to date" in resumed.stdout, resumed.stdout
     assert os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
 
-    again = _run(workdir, "all", flags=flags)
+    again = run(workdir, "all", flags=flags)
     output = again.stdout
     assert "training" not in output and "distilling" not in output
     assert "resuming" not in output and "up to date" in output
@@ -461,12 +327,11 @@ def test_the_pipeline_trains_on_a_folder_of_png_files(tmp_path):
         Image.fromarray(pixels).save(folder / f"digit{label}" / f"{i:04d}.png")
     workdir = str(tmp_path / "work")
     bindings = ["dataset.name='image_folder'", f"dataset.data_dir='{folder}'",
-                "dataset.image_size=8", "UNet.attention_resolutions=()",
                 "dataset.with_labels=True", "UNet.num_classes=2",
                 "teacher.train_steps=10", "distill.teacher_steps=4",
-                "distill.min_steps=2", "distill.updates_per_stage=10", *FAST_COMPILE]
-    _in_process(workdir, "train_teacher", bindings)
-    _in_process(workdir, "distill", bindings)
+                "distill.min_steps=2", "distill.updates_per_stage=10"]
+    in_process(workdir, "train_teacher", bindings)
+    in_process(workdir, "distill", bindings)
     with open(os.path.join(workdir, "stages.json")) as f:
         stages = [(s["stage"], s["num_steps"]) for s in json.load(f)]
     assert stages == [("teacher", 4), ("student_00002", 2)]
@@ -484,15 +349,15 @@ def test_students_with_their_own_dropout_finish_load_and_export(
     workdir = str(tmp_path / "run")
     bindings = [f"UNet.dropout={teacher_dropout}", f"distill.student_dropout={student_dropout}",
                 "teacher.train_steps=10", "distill.teacher_steps=4",
-                "distill.updates_per_stage=10", *FAST_COMPILE]
-    _in_process(workdir, "train_teacher", bindings)
-    _in_process(workdir, "distill", bindings)
-    assert [s[:2] for s in _ladder(workdir)] == [("teacher", 4), ("student_00002", 2),
+                "distill.updates_per_stage=10"]
+    in_process(workdir, "train_teacher", bindings)
+    in_process(workdir, "distill", bindings)
+    assert [s[:2] for s in ladder(workdir)] == [("teacher", 4), ("student_00002", 2),
                                                 ("student_00001", 1)]
     for stage, rate in (("teacher", teacher_dropout), ("student_00002", student_dropout),
                         ("student_00001", student_dropout)):
         assert checkpoint.read_meta(os.path.join(workdir, stage), "final")["dropout"] == rate
-    _in_process(workdir, "distill", bindings)  # a finished run re-run loads every stage
+    in_process(workdir, "distill", bindings)  # a finished run re-run loads every stage
     from keras_progdist.export import workdir_export
     loaded = workdir_export.load_workdir_stages(workdir)  # the export's loader
     assert [(stage, n) for stage, n, _ in loaded] == [("teacher", 4), ("student_00002", 2),
@@ -523,74 +388,3 @@ def test_a_workdir_recorded_before_label_dropout_existed_still_matches(tmp_path)
         gin.clear_config()
 
 
-@pytest.mark.slow
-def test_guided_run_trains_stage_one_then_the_ladder_with_guided_grids(tmp_path):
-    from keras_progdist.training.experiment import Experiment
-
-    workdir = str(tmp_path / "guided")
-    guided = GUIDED + FAST_COMPILE
-    _run(workdir, "train_teacher", guided)
-    # Stage one stops at a checkpoint (time budget) and the next run resumes it.
-    stopped = _run(workdir, "distill", guided, check=False, flags=["--time_budget_s=1"])
-    assert stopped.returncode == 143, stopped.stdout + stopped.stderr[-2000:]
-    assert "[stage] guidance: training the w-conditioned network, w in [0.0, 4.0]" \
-        in stopped.stdout
-    assert "[preempted] guidance: SIGTERM or time budget; checkpoint saved at step 5" \
-        in stopped.stdout
-    first = _run(workdir, "distill", guided).stdout
-    assert "[stage] guidance: resuming at step 5/20" in first
-    assert _ladder(workdir) == GUIDED_LADDER
-    for grid in ("teacher_00008steps.png", "guidance.png", "student_00004.png",
-                 "student_00002.png"):
-        assert os.path.exists(os.path.join(workdir, "samples", grid))
-    again = _run(workdir, "distill", guided).stdout
-    assert again.count("finished earlier") == 3
-    assert _ladder(workdir) == GUIDED_LADDER
-
-    gin.clear_config()
-    try:
-        gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")],
-                                            SMALL + guided)
-        experiment = Experiment(workdir)
-        teacher = experiment.load_final("teacher", 8)
-        student = experiment.load_final("student_00002", 2)
-    finally:
-        gin.clear_config()
-    assert teacher.network.null_class and not teacher.network.guidance_conditioned
-    assert student.network.guidance_conditioned
-    label = np.array([3, 3], np.int32)
-    images = student.sample(batch_size=2, label=label, guidance=[0.0, 4.0], seed=0)
-    assert images.shape == (2, 8, 8, 1) and np.all(np.isfinite(images))
-
-    # Export rebuilds the w-conditioned students from the record's student_network.
-    with open(os.path.join(workdir, "config.json")) as f:
-        assert json.load(f)["student_network"]["guidance_conditioned"] is True
-    export_dir = str(tmp_path / "saved_models")
-    _run(workdir, "export", guided, flags=[f"--export_dir={export_dir}",
-                                         "--experiment=guided"])
-    for n in (8, 4, 2):
-        path = os.path.join(export_dir, "guided", f"guided-{n}steps", "1",
-                            "assets.extra", "export_metadata.json")
-        with open(path) as f:
-            assert json.load(f)["guided"] is True
-
-
-@pytest.mark.parametrize("name,classes,teacher_steps", [
-    ("fashion_mnist_guided.gin", 10, 64), ("imagenet64_guided.gin", 1000, 1024)])
-def test_the_guided_configs_are_valid(name, classes, teacher_steps):
-    from keras_progdist.training import config
-
-    gin.clear_config()
-    try:
-        gin.parse_config_file(os.path.join(ROOT, "gin", name))
-        settings = config.diffusion()
-        guided = config.guidance()
-        config.teacher()
-        ladder = config.distill()
-        unet = {k: gin.query_parameter(f"UNet.{k}") for k in ("num_classes", "null_class")}
-    finally:
-        gin.clear_config()
-    assert guided["enabled"] and (guided["w_min"], guided["w_max"]) == (0.0, 4.0)
-    assert settings["label_dropout"] == 0.1
-    assert unet == {"num_classes": classes, "null_class": True}
-    assert ladder["teacher_steps"] == teacher_steps and ladder["student_dropout"] == 0.0
