@@ -198,9 +198,14 @@ class WorkDir:
         return sampling_model(network, steps, get_schedule(config["schedule"]),
                               diffusion["parameterization"], diffusion["weighting"])
 
-    def stage_models(self) -> list:
+    def stage_models(self, with_guidance: bool = False) -> list:
         """`[(stage, num_steps, DiffusionModel)]`: the teacher, then every finished
         student, most steps first (see `stage_model`).
+
+        Args:
+            with_guidance: also a guided run's finished stage one (`guidance`), right
+                after the teacher. Export wants it (a deployable model of its own);
+                the evaluation's ladder of distilled students does not.
 
         Raises:
             WorkDirError: no config record, or no finished teacher.
@@ -209,7 +214,8 @@ class WorkDir:
         if not self.is_finished(TEACHER):
             raise WorkDirError(f"No finished teacher in {self.root} (teacher/final.json "
                                "is missing): train it first.")
-        stages = [TEACHER] + [stage_name(n) for n in self.finished_students()]
+        guidance = [GUIDANCE] if with_guidance and self.is_finished(GUIDANCE) else []
+        stages = [TEACHER] + guidance + [stage_name(n) for n in self.finished_students()]
         models = [self.stage_model(stage, config) for stage in stages]
         return [(stage, model.num_steps, model) for stage, model in zip(stages, models)]
 

@@ -11,6 +11,7 @@ temporaries and the JAX subprocess use small in-memory models or the same work d
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -399,6 +400,34 @@ def test_guided_signatures_take_label_and_guidance(tmp_path, kind):
         serve(**{k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()})
 
 
+def test_guided_stage_one_is_exported_beside_its_teacher_under_its_own_name(tmp_path):
+    """Guided distillation's stage one samples in its teacher's step count; exported with
+    the teacher it is a model of its own, not the teacher's next version."""
+    def guided_model(conditioned, seed):
+        network = UNet((8, 8, 1), channels=8, channel_mult=(1,), num_res_blocks=1,
+                       attention_resolutions=(), num_groups=4, num_classes=3,
+                       null_class=True, guidance_conditioned=conditioned, name="network")
+        rng = np.random.default_rng(seed)
+        network.set_weights([w + 0.1 * rng.standard_normal(w.shape).astype(w.dtype)
+                             for w in network.get_weights()])
+        return DiffusionModel(network, ema_decay=None, num_steps=2)
+
+    stages = [("teacher", 2, guided_model(False, 0)), ("guidance", 2, guided_model(True, 1))]
+    result = export.export_stages(stages, str(tmp_path), "g")
+    assert [(r["stage"], r["model_name"], r["version"], r["status"])
+            for r in result["stages"]] == [("teacher", "g-2steps", 1, "exported"),
+                                           ("guidance", "g-guidance-2steps", 1, "exported")]
+    assert os.listdir(tmp_path / "g" / "g-2steps") == ["1"]
+    with open(result["models_config"]) as f:
+        assert re.findall(r'name: "([^"]+)"', f.read()) == ["g-guidance-2steps", "g-2steps"]
+    stage_one = keras.saving.load_model(str(tmp_path / "g" / "g-guidance-2steps.keras"),
+                                        safe_mode=True)
+    assert stage_one.network.guidance_conditioned
+    # Exported again: both up to date, nothing written.
+    again = export.export_stages(stages, str(tmp_path), "g")
+    assert again["up_to_date"] and [r["version"] for r in again["stages"]] == [1, 1]
+
+
 def _snapshot(top):
     """Every path under `top` with its mtime (ns) and, for files, size: a folder whose
     snapshot is unchanged had nothing written, created, renamed or removed in it."""
@@ -744,12 +773,9 @@ def test_export_subprocess_runs_the_running_package(tmp_path, monkeypatch):
     assert command[:4] == [sys.executable, "-c", export._BOOTSTRAP, parent]
 
 
-def test_export_only_reads_the_workdir(exported, tmp_path):
-    before = _snapshot(exported["workdir"])
-    result = export.export_workdir(exported["workdir"], str(tmp_path / "out"), NAME)
-    assert [r["status"] for r in result["stages"]] == ["exported"] * len(exported["steps"])
-    assert _snapshot(exported["workdir"]) == before
-
+def test_export_of_a_missing_workdir_creates_nothing(tmp_path):
+    # (That an export of a run only reads it: test_jax_backend_exports_through_a_...,
+    # whose subprocess runs `export_workdir`.)
     missing = str(tmp_path / "no_such_run")
     with pytest.raises(export.ExportError, match="Work directory .* does not exist"):
         export.export_workdir(missing, str(tmp_path / "out2"), NAME)
@@ -777,11 +803,15 @@ JAX_EXPORT = textwrap.dedent(r"""
 def test_jax_backend_exports_through_a_tensorflow_subprocess(exported):
     pytest.importorskip("jax")
     export_dir = str(exported["base"] / "saved_models_jax")
+    before = _snapshot(exported["workdir"])
     stdout = _run_python(JAX_EXPORT, exported["workdir"], export_dir,
                          json.dumps(GIN_BINDINGS), backend="jax", timeout=600)
+    # Export only reads the run: nothing in the work directory was written or touched.
+    assert _snapshot(exported["workdir"]) == before
     assert "exporting through TensorFlow in a subprocess" in stdout
     first, again = stdout.split("AGAIN", 1)
-    assert first.count("is up to date") == 0
+    assert first.count("is up to date") == 0 and first.count("exported") >= \
+        len(exported["steps"])
     assert again.count("is up to date") == len(exported["steps"])
     # (Other limits giving the next version is backend-independent metadata logic:
     # test_limits_are_set_at_export.)

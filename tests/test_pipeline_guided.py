@@ -62,9 +62,12 @@ def test_guided_run_trains_stage_one_then_the_ladder_with_guided_grids(tmp_path)
     export_dir = str(tmp_path / "saved_models")
     run(workdir, "export", guided, flags=[f"--export_dir={export_dir}",
                                          "--experiment=guided"])
-    for n in (8, 4):
-        path = os.path.join(export_dir, "guided", f"guided-{n}steps", "1",
-                            "assets.extra", "export_metadata.json")
+    # Stage one has the teacher's step count and a name of its own: the teacher's model
+    # keeps its single version.
+    for model in ("guided-8steps", "guided-guidance-8steps", "guided-4steps"):
+        assert os.listdir(os.path.join(export_dir, "guided", model)) == ["1"]
+        path = os.path.join(export_dir, "guided", model, "1", "assets.extra",
+                            "export_metadata.json")
         with open(path) as f:
             assert json.load(f)["guided"] is True
 

@@ -12,6 +12,9 @@ For the teacher and every finished distillation stage of a run, `export_experime
                                                          num_steps=N) for keras.saving
     <export_dir>/<name>/<name>-<N>steps.keras.json       the same metadata for the .keras
 
+A guided run's stage one (the w-conditioned `guidance` stage, as many steps as its
+teacher) is `<name>-guidance-<N>steps` (`settings.model_name`).
+
 One concern per module:
 
     settings          names, versions asked for, serving limits (`serving_limits`)

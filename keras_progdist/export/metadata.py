@@ -46,7 +46,8 @@ def weights_sha256(network) -> str:
     return digest.hexdigest()
 
 
-def stage_metadata(model: DiffusionModel, name: str, num_steps: int, limits: dict) -> dict:
+def stage_metadata(model: DiffusionModel, name: str, num_steps: int, limits: dict,
+                   stage: str | None = None) -> dict:
     """What an export of `model` records about itself (`assets.extra/export_metadata.json`
     in the version folder and `<model>.keras.json` next to the `.keras` file).
 
@@ -54,6 +55,7 @@ def stage_metadata(model: DiffusionModel, name: str, num_steps: int, limits: dic
         model: the stage's `DiffusionModel`.
         name: the export name; num_steps: the stage's step count.
         limits: `serving_limits(...)`.
+        stage: the work-directory stage, as `settings.model_name` reads it.
 
     Returns:
         A JSON-ready dict; the `_IDENTITY_KEYS` fields decide whether two exports are
@@ -64,7 +66,7 @@ def stage_metadata(model: DiffusionModel, name: str, num_steps: int, limits: dic
     return json.loads(json.dumps({
         "format": EXPORT_FORMAT,
         "name": name,
-        "model_name": model_name(name, num_steps),
+        "model_name": model_name(name, num_steps, stage),
         "num_steps": int(num_steps),
         "weights_sha256": weights_sha256(model.sampling_network),
         "limits": limits,

@@ -9,6 +9,7 @@ import re
 import numpy as np
 
 from keras_progdist.export.errors import ExportError
+from keras_progdist.workdir import GUIDANCE
 
 # None: automatic versioning (the current version if it holds these weights, else the next).
 DEFAULT_VERSION = None
@@ -19,9 +20,20 @@ _INT32_MAX = 2 ** 31 - 1
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def model_name(name: str, num_steps: int) -> str:
-    """TF Serving model name of a stage: `<name>-<N>steps`."""
-    return f"{name}-{num_steps}steps"
+def model_name(name: str, num_steps: int, stage: str | None = None) -> str:
+    """TF Serving model name of a stage: `<name>-<N>steps`.
+
+    Guided distillation's stage one (the `guidance` stage) samples in as many steps as
+    its teacher, so it gets a name of its own, `<name>-guidance-<N>steps`: under the
+    teacher's name it would become the teacher's next version.
+
+    Args:
+        name: the export name; num_steps: the stage's step count.
+        stage: the work-directory stage the model comes from (`teacher`, `guidance`,
+            `student_<N>`), or None; only `guidance` changes the name.
+    """
+    role = f"{GUIDANCE}-" if stage == GUIDANCE else ""
+    return f"{name}-{role}{num_steps}steps"
 
 
 def check_name(name: str) -> str:

@@ -89,11 +89,11 @@ def _write_keras(model, num_steps, paths, metadata, version, overwrite) -> str:
 
 
 def _prepare_stage(model, name, num_steps, version, overwrite, export_dir, max_steps,
-                   max_batch, warmup_batch_sizes) -> dict:
+                   max_batch, warmup_batch_sizes, stage=None) -> dict:
     num_steps = int(num_steps or model.num_steps)
-    paths = stage_paths(export_dir, name, num_steps, 1)
+    paths = stage_paths(export_dir, name, num_steps, 1, stage)
     limits = serving_limits(num_steps, max_steps, max_batch, warmup_batch_sizes)
-    metadata = stage_metadata(model, name, num_steps, limits)
+    metadata = stage_metadata(model, name, num_steps, limits, stage)
     plan = plan_version(paths["base_path"], metadata, version, overwrite)
     return {"model": model, "num_steps": num_steps, "paths": paths, "limits": limits,
             "metadata": metadata, "plan": plan}
@@ -119,7 +119,8 @@ def _run_stage(prepared, version, overwrite, warmup_batch_sizes) -> dict:
 def export_stage(model: DiffusionModel, export_dir: str, name: str,
                  num_steps: int | None = None, version: int | None = DEFAULT_VERSION,
                  overwrite: bool = False, warmup_batch_sizes=(1,),
-                 max_steps: int | None = None, max_batch: int | None = None) -> dict:
+                 max_steps: int | None = None, max_batch: int | None = None,
+                 stage: str | None = None) -> dict:
     """Exports one stage: SavedModel version folder (+ warm-up, metadata) and `.keras`.
 
     The `.keras` file holds `DiffusionModel(ema_decay=None, num_steps=N)` around the
@@ -137,6 +138,9 @@ def export_stage(model: DiffusionModel, export_dir: str, name: str,
             other weights.
         warmup_batch_sizes: one warm-up request per size.
         max_steps, max_batch: the serving limits (see `serving_limits`).
+        stage: the work-directory stage the model comes from; `guidance` (stage one of
+            guided distillation) is exported as `<name>-guidance-<N>steps`
+            (`settings.model_name`).
 
     Returns:
         `{"num_steps", "model_name", "version", "status" ("exported", "replaced" or
@@ -153,7 +157,7 @@ def export_stage(model: DiffusionModel, export_dir: str, name: str,
     root = os.path.join(export_dir, name)
     remove_stale_root_temps(root)
     prepared = _prepare_stage(model, name, num_steps, version, overwrite, export_dir,
-                              max_steps, max_batch, warmup_batch_sizes)
+                              max_steps, max_batch, warmup_batch_sizes, stage)
     return _run_stage(prepared, version, overwrite, warmup_batch_sizes)
 
 
@@ -188,7 +192,7 @@ def export_stages(stages, export_dir: str, name: str, overwrite: bool = False,
     for path in remove_stale_root_temps(root):
         print(f"[export] removed {path} (left by a killed export)", flush=True)
     prepared = [(stage, _prepare_stage(model, name, n, version, overwrite, export_dir,
-                                       max_steps, max_batch, warmup_batch_sizes))
+                                       max_steps, max_batch, warmup_batch_sizes, stage))
                 for stage, n, model in stages]
     exported = []
     for stage, item in prepared:

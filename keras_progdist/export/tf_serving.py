@@ -11,6 +11,7 @@ import re
 import numpy as np
 
 from keras_progdist import fileio
+from keras_progdist.workdir import GUIDANCE
 
 SERVING_ROOT = "/models"
 SERVING_API_INSTALL = "pip install --no-deps tensorflow-serving-api==2.21.0"
@@ -76,7 +77,8 @@ def write_warmup_requests(saved_model_dir: str, serving_name: str, num_classes=N
 
 
 def write_models_config(root: str, name: str, serving_root: str = SERVING_ROOT) -> str:
-    """`<root>/models.config` listing every `<name>-<N>steps` model found under `root`.
+    """`<root>/models.config` listing every `<name>-<N>steps` (and guided stage one's
+    `<name>-guidance-<N>steps`) model found under `root`, most steps first.
 
     `base_path` is where the server sees each model: `<serving_root>/<name>/<model>`
     (the export dir mounted at `/models` in the `tensorflow/serving` container). The
@@ -89,7 +91,7 @@ def write_models_config(root: str, name: str, serving_root: str = SERVING_ROOT) 
     from google.protobuf import text_format
 
     _, _, model_server_config_pb2 = serving_apis()
-    pattern = re.compile(rf"^{re.escape(name)}-(\d+)steps$")
+    pattern = re.compile(rf"^{re.escape(name)}-(?:{GUIDANCE}-)?(\d+)steps$")
     found = sorted((int(m.group(1)), entry) for entry in os.listdir(root)
                    if (m := pattern.match(entry)) and os.path.isdir(os.path.join(root, entry)))
     config = model_server_config_pb2.ModelServerConfig()

@@ -42,19 +42,20 @@ def existing_versions(base_path: str) -> list:
 
 
 def stage_paths(export_dir: str, name: str, num_steps: int,
-                version: int | None = DEFAULT_VERSION) -> dict:
+                version: int | None = DEFAULT_VERSION, stage: str | None = None) -> dict:
     """Where a stage's files go.
 
     Args:
         export_dir, name, num_steps: the export root, name and the stage's step count.
         version: the version folder; None: the highest existing one (1 if none).
+        stage: the work-directory stage, as `settings.model_name` reads it.
 
     Returns:
         `{"root", "model_name", "base_path", "saved_model" (the version folder),
         "version", "keras", "keras_metadata"}`.
     """
     root = os.path.join(export_dir, name)
-    serving_name = model_name(name, num_steps)
+    serving_name = model_name(name, num_steps, stage)
     base = os.path.join(root, serving_name)
     if version is None:
         version = (existing_versions(base) or [1])[-1]

@@ -29,8 +29,9 @@ def load_workdir_stages(workdir: str) -> list:
     """`[(stage, num_steps, DiffusionModel)]` of a work directory, without gin.
 
     `WorkDir.stage_models`: the network rebuilt from `config.json`, each finished
-    stage's `final` checkpoint loaded (teacher, then students from most to fewest
-    steps). Only reads the work directory.
+    stage's `final` checkpoint loaded (teacher, a guided run's stage one, then
+    students from most to fewest steps), as `pipeline.Experiment.stage_models` lists
+    them for an in-process export. Only reads the work directory.
 
     Raises:
         ExportError: a missing work directory, one without a (readable) config record,
@@ -38,7 +39,7 @@ def load_workdir_stages(workdir: str) -> list:
     """
     wd = _existing_workdir(workdir)
     try:
-        return wd.stage_models()
+        return wd.stage_models(with_guidance=True)
     except WorkDirError as e:
         raise ExportError(str(e)) from None
 

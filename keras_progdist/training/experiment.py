@@ -202,8 +202,9 @@ class Experiment:
         return self.wd.finished_stages([stage for stage, _ in self.stages()])
 
     def stage_models(self) -> list:
-        """`[(stage, num_steps, DiffusionModel)]`: the teacher, then every finished
-        student.
+        """`[(stage, num_steps, DiffusionModel)]`: the teacher, then (in a guided run)
+        the finished stage one, then every finished student: what an export writes
+        (`WorkDir.stage_models(with_guidance=True)` reads the same without gin).
 
         Raises:
             PipelineError: the teacher has not finished.
