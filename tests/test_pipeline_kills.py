@@ -54,8 +54,9 @@ def test_random_kills_lose_no_stage(tmp_path):
         resumed += output.count("resuming at")
         all_checkpoints_verify(workdir)
     for mode in ("train_teacher", "distill"):
-        output = run(workdir, mode, KILL_PARAMS).stdout
-        resumed += output.count("resuming at")
+        if mode == mode_of():  # (the teacher may have finished before the last kill)
+            output = run(workdir, mode, KILL_PARAMS).stdout
+            resumed += output.count("resuming at")
     assert ladder(workdir) == KILL_LADDER
     assert resumed >= 2, "the restarts should have resumed from checkpoints"
     all_checkpoints_verify(workdir)
