@@ -1,19 +1,14 @@
 """The TensorFlow-free numpy input pipeline (`pipeline="numpy"`): the same images as
-tf.data, a reproducible shuffled stream, and a whole teacher + distillation run on
-JAX in a process where TensorFlow cannot be imported (the GPU host's situation)."""
+tf.data, a reproducible shuffled stream, shards. (A teacher and a distillation stage on
+JAX in processes where TensorFlow cannot be imported, the GPU host's situation:
+test_preemption.py on JAX.)"""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 from keras_progdist import data
 from keras_progdist.array_data import ArrayBatches
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _first_batch(pipeline, **kw):
@@ -101,37 +96,6 @@ def test_shards_are_disjoint_and_cover_the_data():
 def test_numpy_pipeline_rejects_what_it_cannot_serve(kwargs, message):
     with pytest.raises(ValueError, match=message):
         data.make_dataset(**kwargs)
-
-
-@pytest.mark.slow
-def test_teacher_and_distillation_run_on_jax_without_tensorflow(tmp_path):
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path[:0] = [{os.path.join(REPO, 'tests', 'helpers')!r}, {REPO!r}]
-        import no_tensorflow
-        import gin
-        import numpy as np
-        from keras_progdist import checkpoint, data, pipeline
-        gin.parse_config_files_and_bindings(
-            [{os.path.join(REPO, 'gin', 'tiny.gin')!r}],
-            ["teacher.train_steps=20", "teacher.checkpoint_every=10",
-             "distill.teacher_steps=2", "distill.updates_per_stage=10",
-             "distill.checkpoint_every=10"])
-        experiment = pipeline.run({str(tmp_path)!r}, mode="train_teacher", verbose=0)
-        assert type(experiment.dataset).__name__ == "ArrayBatches"
-        pipeline.run({str(tmp_path)!r}, mode="distill", verbose=0)
-        real, _ = data.load_images("mnist_embedded", image_size=16, limit=8)
-        assert real.shape == (8, 16, 16, 1)
-        assert no_tensorflow.loaded_tensorflow_modules() == []
-        print("STAGES", [s["num_steps"] for s in experiment.finished_stages()])
-    """)
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "STAGES [2, 1]" in result.stdout
-    assert "input numpy batches" in result.stdout
-    assert (tmp_path / "student_00001" / "final.json").exists()
 
 
 # ------------------------------------------------------ multi-process sharding, empty
