@@ -101,7 +101,7 @@ def reference(tmp_path_factory):
     return workdir
 
 
-def test_time_budget_stop_mid_epoch_resumes_to_identical_weights(reference, tmp_path):
+def test_budget_and_sigterm_stops_mid_epoch_resume_to_identical_weights(reference, tmp_path):
     workdir = str(tmp_path / "budget")
     # The budget runs out while the first chunk compiles: the stop comes after it.
     first = _run(workdir, "train_teacher", ["--time_budget_s=1"], expect=143)
