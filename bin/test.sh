@@ -11,8 +11,10 @@ echo "== Lint (ruff: unused and undefined names, syntax)"
 # tracing and compiling, so two of them fill the two cores a CI machine has. A test file
 # goes to one worker whole, so a module's fixture is built once. (`--dist loadgroup`
 # would place single tests, but with pytest 9 its groups are ignored: the fixtures were
-# built on both workers.) KPD_TEST_WORKERS=0 runs everything in this process.
-WORKERS=(-n "${KPD_TEST_WORKERS:-2}" --dist loadfile)
+# built on both workers.) Files go out longest first, in the order tests/conftest.py
+# collects them (`--no-loadscope-reorder`: xdist would otherwise order files by their
+# number of tests). KPD_TEST_WORKERS=0 runs everything in this process.
+WORKERS=(-n "${KPD_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder)
 if [ "${KPD_TEST_WORKERS:-2}" = "0" ]; then WORKERS=(); fi
 # The slow end-to-end tests get processes of their own: one TensorFlow process that ran
 # every test grew to ~20 GB, since TF keeps every traced function alive.
