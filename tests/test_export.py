@@ -40,6 +40,7 @@ GIN_BINDINGS = [
     "teacher.steps_per_execution=1", "distill.teacher_steps=4", "distill.min_steps=2",
     "distill.updates_per_stage=10", "distill.checkpoint_every=10",
     "distill.jit_compile=False", "distill.steps_per_execution=1", "UNet.channels=8",
+    "sample_grid.count=0",
 ]
 NAME = "tiny"
 NOISE_SEED = 7

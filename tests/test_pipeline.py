@@ -18,8 +18,8 @@ from keras_progdist import checkpoint, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
-from pipeline_runs import (GUIDED, SMALL, command, env, in_process,  # noqa: E402
-                           ladder, run)
+from pipeline_runs import (GRIDS, GUIDED, SMALL, command, env,  # noqa: E402
+                           in_process, ladder, run)
 
 EXPECTED_LADDER = [("teacher", 8, 40), ("student_00004", 4, 20),
                    ("student_00002", 2, 20), ("student_00001", 1, 20)]
@@ -29,8 +29,8 @@ EXPECTED_LADDER = [("teacher", 8, 40), ("student_00004", 4, 20),
 def trained_workdir(tmp_path_factory):
     """A small finished teacher + 3 stages, trained once for this module."""
     workdir = str(tmp_path_factory.mktemp("trained"))
-    run(workdir, "train_teacher")
-    run(workdir, "distill")
+    run(workdir, "train_teacher", GRIDS)
+    run(workdir, "distill", GRIDS)
     return workdir
 
 
@@ -106,6 +106,8 @@ BAD_INPUTS = [
      ValueError, "distill.learning_rate must be a finite number > 0, got -1.0"),
     ("evaluation sample count not a number", ["evaluate.num_samples='x'"], "all",
      ValueError, "evaluate.num_samples must be an integer >= 2, got 'x'"),
+    ("negative grid size", ["sample_grid.count=-1"], "train_teacher", ValueError,
+     "sample_grid.count must be an integer >= 0, got -1"),
     ("learning rate as a word", ["teacher.learning_rate='fast'"], "train_teacher",
      ValueError, "teacher.learning_rate must be a finite number > 0, got 'fast'"),
     ("channels as a string", ["UNet.channels='16'"], "train_teacher", ValueError,

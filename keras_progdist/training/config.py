@@ -252,6 +252,18 @@ def guidance(enabled: bool = False, w_min: float = 0.0, w_max: float = 4.0,
                 steps_per_execution=steps_per_execution, jit_compile=jit_compile)
 
 
+@gin.configurable
+def sample_grid(count: int = 16) -> dict:
+    """The sample grid written for each finished stage (`samples/`, and TensorBoard).
+
+    Args:
+        count: samples in each grid, drawn from the same fixed noise for every stage so
+            the grids compare stage by stage; 0 writes no grids (each costs one compiled
+            sampler, which matters only for runs of seconds, such as tests).
+    """
+    return dict(count=validation.nonnegative_int("sample_grid.count", count))
+
+
 def stage_ladder(teacher_steps: int, min_steps: int = 1) -> list:
     """Student step counts `[T/2, T/4, ..., min_steps]`."""
     ladder, n = [], teacher_steps // 2

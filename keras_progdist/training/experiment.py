@@ -27,7 +27,8 @@ from keras_progdist.networks.unet import UNet
 from keras_progdist.optimizers import make_optimizer
 from keras_progdist.training.config import (RECORD_DEFAULTS, PipelineError,
                                             ScheduleConfigurable, UNetConfigurable,
-                                            diffusion, distill, guidance, teacher)
+                                            diffusion, distill, guidance, sample_grid,
+                                            teacher)
 from keras_progdist.training.preemption import (Preempted, PreemptionGuard,
                                                 StepCheckpoint, last_loss, resumable_fit)
 from keras_progdist.workdir import GUIDANCE, TEACHER, WorkDir, stage_name
@@ -63,6 +64,7 @@ class Experiment:
         self.distill_cfg = distill()
         self.guidance_cfg = guidance()
         self.guided = self.guidance_cfg["enabled"]
+        self.grid_count = sample_grid()["count"]
         self.schedule = ScheduleConfigurable()
         self.dataset = data.make_dataset()
         self.image_shape, self.batch_size, self.with_labels = data.batch_spec(self.dataset)
@@ -164,8 +166,14 @@ class Experiment:
                               self.diffusion["parameterization"],
                               self.diffusion["weighting"])
 
-    def sample_grid(self, model: DiffusionModel, num_steps: int, filename: str,
-                    count: int = 16) -> str:
+    def sample_grid(self, model: DiffusionModel, num_steps: int, filename: str) -> str:
+        """Writes `samples/<filename>`: `sample_grid.count` samples of `model` in
+        `num_steps` from the fixed noise of every stage's grid.
+
+        Returns:
+            The grid's path.
+        """
+        count = self.grid_count
         noise = keras.random.normal((count,) + self.image_shape, seed=SAMPLE_SEED)
         label = np.arange(count) % self.network_config["num_classes"] \
             if self.network_config["num_classes"] else None
@@ -243,7 +251,7 @@ class Experiment:
         if not self.chief:
             return sampler
         grid = f"teacher_{num_steps:05d}steps.png" if stage == TEACHER else f"{stage}.png"
-        if not os.path.exists(self.path("samples", grid)):
+        if self.grid_count and not os.path.exists(self.path("samples", grid)):
             path = self.sample_grid(sampler, num_steps, grid)
             tensorboard_log.write_image(self.path("logs", "samples"), stage, path,
                                         step=num_steps)

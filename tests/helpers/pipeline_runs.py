@@ -24,10 +24,13 @@ SMALL = [
     "distill.teacher_steps=8", "distill.updates_per_stage=20",
     "distill.checkpoint_every=10", "distill.steps_per_execution=1",
     "teacher.jit_compile=False", "distill.jit_compile=False", "guidance.jit_compile=False",
+    # A grid compiles a sampler (~3 s a stage); the runs that test grids ask for them.
+    "sample_grid.count=0",
 ]
+GRIDS = ["sample_grid.count=4"]
 # A guided run (Meng et al. 2023): a classifier-free guided teacher, then the
 # w-conditioned stage one; the ladder after it is the usual one.
-GUIDED = ["UNet.num_classes=10", "UNet.null_class=True", "dataset.with_labels=True",
+GUIDED = GRIDS + ["UNet.num_classes=10", "UNet.null_class=True", "dataset.with_labels=True",
           "diffusion.label_dropout=0.2", "guidance.enabled=True", "guidance.updates=20",
           "guidance.checkpoint_every=10", "guidance.steps_per_execution=5"]
 
