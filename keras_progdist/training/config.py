@@ -258,8 +258,11 @@ def sample_grid(count: int = 16) -> dict:
 
     Args:
         count: samples in each grid, drawn from the same fixed noise for every stage so
-            the grids compare stage by stage; 0 writes no grids (each costs one compiled
-            sampler, which matters only for runs of seconds, such as tests).
+            the grids compare stage by stage. 0 writes no grids: each grid compiles a
+            sampler, a cost that only very short runs notice.
+
+    Returns:
+        `{"count": count}`.
     """
     return dict(count=validation.nonnegative_int("sample_grid.count", count))
 
