@@ -5,6 +5,16 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(KPD_TEST_DEPS=1 bash "$ROOT/bin/setup_env.sh" | tail -n 1)"
 cd "$ROOT"
 export XLA_FLAGS="${XLA_FLAGS:---xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2}"
+# One persistent JAX compilation cache for every JAX process of the run (the JAX pass's
+# workers and the subprocesses that tests start on either pass): a resumed or repeated
+# run loads the executables its first run compiled (a 40-update teacher on 2 cores:
+# 21 s cold, 9 s warm). Compilations under 0.1 s are not worth a file.
+if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+  JAX_COMPILATION_CACHE_DIR="$(mktemp -d)"
+  trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
+fi
+export JAX_COMPILATION_CACHE_DIR
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.1}"
 echo "== Lint (ruff: unused and undefined names, syntax)"
 "$VENV/bin/ruff" check --quiet .
 # Two test processes at a time (pytest-xdist): most of a test's time is single-threaded
