@@ -1,7 +1,7 @@
 """Export for serving: TF Serving SavedModels and `.keras` files of every stage.
 
-A real work directory is made once by the pipeline itself (teacher 4 steps -> student 2
-steps on the embedded MNIST digits) and exported through `pipeline.run(mode="export")`.
+A finished work directory (a 4-step teacher and its 2-step student, random weights) is
+written once and exported through `pipeline.run(mode="export")`.
 Each SavedModel is then checked in a fresh Python process, as a server would load it:
 every signature, determinism per seed, `generate` against the in-memory model's DDIM,
 a DDIM loop written here over the `denoise` signature, the warm-up records, the `.keras`
@@ -29,18 +29,18 @@ from keras_progdist.export import versions as export_versions
 from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.networks.unet import UNet
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
+from finished_workdir import make_finished_workdir  # noqa: E402
+
 pytestmark = pytest.mark.tensorflow_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Ten updates a stage, one per call and without XLA: a multi-step loop or an XLA
-# compilation costs more than these updates themselves (the 10-update distillation
-# stage: 20 s one per call, 39 s ten per call).
+# The network of `make_finished_workdir` (16x16 digits), and the ladder of its work
+# directory: a 4-step teacher and its 2-step student.
 GIN_BINDINGS = [
-    "teacher.train_steps=10", "teacher.checkpoint_every=10", "teacher.jit_compile=False",
-    "teacher.steps_per_execution=1", "distill.teacher_steps=4", "distill.min_steps=2",
-    "distill.updates_per_stage=10", "distill.checkpoint_every=10",
-    "distill.jit_compile=False", "distill.steps_per_execution=1", "UNet.channels=8",
-    "sample_grid.count=0",
+    "UNet.channels=8", "UNet.channel_mult=(1,)", "UNet.num_res_blocks=1",
+    "UNet.attention_resolutions=()", "UNet.num_groups=4",
+    "distill.teacher_steps=4", "distill.min_steps=2",
 ]
 NAME = "tiny"
 NOISE_SEED = 7
@@ -55,13 +55,16 @@ def _parse_gin():
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """A trained work directory, its export, and the in-memory models' DDIM samples."""
+    """A finished work directory, its export, and the in-memory models' DDIM samples.
+
+    Export reads what training leaves (config.json, each stage's final checkpoint), so
+    the work directory is written with random weights, not trained (that took 30 s);
+    `test_pipeline` exports trained runs end to end."""
     base = tmp_path_factory.mktemp("export")
     workdir, export_dir = str(base / "workdir"), str(base / "saved_models")
+    make_finished_workdir(workdir, teacher_steps=4, students=(2,), image_shape=(16, 16, 1))
     _parse_gin()
     try:
-        pipeline.run(workdir, "train_teacher", verbose=0)
-        pipeline.run(workdir, "distill", verbose=0)
         experiment = pipeline.run(workdir, "export", export_dir=export_dir,
                                   experiment_name=NAME, verbose=0)
         stages = experiment.stage_models()
