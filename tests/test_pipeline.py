@@ -228,40 +228,6 @@ def test_corrupt_checkpoint_is_detected(trained_workdir, tmp_path):
         in_process(copy, "distill")
 
 
-@pytest.mark.slow
-def test_eval_writes_metrics_report_and_plot(trained_workdir, tmp_path):
-    import shutil
-
-    pytest.importorskip("torch")
-    copy = str(tmp_path / "eval")
-    shutil.copytree(trained_workdir, copy)
-    in_process(copy, "eval", EVAL_SMALL)
-    with open(os.path.join(copy, "eval", "metrics.json")) as f:
-        report = json.load(f)
-    kinds = [(r["kind"], r["num_steps"]) for r in report["results"]]
-    assert kinds == [("ddim", 1), ("ddim", 2), ("teacher", 8), ("distilled", 4),
-                     ("distilled", 2), ("distilled", 1)]
-    for r in report["results"]:
-        assert r["fid"] is None and "2048" in r["fid_note"]
-        assert np.isfinite(r["kid"]) and np.isfinite(r["kid_std_err"])
-    for name in ("report.md", "kid_vs_steps.png", "distilled_00001steps.png"):
-        assert os.path.exists(os.path.join(copy, "eval", name))
-
-    # Scores are kept per model: with one model's scores gone and no time left, the
-    # evaluation stops before it, keeping the others; the next run scores only that one.
-    runs = os.path.join(copy, "eval", "runs")
-    os.remove(os.path.join(runs, "distilled_00001.json"))
-    kept = {f: os.path.getmtime(os.path.join(runs, f)) for f in os.listdir(runs)}
-    assert len(kept) == 5
-    with pytest.raises(pipeline.Preempted):
-        in_process(copy, "eval", EVAL_SMALL, time_budget_s=1e-9)
-    in_process(copy, "eval", EVAL_SMALL)
-    assert {f: os.path.getmtime(os.path.join(runs, f)) for f in kept} == kept
-    assert os.path.exists(os.path.join(runs, "distilled_00001.json"))
-    with open(os.path.join(copy, "eval", "metrics.json")) as f:
-        assert json.load(f)["results"][:5] == report["results"][:5]
-
-
 def test_eval_of_an_empty_workdir_says_so(tmp_path):
     from keras_progdist.evaluation.report import EvaluationError
 
@@ -276,6 +242,9 @@ def test_eval_of_an_empty_workdir_says_so(tmp_path):
 @pytest.mark.slow
 def test_a_kill_during_evaluation_resumes_and_a_finished_job_rerun_is_a_no_op(
         trained_workdir, tmp_path):
+    """`--mode=all` on a trained run: killed once its first model is scored, resumed
+    (the report, plot and grids are written), re-run (a no-op), then stopped by a spent
+    time budget before the one model whose scores were removed."""
     import shutil
 
     workdir = str(tmp_path / "work")
@@ -296,7 +265,17 @@ def test_a_kill_during_evaluation_resumes_and_a_finished_job_rerun_is_a_no_op(
     resumed = run(workdir, "all", flags=flags)
     assert "finished earlier, skipping" in resumed.stdout
     assert "up to date" in resumed.stdout, resumed.stdout
-    assert os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
+    # The report: every model once, in order; KID only (FID needs 2048 samples).
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        report = json.load(f)
+    kinds = [(r["kind"], r["num_steps"]) for r in report["results"]]
+    assert kinds == [("ddim", 1), ("ddim", 2), ("teacher", 8), ("distilled", 4),
+                     ("distilled", 2), ("distilled", 1)]
+    for r in report["results"]:
+        assert r["fid"] is None and "2048" in r["fid_note"]
+        assert np.isfinite(r["kid"]) and np.isfinite(r["kid_std_err"])
+    for name in ("report.md", "kid_vs_steps.png", "distilled_00001steps.png"):
+        assert os.path.exists(os.path.join(workdir, "eval", name))
 
     again = run(workdir, "all", flags=flags)
     output = again.stdout
@@ -309,6 +288,16 @@ def test_a_kill_during_evaluation_resumes_and_a_finished_job_rerun_is_a_no_op(
     versions = [v for name in exported if name.endswith("steps")
                 for v in os.listdir(tmp_path / "export" / "tiny" / name)]
     assert versions and set(versions) == {"1"}, versions
+
+    # A spent time budget starts no new model: with one model's scores gone, the
+    # evaluation stops before it (exit 143) and keeps the others' files untouched.
+    runs = os.path.join(workdir, "eval", "runs")
+    os.remove(os.path.join(runs, "distilled_00001.json"))
+    kept = {f: os.path.getmtime(os.path.join(runs, f)) for f in os.listdir(runs)}
+    assert len(kept) == 5
+    stopped = run(workdir, "eval", flags=[*params, "--time_budget_s=1e-9"], check=False)
+    assert stopped.returncode == 143, stopped.stdout + stopped.stderr[-3000:]
+    assert {f: os.path.getmtime(os.path.join(runs, f)) for f in os.listdir(runs)} == kept
 
 
 @pytest.mark.slow
