@@ -37,6 +37,7 @@ TINY = [
     "--gin_param=distill.checkpoint_every=2", "--gin_param=distill.steps_per_execution=1",
     "--gin_param=evaluate.num_samples=24", "--gin_param=evaluate.batch_size=8",
     "--gin_param=evaluate.ddim_steps=(1, 2)", "--gin_param=evaluate.num_reference=16",
+    "--gin_param=sample_grid.count=0",  # the stage grids stay in the work directory
 ]
 MODELS = ["ddim_00001", "ddim_00002", "teacher_00004", "distilled_00002",
           "distilled_00001"]
