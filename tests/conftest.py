@@ -20,21 +20,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more")
 
 
-# Seconds of work per test file, measured on 2 CPU cores (`--durations=0`, summed per
-# file): (the "not slow" tests, the slow ones). pytest-xdist's `--dist loadfile` hands
+# Seconds of work per test file on 2 CPU cores, TensorFlow backend (`--durations`,
+# summed per file, rounded): (the "not slow" tests, the slow ones). Only the order
+# matters. pytest-xdist's `--dist loadfile` hands
 # whole files to the workers in collection order, so the collection puts the longest
 # files first (longest-processing-time-first scheduling): collected alphabetically, the
 # 300-s pipeline file started last and the other worker sat idle for minutes. Files not
 # listed take a few seconds and keep their places after these.
 FILE_SECONDS = {
-    "test_export.py": (310, 19), "test_pipeline.py": (74, 303),
-    "test_preemption.py": (150, 0), "test_samples.py": (18, 155),
-    "test_pipeline_guided.py": (0, 152), "test_pipeline_kills.py": (0, 120),
-    "test_distillation.py": (40, 120), "test_readme.py": (0, 93),
-    "test_diffusion.py": (86, 0), "test_gpu_benchmark.py": (29, 82),
-    "test_multihost.py": (0, 75), "test_guidance.py": (71, 0),
+    "test_preemption.py": (135, 0), "test_export.py": (130, 10),
+    "test_pipeline.py": (74, 185), "test_pipeline_guided.py": (0, 130),
+    "test_pipeline_kills.py": (0, 110), "test_distillation.py": (40, 110),
+    "test_readme.py": (0, 80), "test_diffusion.py": (86, 0), "test_guidance.py": (71, 0),
     "test_distribute.py": (0, 61), "test_inception_port.py": (56, 0),
-    "test_unet.py": (50, 0), "test_digits.py": (34, 47), "test_report.py": (44, 0),
+    "test_unet.py": (50, 0), "test_samples.py": (14, 40), "test_multihost.py": (0, 40),
+    "test_gpu_benchmark.py": (29, 35), "test_digits.py": (34, 25), "test_report.py": (44, 0),
     "test_workdir.py": (27, 0),
 }
 
