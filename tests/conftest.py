@@ -21,12 +21,12 @@ def pytest_configure(config):
 
 
 # Seconds of work per test file on 2 CPU cores, TensorFlow backend (`--durations`,
-# summed per file, rounded): (the "not slow" tests, the slow ones). Only the order
-# matters. pytest-xdist's `--dist loadfile` hands
-# whole files to the workers in collection order, so the collection puts the longest
-# files first (longest-processing-time-first scheduling): collected alphabetically, the
-# 300-s pipeline file started last and the other worker sat idle for minutes. Files not
-# listed take a few seconds and keep their places after these.
+# summed per file, rounded): (the "not slow" tests, the slow ones); only their order
+# matters. pytest-xdist's `--dist loadfile` hands whole files to the workers in
+# collection order, so the collection puts the longest files first
+# (longest-processing-time-first scheduling): collected alphabetically, the 300-s
+# pipeline file started last and the other worker sat idle for minutes. Files not listed
+# take a few seconds and keep their places after these.
 FILE_SECONDS = {
     "test_preemption.py": (135, 0), "test_export.py": (130, 10),
     "test_pipeline.py": (74, 185), "test_pipeline_guided.py": (0, 130),

@@ -29,12 +29,12 @@ from keras_progdist.export import versions as export_versions
 from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.networks.unet import UNet
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
-from finished_workdir import make_finished_workdir  # noqa: E402
-
 pytestmark = pytest.mark.tensorflow_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
+from finished_workdir import make_finished_workdir  # noqa: E402
+
 # The network of `make_finished_workdir` (16x16 digits), and the ladder of its work
 # directory: a 4-step teacher and its 2-step student.
 GIN_BINDINGS = [

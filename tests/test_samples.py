@@ -48,20 +48,20 @@ def _config(bindings=()):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def finished(tmp_path_factory):
     """A finished 4-step teacher and its 2- and 1-step students (random weights).
 
     What these tests check (files, resume, scores from files against scores in process)
     holds for any weights, so the work directory is written, not trained: training it
     took 30 s of a test process."""
-    workdir = tmp_path_factory.mktemp("trained")
+    workdir = tmp_path_factory.mktemp("finished")
     make_finished_workdir(workdir, teacher_steps=4, students=(2, 1), image_shape=(16, 16, 1))
     return str(workdir)
 
 
-def _copy(trained, tmp_path, name):
+def _copy(finished, tmp_path, name):
     copy = str(tmp_path / name)
-    shutil.copytree(trained, copy)
+    shutil.copytree(finished, copy)
     return copy
 
 
@@ -70,10 +70,10 @@ def _by_model(results):
 
 
 @pytest.mark.slow
-def test_file_scores_equal_in_process_scores(trained, tmp_path, capsys):
+def test_file_scores_equal_in_process_scores(finished, tmp_path, capsys):
     cache = tmp_path / "cache"
-    in_process = _copy(trained, tmp_path, "in_process")
-    from_files = _copy(trained, tmp_path, "from_files")
+    in_process = _copy(finished, tmp_path, "in_process")
+    from_files = _copy(finished, tmp_path, "from_files")
     with _config(_eval_bindings(cache)) as (cfg, dataset):
         pass
     # No gin from here on: a work directory and plain settings.
@@ -136,9 +136,9 @@ def test_file_scores_equal_in_process_scores(trained, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sampling_resumes_and_remakes_only_missing_or_damaged_chunks(trained, tmp_path,
-                                                                     capsys):
-    workdir = _copy(trained, tmp_path, "resume")
+def test_sampling_resumes_and_remakes_only_missing_or_damaged_chunks(finished, tmp_path,
+                                                                      capsys):
+    workdir = _copy(finished, tmp_path, "resume")
     with _config(_eval_bindings(tmp_path / "cache") + ["evaluate.ddim_steps=()"]) as (
             cfg, _):
         wd = WorkDir(workdir)
@@ -172,8 +172,8 @@ def test_sampling_resumes_and_remakes_only_missing_or_damaged_chunks(trained, tm
 
 
 @pytest.mark.slow
-def test_sampling_runs_on_jax_without_tensorflow(trained, tmp_path):
-    workdir = _copy(trained, tmp_path, "jax")
+def test_sampling_runs_on_jax_without_tensorflow(finished, tmp_path):
+    workdir = _copy(finished, tmp_path, "jax")
     out_dir = str(tmp_path / "jax_samples")
     script = textwrap.dedent(f"""
         import sys
