@@ -16,6 +16,10 @@ file's `distill` settings; `updates` is per stage, the 2- and 1-step stages get 
     d0   a teacher trained with dropout 0.1; students without dropout (the paper), at
          a's updates (the arm has its own teacher to train, so it gets a's cheaper ladder)
     d1   the same teacher; students keep its dropout 0.1, at a's updates
+    u400 ... u3200, lr2_u400, lr4_u400, lr2_u800, lr4_u800, t1_u400: the pre-registered
+         update / learning-rate arms, ladder 64 -> 4
+         (results/fashion_mnist_cpu_updates_plan.md; t1_u400 distils a second teacher,
+         trained with seed 1)
 
 Pieces, each a `bin/run.py` call on the JAX backend (nothing here imports TensorFlow):
 the teachers (in parallel), then per arm `--mode=distill`, `--mode=sample` and, once the
@@ -61,6 +65,7 @@ BUDGET_EXIT = 143
 TEACHERS = {
     "plain": [],
     "dropout": ["UNet.dropout=0.1"],
+    "seed1": ["diffusion.seed=1", "dataset.seed=1"],
 }
 
 
@@ -81,6 +86,23 @@ ARMS = {
     "d1": ("dropout", _updates(400) + ["distill.student_dropout=0.1"],
            "teacher with dropout 0.1, students with 0.1, 400 (800)"),
 }
+
+
+def _ladder_to_4(per_stage: int, learning_rate: float = 5e-4) -> list:
+    return ["distill.min_steps=4", "distill.updates_overrides={}",
+            f"distill.updates_per_stage={per_stage}", f"distill.learning_rate={learning_rate}"]
+
+
+# The pre-registered update / learning-rate arms (results/fashion_mnist_cpu_updates_plan.md):
+# ladder 64 -> 4, every stage the same updates, the rate decayed linearly to 0.
+UPDATE_ARMS = {"u400": (400, 5e-4), "u800": (800, 5e-4), "u1600": (1600, 5e-4),
+               "u3200": (3200, 5e-4), "lr2_u400": (400, 1e-3), "lr4_u400": (400, 2e-3),
+               "lr2_u800": (800, 1e-3), "lr4_u800": (800, 2e-3)}
+ARMS.update({name: ("plain", _ladder_to_4(updates, rate),
+                    f"{updates} updates a stage at {rate:g}, linear to 0, 64 -> 4")
+             for name, (updates, rate) in UPDATE_ARMS.items()})
+ARMS["t1_u400"] = ("seed1", _ladder_to_4(400),
+                   "second teacher (seed 1): 400 updates at 5e-4, linear to 0, 64 -> 4")
 # What an arm's work directory takes from its teacher's.
 TEACHER_FILES = ("config.json", "operative_config.gin", "teacher")
 RESUME_LINE = re.compile(r"^\[stage\] (\S+): resuming at step (\d+)/")
