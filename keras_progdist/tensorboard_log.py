@@ -37,9 +37,10 @@ def write_image(logdir: str, tag: str, png_path: str, step: int) -> bool:
 
 
 def write_eval_scores(logdir: str, results: list) -> bool:
-    """Logs each evaluated model's FID and KID as scalars `<kind>/<metric>` at its step
-    count (teacher, undistilled `ddim`, `distilled`), so the curves read like the
-    report's plot.
+    """Logs each evaluated model's FID and KID (and their standard errors, and its
+    comparison with the teacher: `<metric>_delta`, `_ratio`, `_ddim_gap_share`) as
+    scalars `<kind>/<name>` at its step count (teacher, undistilled `ddim`,
+    `distilled`), so the curves read like the report's plot.
 
     Returns:
         Whether anything was written.
@@ -51,10 +52,13 @@ def write_eval_scores(logdir: str, results: list) -> bool:
     writer = tf.summary.create_file_writer(logdir)
     with writer.as_default():
         for result in results:
-            for metric in ("fid", "kid"):
-                value = result.get(metric)
+            values = {m: result.get(m) for m in ("fid", "kid", "fid_se", "kid_se")}
+            compared = result.get("vs_teacher") or {}
+            for name in ("delta", "ratio", "ddim_gap_share"):
+                values[f"{compared.get('metric')}_{name}"] = compared.get(name)
+            for name, value in values.items():
                 if value is not None:
-                    tf.summary.scalar(f"{result['kind']}/{metric}", float(value),
+                    tf.summary.scalar(f"{result['kind']}/{name}", float(value),
                                       step=int(result["num_steps"]))
     writer.close()
     return True

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from keras_progdist import data, evaluation, images, pipeline
-from keras_progdist.evaluation import metrics, report, samples
+from keras_progdist.evaluation import bootstrap, metrics, report, samples
 from keras_progdist.workdir import WorkDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +103,7 @@ def test_scores_are_kid_of_these_samples_against_these_images(tmp_path, fake_fid
     wd = WorkDir(str(tmp_path / "work"))
     cfg = _settings(tmp_path)
     result = report.evaluate_workdir(wd, cfg, DATASET, verbose=0)
+    pixels = {}
 
     real, _ = data.load_images("mnist_embedded", image_size=8, limit=20)
     real_features = _features(real)
@@ -120,7 +121,31 @@ def test_scores_are_kid_of_these_samples_against_these_images(tmp_path, fake_fid
         assert r["fid"] == pytest.approx(want["fid"], rel=1e-6)
         assert r["num_real"] == 20 and r["num_fake"] == 8
         assert r["source"] == "in-process"
+        # Standard errors: the paired bootstrap of these very features.
+        counts = bootstrap.replicate_counts(8, cfg["bootstrap"], cfg["seed"])
+        fid_reps = bootstrap.fid_replicates(real_features, _features(fake), counts)
+        assert r["bootstrap"]["fid"] == pytest.approx(list(fid_reps), rel=1e-6)
+        assert r["fid_se"] == pytest.approx(bootstrap.standard_error(fid_reps), rel=1e-6)
+        assert r["fid_se"] > 0 and r["kid_se"] > 0
+        pixels[r["kind"]] = images.to_uint8(fake).astype(np.float64) / 127.5
     assert result["results"][0]["kid"] != result["results"][1]["kid"]
+    # The student's comparison with the teacher and with DDIM at its step count.
+    ddim, teacher, student = result["results"]
+    compared = student["vs_teacher"]
+    assert compared["metric"] == "fid"
+    assert compared["delta"] == pytest.approx(student["fid"] - teacher["fid"])
+    assert compared["ratio"] == pytest.approx(student["fid"] / teacher["fid"])
+    assert compared["ddim_gap_share"] == pytest.approx(
+        1 - (student["fid"] - teacher["fid"]) / (ddim["fid"] - teacher["fid"]))
+    reps = {k: np.array(r["bootstrap"]["fid"]) for k, r in
+            (("s", student), ("t", teacher), ("d", ddim))}
+    assert compared["delta_se"] == pytest.approx(np.std(reps["s"] - reps["t"], ddof=1))
+    assert compared["ddim_gap_share_se"] == pytest.approx(np.std(
+        1 - (reps["s"] - reps["t"]) / (reps["d"] - reps["t"]), ddof=1))
+    assert compared["rmse_to_teacher"] == pytest.approx(
+        np.sqrt(np.mean((pixels["distilled"] - pixels["teacher"]) ** 2)))
+    assert compared["rmse_to_2n_teacher"] == compared["rmse_to_teacher"]  # 2 -> 1 steps
+    assert ddim["vs_teacher"]["rmse_to_teacher"] > 0
 
     # metrics.json: the run as recorded in the work directory and the settings given.
     with open(wd.path("eval", "metrics.json")) as f:
@@ -158,7 +183,7 @@ def test_saved_scores_are_reused_until_the_weights_or_settings_change(tmp_path,
     second = report.evaluate_workdir(wd, cfg, DATASET, verbose=0)
     changed = {f for f, t in before.items()
                if os.path.getmtime(wd.path("eval", "runs", f)) != t}
-    assert changed == {"distilled_00001.json"}
+    assert changed == {"distilled_00001.json", "distilled_00001.npz"}  # score, probe
     assert second["results"][:2] == first["results"][:2]
     assert second["results"][2]["kid"] != first["results"][2]["kid"]
     # Another dataset setting (a data folder) may mean other real images, so it
@@ -178,8 +203,8 @@ def test_a_passed_deadline_starts_no_new_model_and_keeps_the_scores(tmp_path, fa
     with pytest.raises(report.EvaluationInterrupted,
                        match="time budget spent after 2 of 3 models"):
         report.evaluate_workdir(wd, cfg, DATASET, verbose=0, deadline=time.time() - 1)
-    assert sorted(os.listdir(wd.path("eval", "runs"))) == ["ddim_00001.json",
-                                                           "teacher_00002.json"]
+    scores = sorted(f for f in os.listdir(wd.path("eval", "runs")) if f.endswith(".json"))
+    assert scores == ["ddim_00001.json", "teacher_00002.json"]
     samples.write_workdir_samples(wd, cfg, verbose=0)
     with pytest.raises(report.EvaluationInterrupted, match="after 0 of 3 models"):
         report.score_sample_dir(wd.path("eval", "samples"), cfg, DATASET,

@@ -28,13 +28,13 @@ import numpy as np
 
 from keras_progdist import data, fileio, images
 from keras_progdist.distribute import describe_device
-from keras_progdist.evaluation import metrics
+from keras_progdist.evaluation import comparisons, metrics
 from keras_progdist.evaluation import samples as sample_files
 from keras_progdist.workdir import WorkDir, WorkDirError
 
 # What the evaluation settings hold (`training.config.evaluate()` makes and checks them).
 SETTINGS_KEYS = ("num_samples", "num_reference", "ddim_steps", "teacher_steps",
-                 "batch_size", "split", "seed", "cache_dir", "max_file_mb")
+                 "batch_size", "split", "seed", "cache_dir", "max_file_mb", "bootstrap")
 
 
 class EvaluationError(ValueError):
@@ -248,7 +248,8 @@ def cached_result(path: str, key: dict):
 
 def _score_protocol(cfg: dict, dataset: dict) -> dict:
     # What a score depends on besides the weights (and the sample files, when used).
-    protocol = {k: cfg[k] for k in ("num_samples", "num_reference", "split", "seed")}
+    protocol = {k: cfg[k] for k in ("num_samples", "num_reference", "split", "seed",
+                                    "bootstrap")}
     protocol["noise_batch_size"] = cfg["batch_size"]
     protocol["dataset"] = _dataset_key(dataset)[1]
     protocol["reference"] = _digest(reference_key(cfg, dataset))
@@ -295,8 +296,11 @@ def _score(fid_model, real, kind, steps, cfg, out_dir, source, sample_dir=None,
     else:
         grid = source[:64]
     images.save_grid(grid, os.path.join(out_dir, f"{kind}_{steps:05d}steps.png"))
+    _save_probe(out_dir, kind, steps, source, sample_dir)
     features = fake_features(fid_model, source, cfg, sample_dir)
     scores = metrics.fid_and_kid(real, features)
+    scores.update(comparisons.bootstrap_scores(real, features, cfg["bootstrap"], cfg["seed"],
+                                               with_fid=scores["fid"] is not None))
     result = {"kind": kind, "num_steps": steps, **_jsonable(scores),
               "sample_seconds": sample_seconds,
               "eval_seconds": time.time() - start + (sample_seconds or 0.0),
@@ -307,6 +311,33 @@ def _score(fid_model, real, kind, steps, cfg, out_dir, source, sample_dir=None,
     else:
         result["source"] = "in-process"
     return result
+
+
+def probe_path(out_dir: str, kind: str, num_steps: int) -> str:
+    """Where a model's first `comparisons.PROBE_SAMPLES` samples (uint8) are kept."""
+    return os.path.join(out_dir, "runs", f"{sample_files.model_name(kind, num_steps)}.npz")
+
+
+def _save_probe(out_dir: str, kind: str, steps: int, source, sample_dir) -> None:
+    # The comparisons' RMSEs need samples of two models at once, and a resumed
+    # evaluation holds only one model's: keep the first few of each.
+    count = comparisons.PROBE_SAMPLES
+    if isinstance(source, dict):
+        pixels = sample_files.load_samples(source, sample_dir, count)
+    else:
+        pixels = images.to_uint8(source[:count])
+    fileio.atomic_write(probe_path(out_dir, kind, steps),
+                        lambda f: np.savez(f, pixels=pixels))
+
+
+def _load_probes(out_dir: str, results: list) -> dict:
+    probes = {}
+    for r in results:
+        path = probe_path(out_dir, r["kind"], r["num_steps"])
+        if os.path.exists(path):
+            with np.load(path, allow_pickle=False) as npz:
+                probes[(r["kind"], r["num_steps"])] = npz["pixels"]
+    return probes
 
 
 def _show(result: dict, how: str, progress, verbose: int) -> None:
@@ -320,7 +351,8 @@ def _show(result: dict, how: str, progress, verbose: int) -> None:
 def _line(result: dict, how: str) -> str:
     fid = "" if result.get("fid") is None else f"FID {result['fid']:.2f}, "
     return (f"[eval] {result['kind']} {result['num_steps']} steps: {fid}KID×1e3 "
-            f"{1e3 * result['kid']:.2f} ± {1e3 * (result.get('kid_std_err') or 0):.2f} "
+            f"{1e3 * result['kid']:.2f} ± "
+            f"{1e3 * (result.get('kid_se') or result.get('kid_std_err') or 0):.2f} "
             f"({how})")
 
 
@@ -423,6 +455,13 @@ def _fid_and_reference(state: dict, cfg: dict, dataset: dict, verbose: int):
 
 
 def _write_report(report: dict, out_dir: str, verbose: int) -> dict:
+    report["comparisons"] = comparisons.compare(report["results"],
+                                                _load_probes(out_dir, report["results"]))
+    for entry in report["comparisons"]:
+        # Each model's line in TensorBoard and the JSON carries its comparison too.
+        for r in report["results"]:
+            if (r["kind"], r["num_steps"]) == (entry["kind"], entry["num_steps"]):
+                r["vs_teacher"] = entry
     name = plot_filename(report["results"])
     for stale in {"fid_vs_steps.png", "kid_vs_steps.png"} - {name}:
         # A plot under the other metric's name would be from an older run.
@@ -530,18 +569,23 @@ def _fmt(value, digits=2):
 
 
 def markdown(report: dict) -> str:
-    """The results as a Markdown table (FID, KID x 1e3 with its standard error)."""
+    """The report in Markdown: distilled against DDIM at every N first (what
+    distillation buys), then every model's FID and KID with standard errors."""
     lines = [
         f"# Evaluation of `{report['workdir']}`", "",
         f"{report['num_samples']} samples per model against {report['num_reference']} real "
         f"images ({report['dataset']}); backend {report['backend']}, device "
         f"{report['device']}. DDIM, clipped x_hat, same noise for every model.", "",
-        "| model | steps | FID | KID ×1e3 | ± s.e. |", "|---|---:|---:|---:|---:|",
     ]
+    lines += comparisons.markdown(report["results"], report.get("comparisons") or [])
+    lines += ["## Every model", "",
+              "| model | steps | FID | ± s.e. | KID ×1e3 | ± s.e. |",
+              "|---|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
-        kid_se = None if r.get("kid_std_err") is None else 1e3 * r["kid_std_err"]
+        kid_se = r.get("kid_se", r.get("kid_std_err"))
         lines.append(f"| {r['kind']} | {r['num_steps']} | {_fmt(r['fid'])} | "
-                     f"{_fmt(1e3 * r['kid'])} | {_fmt(kid_se)} |")
+                     f"{_fmt(r.get('fid_se'))} | {_fmt(1e3 * r['kid'])} | "
+                     f"{_fmt(None if kid_se is None else 1e3 * kid_se)} |")
     notes = {r["fid_note"] for r in report["results"] if r.get("fid_note")}
     lines += [""] + [f"Note: {n}" for n in sorted(notes)]
     return "\n".join(lines) + "\n"
