@@ -1,0 +1,225 @@
+"""The pre-registered update / learning-rate experiment: its table and its verdict.
+
+    python benchmarks/updates_table.py RUNDIR [RUNDIR ...] [--out=benchmarks/results]
+
+Reads each RUNDIR's `results.json` (written by `benchmarks/distill_arms.py`; every arm's
+`eval/metrics.json` carries the paired-bootstrap replicates of its models) and writes
+`fashion_mnist_cpu_updates.json` and `.md`: for every arm and N ∈ {32, 16, 8, 4}, FID ±
+SE, KID ± SE, ΔFID ± SE, FID ratio ± SE, the share of undistilled DDIM's gap removed ±
+SE, RMSE to the 2N-step teacher and to the teacher, updates, summed learning rate and
+seconds; the teachers' FID ± SE; and the verdict of the rule fixed in
+`results/fashion_mnist_cpu_updates_plan.md` (committed before the runs), computed by
+`verdict` below. Arms not run yet are listed as pending; the verdict waits for them.
+
+Every arm of one teacher scores the same teacher weights from the same noise with the
+same bootstrap replicates, so the replicates of two arms' ratios are paired and a
+difference of ratios (d1, d2 of the rule) gets its standard error from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLAN = "benchmarks/results/fashion_mnist_cpu_updates_plan.md"
+RULE_ARMS = {800: "u800", 1600: "u1600", 3200: "u3200"}
+STEPS = (32, 16, 8, 4)
+PAPER_RATIO = 1.20
+SUPPORT_BELOW = 1.25
+DOUBLINGS_TO_50K = 4  # 3,200 * 2**4 = 51,200 updates
+
+
+def _ratio_replicates(metrics: dict, num_steps: int):
+    """(ratio, replicates of the ratio) of the N-step student to the teacher, or None."""
+    results = metrics.get("results", [])
+    teacher = max((r for r in results if r["kind"] == "teacher"),
+                  key=lambda r: r["num_steps"], default=None)
+    student = next((r for r in results if r["kind"] == "distilled"
+                    and r["num_steps"] == num_steps), None)
+    if teacher is None or student is None or student.get("fid") is None:
+        return None
+    boot_s = (student.get("bootstrap") or {}).get("fid")
+    boot_t = (teacher.get("bootstrap") or {}).get("fid")
+    reps = None if boot_s is None or boot_t is None else \
+        np.asarray(boot_s) / np.asarray(boot_t)
+    return student["fid"] / teacher["fid"], reps
+
+
+def _se(reps) -> float | None:
+    return None if reps is None or len(reps) < 2 else float(np.std(reps, ddof=1))
+
+
+def verdict(ratios: dict) -> dict:
+    """The pre-registered rule on R(U), the 4-step ratio at U updates a stage.
+
+    Args:
+        ratios: {800: (R, replicates), 1600: ..., 3200: ...}; replicates paired across
+            the arms (None where not computed), missing arms absent.
+
+    Returns:
+        dict with `verdict` ("supported", "refuted", "undecided" or "pending"), the
+        quantities it used (`d1`, `d2`, `d2_se`, `q`, `projection_51200`, `limit`)
+        and `why`.
+    """
+    missing = [u for u in RULE_ARMS if u not in ratios]
+    if missing:
+        return {"verdict": "pending", "why": f"arms not finished: "
+                f"{[RULE_ARMS[u] for u in missing]}"}
+    r800, r1600, r3200 = (ratios[u][0] for u in (800, 1600, 3200))
+    d1, d2 = r800 - r1600, r1600 - r3200
+    reps = [ratios[u][1] for u in (800, 1600, 3200)]
+    d2_se = None if any(r is None for r in reps) else _se(reps[1] - reps[2])
+    q = d2 / d1 if d1 else float("inf")
+    projection = r3200 - d2 * sum(q ** k for k in range(1, DOUBLINGS_TO_50K + 1))
+    limit = r3200 - d2 * q / (1 - q) if 0 < q < 1 else None
+    out = {"R": {str(u): ratios[u][0] for u in RULE_ARMS}, "d1": d1, "d2": d2,
+           "d2_se": d2_se, "q": q, "projection_51200": projection, "limit": limit}
+    if r3200 <= SUPPORT_BELOW or projection <= PAPER_RATIO:
+        why = (f"R(3200) = {r3200:.3f} <= {SUPPORT_BELOW}" if r3200 <= SUPPORT_BELOW else
+               f"the projection to 51,200 updates is {projection:.3f} <= {PAPER_RATIO}")
+        return {**out, "verdict": "supported", "why": why}
+    if d2_se is not None and d2 < 2 * d2_se:
+        return {**out, "verdict": "refuted",
+                "why": f"d2 = {d2:.3f} < 2 SE = {2 * d2_se:.3f}: doubling no longer helps"}
+    if limit is not None and limit > SUPPORT_BELOW:
+        return {**out, "verdict": "refuted",
+                "why": f"the geometric limit {limit:.3f} > {SUPPORT_BELOW}"}
+    return {**out, "verdict": "undecided", "why": "neither condition is met"}
+
+
+def lr_lever(ratios_by_arm: dict) -> dict:
+    """The plan's learning-rate reading: 'cheaper lever', 'not a lever', or pending."""
+    out = {}
+    pairs = {"cheaper lever": ("lr4_u800", "u3200"), "not a lever": ("lr4_u400", "u400")}
+    for name, (a, b) in pairs.items():
+        if a not in ratios_by_arm or b not in ratios_by_arm:
+            out[name] = "pending"
+            continue
+        (ra, reps_a), (rb, reps_b) = ratios_by_arm[a], ratios_by_arm[b]
+        se = None if reps_a is None or reps_b is None else _se(reps_a - reps_b)
+        if se is None:
+            out[name] = "no standard error"
+        elif name == "cheaper lever":
+            out[name] = bool(ra <= rb + 2 * se)
+        else:
+            out[name] = bool(ra >= rb - 2 * se)
+    return out
+
+
+def _summed_rate(bindings: list, updates: int) -> float | None:
+    rate = next((float(b.split("=")[1]) for b in bindings
+                 if b.startswith("distill.learning_rate=")), None)
+    return None if rate is None else rate * updates / 2  # linear decay to 0
+
+
+def arm_rows(name: str, arm: dict) -> list:
+    """One row per scored student of the arm."""
+    metrics = arm.get("metrics") or {}
+    by_steps = {r["num_steps"]: r for r in metrics.get("results", [])
+                if r["kind"] == "distilled"}
+    stages = {s.get("num_steps"): s for s in arm.get("stages", [])}
+    rows = []
+    for n in STEPS:
+        r = by_steps.get(n)
+        if r is None:
+            continue
+        c = r.get("vs_teacher") or {}
+        stage = stages.get(n, {})
+        rows.append({"arm": name, "num_steps": n, "fid": r.get("fid"),
+                     "fid_se": r.get("fid_se"), "kid": r.get("kid"),
+                     "kid_se": r.get("kid_se"), "delta_fid": c.get("delta"),
+                     "delta_fid_se": c.get("delta_se"), "ratio": c.get("ratio"),
+                     "ratio_se": c.get("ratio_se"),
+                     "ddim_gap_share": c.get("ddim_gap_share"),
+                     "ddim_gap_share_se": c.get("ddim_gap_share_se"),
+                     "rmse_to_2n_teacher": c.get("rmse_to_2n_teacher"),
+                     "rmse_to_teacher": c.get("rmse_to_teacher"),
+                     "updates": stage.get("updates"),
+                     "summed_learning_rate": _summed_rate(arm.get("bindings", []),
+                                                          stage.get("updates") or 0),
+                     "seconds": stage.get("seconds")})
+    return rows
+
+
+def _f(value, se=None, digits=2):
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}")
+
+
+def build(results_files: list) -> dict:
+    arms, teachers = {}, {}
+    for path in results_files:
+        with open(path) as f:
+            results = json.load(f)
+        arms.update(results.get("arms", {}))
+        for name, arm in results.get("arms", {}).items():
+            metrics = arm.get("metrics") or {}
+            for r in metrics.get("results", []):
+                if r["kind"] == "teacher":
+                    teachers[arm["teacher"]] = {"num_steps": r["num_steps"],
+                                                "fid": r.get("fid"),
+                                                "fid_se": r.get("fid_se"),
+                                                "kid": r.get("kid"),
+                                                "kid_se": r.get("kid_se")}
+    rows = [row for name in sorted(arms) for row in arm_rows(name, arms[name])]
+    ratios = {}
+    for name, arm in arms.items():
+        got = _ratio_replicates(arm.get("metrics") or {}, 4)
+        if got is not None:
+            ratios[name] = got
+    rule = verdict({u: ratios[a] for u, a in RULE_ARMS.items() if a in ratios})
+    return {"plan": PLAN, "teachers": teachers, "rows": rows, "rule": rule,
+            "learning_rate": lr_lever(ratios),
+            "four_step_ratio": {a: {"ratio": r, "se": _se(reps)}
+                                for a, (r, reps) in sorted(ratios.items())}}
+
+
+def markdown(table: dict) -> str:
+    lines = ["# Update / learning-rate arms on `fashion_mnist_cpu.gin` (pre-registered)", "",
+             f"Plan and rule: `{table['plan']}` (committed before these runs). ± is one "
+             "standard error, paired bootstrap over the generated samples.", ""]
+    for kind, t in sorted(table["teachers"].items()):
+        lines.append(f"Teacher `{kind}` ({t['num_steps']} steps): FID {_f(t['fid'], t['fid_se'])}, "
+                     f"KID×1e3 {_f(t['kid'] and 1e3 * t['kid'], t['kid_se'] and 1e3 * t['kid_se'])}.")
+    lines += ["", "| arm | N | FID | KID ×1e3 | ΔFID | ratio | share of DDIM's gap removed "
+              "| RMSE to 2N | RMSE to teacher | updates | summed LR | seconds |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in table["rows"]:
+        kid = None if r["kid"] is None else 1e3 * r["kid"]
+        kid_se = None if r["kid_se"] is None else 1e3 * r["kid_se"]
+        lines.append(
+            f"| {r['arm']} | {r['num_steps']} | {_f(r['fid'], r['fid_se'])} | {_f(kid, kid_se)} "
+            f"| {_f(r['delta_fid'], r['delta_fid_se'])} | {_f(r['ratio'], r['ratio_se'], 3)} "
+            f"| {_f(r['ddim_gap_share'], r['ddim_gap_share_se'], 3)} "
+            f"| {_f(r['rmse_to_2n_teacher'], digits=4)} | {_f(r['rmse_to_teacher'], digits=4)} "
+            f"| {r['updates'] or '—'} | {_f(r['summed_learning_rate'])} "
+            f"| {_f(r['seconds'], digits=0)} |")
+    rule = table["rule"]
+    lines += ["", f"**Verdict of the pre-registered rule: {rule['verdict']}** ({rule['why']}).",
+              "", f"Learning-rate lever: {json.dumps(table['learning_rate'])}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rundirs", nargs="+")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args(argv)
+    table = build([os.path.join(d, "results.json") for d in args.rundirs])
+    base = os.path.join(args.out, "fashion_mnist_cpu_updates")
+    with open(base + ".json", "w") as f:
+        json.dump(table, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(table))
+    print(markdown(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

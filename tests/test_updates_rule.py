@@ -1,0 +1,65 @@
+"""The pre-registered verdict rule of the update arms (`benchmarks/updates_table.py`),
+on ratios whose verdict can be worked out by hand."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import updates_table  # noqa: E402
+
+
+def _ratios(r800, r1600, r3200, noise=0.001, seed=0):
+    # Paired replicates: a common draw per replicate plus a little of each arm's own.
+    rng = np.random.default_rng(seed)
+    common = rng.normal(0, 0.02, 200)
+    return {u: (r, r + common + rng.normal(0, noise, 200))
+            for u, r in ((800, r800), (1600, r1600), (3200, r3200))}
+
+
+def test_a_ratio_at_3200_under_1_25_supports():
+    out = updates_table.verdict(_ratios(1.40, 1.30, 1.24))
+    assert out["verdict"] == "supported" and "R(3200)" in out["why"]
+
+
+def test_gains_that_keep_their_size_project_to_the_paper_by_50k():
+    # Gains that keep their size (d1 = d2 = 0.03, q = 1): four more doublings reach
+    # 1.38 - 4 * 0.03 = 1.26 > 1.20, and d2 is far above its error: undecided.
+    assert updates_table.verdict(_ratios(1.44, 1.41, 1.38))["verdict"] == "undecided"
+    # Growing gains (q = 2): 1.30 - 0.04 * (2 + 4 + 8 + 16) < 1.20.
+    out = updates_table.verdict(_ratios(1.36, 1.34, 1.30))
+    assert out["verdict"] == "supported"
+    assert out["projection_51200"] == pytest.approx(1.30 - 0.04 * 30)
+
+
+def test_a_gain_within_noise_refutes():
+    out = updates_table.verdict(_ratios(1.45, 1.40, 1.399, noise=0.01))
+    assert out["verdict"] == "refuted" and "d2" in out["why"]
+    assert out["d2_se"] == pytest.approx(0.01 * np.sqrt(2), rel=0.2)
+
+
+def test_shrinking_gains_with_a_limit_above_1_25_refute():
+    # d1 = 0.10, d2 = 0.05 (q = 0.5): limit 1.35 - 0.05 = 1.30 > 1.25.
+    out = updates_table.verdict(_ratios(1.50, 1.40, 1.35))
+    assert out["limit"] == pytest.approx(1.30)
+    assert out["verdict"] == "refuted" and "limit" in out["why"]
+
+
+def test_missing_arms_leave_the_verdict_pending():
+    ratios = _ratios(1.5, 1.4, 1.3)
+    del ratios[3200]
+    assert updates_table.verdict(ratios) == {"verdict": "pending",
+                                             "why": "arms not finished: ['u3200']"}
+
+
+def test_learning_rate_lever_reading():
+    reps = np.random.default_rng(1).normal(0, 0.01, 100)
+    arms = {"lr4_u800": (1.30, 1.30 + reps), "u3200": (1.31, 1.31 + reps),
+            "lr4_u400": (1.45, 1.45 + reps), "u400": (1.45, 1.45 + reps * 1.01)}
+    assert updates_table.lr_lever(arms) == {"cheaper lever": True, "not a lever": True}
+    arms["lr4_u400"] = (1.35, 1.35 + reps)
+    assert updates_table.lr_lever(arms)["not a lever"] is False
+    assert updates_table.lr_lever({})["cheaper lever"] == "pending"
