@@ -127,7 +127,7 @@ def test_scores_are_kid_of_these_samples_against_these_images(tmp_path, fake_fid
         assert r["bootstrap"]["fid"] == pytest.approx(list(fid_reps), rel=1e-6)
         assert r["fid_se"] == pytest.approx(bootstrap.standard_error(fid_reps), rel=1e-6)
         assert r["fid_se"] > 0 and r["kid_se"] > 0
-        pixels[r["kind"]] = images.to_uint8(fake).astype(np.float64) / 127.5
+        pixels[r["kind"]] = images.to_uint8(fake)
     assert result["results"][0]["kid"] != result["results"][1]["kid"]
     # The student's comparison with the teacher and with DDIM at its step count.
     ddim, teacher, student = result["results"]
@@ -142,10 +142,17 @@ def test_scores_are_kid_of_these_samples_against_these_images(tmp_path, fake_fid
     assert compared["delta_se"] == pytest.approx(np.std(reps["s"] - reps["t"], ddof=1))
     assert compared["ddim_gap_share_se"] == pytest.approx(np.std(
         1 - (reps["s"] - reps["t"]) / (reps["d"] - reps["t"]), ddof=1))
-    assert compared["rmse_to_teacher"] == pytest.approx(
-        np.sqrt(np.mean((pixels["distilled"] - pixels["teacher"]) ** 2)))
+    diff = (pixels["distilled"].astype(np.float64) - pixels["teacher"]) / 127.5
+    assert compared["rmse_to_teacher"] == pytest.approx(np.sqrt(np.mean(diff ** 2)))
     assert compared["rmse_to_2n_teacher"] == compared["rmse_to_teacher"]  # 2 -> 1 steps
     assert ddim["vs_teacher"]["rmse_to_teacher"] > 0
+    # The side-by-side grid: teacher, then distilled and DDIM at 1 step, same noise.
+    from PIL import Image
+
+    with Image.open(wd.path("eval", report.SIDE_BY_SIDE)) as grid:
+        np.testing.assert_array_equal(np.asarray(grid), images.grid(np.concatenate(
+            [pixels["teacher"], pixels["distilled"], pixels["ddim"]]), columns=8))
+    assert "teacher (2 steps), then distilled 1, DDIM 1" in result["side_by_side"]
 
     # metrics.json: the run as recorded in the work directory and the settings given.
     with open(wd.path("eval", "metrics.json")) as f:

@@ -454,9 +454,31 @@ def _fid_and_reference(state: dict, cfg: dict, dataset: dict, verbose: int):
     return state["fid_model"], state["real"]
 
 
+SIDE_BY_SIDE = "distilled_vs_ddim.png"
+SIDE_BY_SIDE_COLUMNS = 8
+
+
+def _side_by_side(out_dir: str, results: list, probes: dict) -> str | None:
+    """One grid from the same noise: the teacher's first row, then for every N (most
+    steps first) a row of the distilled student and a row of undistilled DDIM."""
+    teacher = max((r["num_steps"] for r in results if r["kind"] == "teacher"), default=None)
+    steps = sorted({n for kind, n in probes if kind == "distilled"
+                    and ("ddim", n) in probes}, reverse=True)
+    if teacher is None or not steps or ("teacher", teacher) not in probes:
+        return None
+    rows = [probes[("teacher", teacher)]] + [probes[(kind, n)] for n in steps
+                                              for kind in ("distilled", "ddim")]
+    count = min(SIDE_BY_SIDE_COLUMNS, *(len(r) for r in rows))
+    path = os.path.join(out_dir, SIDE_BY_SIDE)
+    images.save_grid(np.concatenate([r[:count] for r in rows]), path, columns=count)
+    return f"{SIDE_BY_SIDE}: rows top to bottom: teacher ({teacher} steps), then " + \
+        ", ".join(f"distilled {n}, DDIM {n}" for n in steps) + " steps; same noise per column."
+
+
 def _write_report(report: dict, out_dir: str, verbose: int) -> dict:
-    report["comparisons"] = comparisons.compare(report["results"],
-                                                _load_probes(out_dir, report["results"]))
+    probes = _load_probes(out_dir, report["results"])
+    report["comparisons"] = comparisons.compare(report["results"], probes)
+    report["side_by_side"] = _side_by_side(out_dir, report["results"], probes)
     for entry in report["comparisons"]:
         # Each model's line in TensorBoard and the JSON carries its comparison too.
         for r in report["results"]:
@@ -578,6 +600,8 @@ def markdown(report: dict) -> str:
         f"{report['device']}. DDIM, clipped x_hat, same noise for every model.", "",
     ]
     lines += comparisons.markdown(report["results"], report.get("comparisons") or [])
+    if report.get("side_by_side"):
+        lines += [f"Grid `{report['side_by_side']}`", ""]
     lines += ["## Every model", "",
               "| model | steps | FID | ± s.e. | KID ×1e3 | ± s.e. |",
               "|---|---:|---:|---:|---:|---:|"]
