@@ -61,6 +61,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET_EXIT = 143
+TMP_MARK = ".tmp-"  # fileio's temporary-file mark: a half-written file is not copied
 
 TEACHERS = {
     "plain": [],
@@ -89,8 +90,11 @@ ARMS = {
 
 
 def _ladder_to_4(per_stage: int, learning_rate: float = 5e-4) -> list:
+    # DDIM at every student's step count, for the share of DDIM's gap each removes (the
+    # teacher's DDIM scores are shared by the arms of one teacher: `share_teacher_scores`).
     return ["distill.min_steps=4", "distill.updates_overrides={}",
-            f"distill.updates_per_stage={per_stage}", f"distill.learning_rate={learning_rate}"]
+            f"distill.updates_per_stage={per_stage}", f"distill.learning_rate={learning_rate}",
+            "evaluate.ddim_steps=(4, 8, 16, 32)"]
 
 
 # The pre-registered update / learning-rate arms (results/fashion_mnist_cpu_updates_plan.md):
@@ -270,6 +274,28 @@ def seed_arm(args, arm: str) -> None:
     if os.path.exists(marker):
         os.remove(marker)
     shutil.copy2(os.path.join(source, "teacher", "final.json"), marker)
+
+
+def share_teacher_scores(args, arm: str) -> list:
+    """Copies the teacher's and its DDIM's saved scores from a sibling arm (same teacher
+    weights, same evaluation settings: the score keys match, so they are reused instead
+    of sampled and scored again). Returns the files copied."""
+    import glob
+
+    target = os.path.join(arm_dir(args, arm), "eval", "runs")
+    copied = []
+    for other in ARMS:
+        if other == arm or ARMS[other][0] != ARMS[arm][0]:
+            continue
+        source = os.path.join(arm_dir(args, other), "eval", "runs")
+        for path in sorted(glob.glob(os.path.join(source, "teacher_*"))
+                           + glob.glob(os.path.join(source, "ddim_*"))):
+            dst = os.path.join(target, os.path.basename(path))
+            if not os.path.exists(dst) and TMP_MARK not in os.path.basename(path):
+                os.makedirs(target, exist_ok=True)
+                shutil.copy2(path, dst)
+                copied.append(dst)
+    return copied
 
 
 def fid_cache_ready() -> bool:
@@ -486,6 +512,9 @@ def main(argv=None) -> int:
     while not fid_cache_ready() and time.time() - waited < args.wait_for_fid_s:
         time.sleep(2.0)
     if fid_cache_ready():
+        for arm in ready:
+            if share_teacher_scores(args, arm):
+                _say(f"{arm}: the teacher's and DDIM's scores taken from a sibling arm")
         pieces.run([(f"{a}_eval", _command(args, arm_dir(args, a), "eval", arm_bindings(a),
                                            None), True) for a in ready])
     else:

@@ -34,3 +34,26 @@ def test_results_keep_the_arms_of_earlier_calls(tmp_path):
                                                                      [400, 0.0002]]}
     assert results["arms"]["b2"]["stages"] == []
     assert list(results["teachers"]) == ["plain"]
+
+
+def test_arms_of_one_teacher_share_its_scores_and_no_others(tmp_path):
+    """The teacher's and DDIM's saved scores move to a sibling arm of the same teacher
+    (their keys match there, so they are not scored again); students' never do, nor
+    anything to an arm of another teacher, nor half-written files."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    rundir = tmp_path / "runs"
+    runs = rundir / "arm_u400" / "eval" / "runs"
+    runs.mkdir(parents=True)
+    for name in ("teacher_00064.json", "teacher_00064.npz", "ddim_00004.json",
+                 "distilled_00004.json", "ddim_00008.json.tmp-12-ab"):
+        (runs / name).write_text(name)
+    args = arms.parse_args([str(rundir), "--arms=u800,t1_u400", f"--data_dir={data}"])
+    copied = arms.share_teacher_scores(args, "u800")
+    target = rundir / "arm_u800" / "eval" / "runs"
+    assert sorted(os.listdir(target)) == ["ddim_00004.json", "teacher_00064.json",
+                                          "teacher_00064.npz"]
+    assert len(copied) == 3 and (target / "ddim_00004.json").read_text() == "ddim_00004.json"
+    assert arms.share_teacher_scores(args, "u800") == []  # nothing twice
+    assert arms.share_teacher_scores(args, "t1_u400") == []  # another teacher
