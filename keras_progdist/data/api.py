@@ -139,11 +139,40 @@ def make_dataset(
 
     from keras_progdist.data import tf_pipeline
 
-    return tf_pipeline.tf_dataset(
-        spec, split, data_dir, manual_dir, folder, size, resize, batch_size=batch_size,
-        shuffle=shuffle, seed=seed, repeat=repeat, with_labels=with_labels,
-        random_flip=random_flip, input_context=input_context,
-        drop_remainder=drop_remainder)
+    def build():
+        return tf_pipeline.tf_dataset(
+            spec, split, data_dir, manual_dir, folder, size, resize,
+            batch_size=batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
+            with_labels=with_labels, random_flip=random_flip,
+            input_context=input_context, drop_remainder=drop_remainder)
+
+    return same_stream_each_iteration(build) if shuffle else build()
+
+
+def same_stream_each_iteration(build):
+    """A tf.data pipeline whose every iteration yields the same stream: `build()`'s.
+
+    A seeded `shuffle(..., reshuffle_each_iteration=True)` draws a new order for each
+    iterator made from the same dataset object (`skip` included), so the batches a
+    `fit` sees depended on how many iterators the process had made before: a stage
+    resumed in a new process, or a stage that followed others in one process, read
+    other batches than the same stage run alone. Building the pipeline inside
+    `flat_map` makes each iterator build it afresh, so batch `k` is a function of the
+    seed alone (the order within the stream still changes from epoch to epoch).
+
+    Args:
+        build: a function of no arguments returning the tf.data pipeline; its errors
+            (bad files, empty data) are raised here, when it is traced.
+
+    Returns:
+        A `tf.data.Dataset` with `build()`'s elements and element spec.
+    """
+    import tensorflow as tf
+
+    # No autograph: `build` is plain pipeline construction, and its errors must come
+    # out unchanged (autograph would rewrite their messages).
+    build = tf.autograph.experimental.do_not_convert(build)
+    return tf.data.Dataset.range(1).flat_map(lambda _: build())
 
 
 def batch_spec(dataset) -> tuple:

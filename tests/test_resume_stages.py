@@ -1,0 +1,95 @@
+"""Exact resume across stages: a run stopped by SIGTERM during each stage in turn (the
+teacher, then every student of the ladder), each time resumed by the same command, ends
+with every stage's `final` weights byte-identical (sha256) to an uninterrupted run's.
+
+Every stage must start from state that is a function of the work directory alone, not
+of which stages ran earlier in the same process (the tf.data shuffle order, the
+distiller's noise seed, Keras' global seed). A stop lands after the first update of the
+stage (chunks of one update), so each resumed stage also runs a partial epoch and then
+whole ones: two `fit` calls where the uninterrupted run made one.
+"""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from helpers.pipeline_runs import ROOT, SMALL, env, in_process
+
+# A 10-update teacher and the ladder 2 -> 1 at 10 updates a stage, checkpoints every 5:
+# the stop in student_00002 makes the next run train student_00001 after a resumed
+# stage, the stop in student_00001 makes a run start in the last stage.
+BINDINGS = ["teacher.train_steps=10", "teacher.checkpoint_every=5",
+            "distill.teacher_steps=4", "distill.updates_per_stage=10",
+            "distill.checkpoint_every=5"]
+PARAMS = SMALL + BINDINGS
+STAGES = ["teacher", "student_00002", "student_00001"]
+
+
+def _command(workdir, mode):
+    if keras.backend.backend() == "jax":
+        runner = os.path.join(ROOT, "tests", "helpers", "run_without_tensorflow.py")
+    else:
+        runner = os.path.join(ROOT, "bin", "run.py")
+    return [sys.executable, runner, "--gin_file=tiny.gin", f"--workdir={workdir}",
+            f"--mode={mode}", "--verbose=0", *[f"--gin_param={p}" for p in PARAMS]]
+
+
+def _run(workdir, mode, stop_at=None):
+    """Runs `mode`; with `stop_at`, sends SIGTERM once a stdout line starts with it and
+    expects exit 143, else expects exit 0. Returns the output."""
+    process = subprocess.Popen(_command(workdir, mode), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True,
+                               env={**env(), "KERAS_BACKEND": keras.backend.backend()})
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if stop_at is not None and line.startswith(stop_at):
+            process.send_signal(signal.SIGTERM)
+            break
+    output.extend(process.stdout)
+    code = process.wait(timeout=600)
+    text = "".join(output)
+    assert code == (143 if stop_at else 0), f"{mode} (stop at {stop_at!r}): exit {code}\n{text}"
+    return text
+
+
+def _final_sha256(workdir, stage):
+    """sha256 over the arrays of `stage`'s `final` checkpoint, in variable order."""
+    from keras_progdist import checkpoint
+
+    digest = hashlib.sha256()
+    with np.load(checkpoint.weights_path(os.path.join(workdir, stage), "final")) as arrays:
+        for key in sorted(arrays.files):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.slow
+def test_sigterm_during_every_stage_in_turn_resumes_to_the_uninterrupted_weights(tmp_path):
+    # Uninterrupted, and in one process: teacher and stages after one another.
+    reference = str(tmp_path / "uninterrupted")
+    in_process(reference, "train_teacher", BINDINGS)
+    in_process(reference, "distill", BINDINGS)
+
+    workdir = str(tmp_path / "stopped")
+    # The teacher: stopped at its first chunk, then resumed to the end.
+    _run(workdir, "train_teacher", stop_at="[stage] teacher: training")
+    _run(workdir, "train_teacher")
+    # Each student in turn: every run resumes the stage the previous one stopped in,
+    # finishes it, and is stopped in the next; the last run finishes the ladder.
+    for stage in STAGES[1:]:
+        stopped = _run(workdir, "distill", stop_at=f"[stage] {stage}: distilling")
+        assert f"[preempted] {stage}" in stopped, stopped
+    resumed = _run(workdir, "distill")
+    assert "[stage] student_00001: resuming at step" in resumed, resumed
+
+    ours = {stage: _final_sha256(workdir, stage) for stage in STAGES}
+    theirs = {stage: _final_sha256(reference, stage) for stage in STAGES}
+    assert ours == theirs
