@@ -1,6 +1,7 @@
 """Exact resume across stages: a run stopped by SIGTERM during each stage in turn (the
-teacher, then every student of the ladder), each time resumed by the same command, ends
-with every stage's `final` weights byte-identical (sha256) to an uninterrupted run's.
+teacher, then every student of the ladder) and killed between two stages, each time
+resumed by the same command, ends with every stage's `final` weights byte-identical
+(sha256) to those of an uninterrupted run in one process.
 
 Every stage must start from state that is a function of the work directory alone, not
 of which stages ran earlier in the same process (the tf.data shuffle order, the
@@ -19,11 +20,11 @@ import keras
 import numpy as np
 import pytest
 
+from keras_progdist import checkpoint
 from helpers.pipeline_runs import ROOT, SMALL, env, in_process
 
 # A 10-update teacher and the ladder 2 -> 1 at 10 updates a stage, checkpoints every 5:
-# the stop in student_00002 makes the next run train student_00001 after a resumed
-# stage, the stop in student_00001 makes a run start in the last stage.
+# the smallest ladder with a stage that follows another one.
 BINDINGS = ["teacher.train_steps=10", "teacher.checkpoint_every=5",
             "distill.teacher_steps=4", "distill.updates_per_stage=10",
             "distill.checkpoint_every=5"]
@@ -40,9 +41,10 @@ def _command(workdir, mode):
             f"--mode={mode}", "--verbose=0", *[f"--gin_param={p}" for p in PARAMS]]
 
 
-def _run(workdir, mode, stop_at=None):
-    """Runs `mode`; with `stop_at`, sends SIGTERM once a stdout line starts with it and
-    expects exit 143, else expects exit 0. Returns the output."""
+def _run(workdir, mode, stop_at=None, stop=signal.SIGTERM):
+    """Runs `mode`; with `stop_at`, sends `stop` once a stdout line starts with it and
+    expects exit 143 (SIGTERM) or -9 (SIGKILL), else expects exit 0. Returns the
+    output."""
     process = subprocess.Popen(_command(workdir, mode), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True,
                                env={**env(), "KERAS_BACKEND": keras.backend.backend()})
@@ -50,19 +52,18 @@ def _run(workdir, mode, stop_at=None):
     for line in process.stdout:
         output.append(line)
         if stop_at is not None and line.startswith(stop_at):
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(stop)
             break
     output.extend(process.stdout)
     code = process.wait(timeout=600)
     text = "".join(output)
-    assert code == (143 if stop_at else 0), f"{mode} (stop at {stop_at!r}): exit {code}\n{text}"
+    expected = 0 if stop_at is None else 143 if stop == signal.SIGTERM else -stop
+    assert code == expected, f"{mode} (stop at {stop_at!r}): exit {code}\n{text}"
     return text
 
 
 def _final_sha256(workdir, stage):
     """sha256 over the arrays of `stage`'s `final` checkpoint, in variable order."""
-    from keras_progdist import checkpoint
-
     digest = hashlib.sha256()
     with np.load(checkpoint.weights_path(os.path.join(workdir, stage), "final")) as arrays:
         for key in sorted(arrays.files):
@@ -82,11 +83,15 @@ def test_sigterm_during_every_stage_in_turn_resumes_to_the_uninterrupted_weights
     # The teacher: stopped at its first chunk, then resumed to the end.
     _run(workdir, "train_teacher", stop_at="[stage] teacher: training")
     _run(workdir, "train_teacher")
-    # Each student in turn: every run resumes the stage the previous one stopped in,
-    # finishes it, and is stopped in the next; the last run finishes the ladder.
-    for stage in STAGES[1:]:
-        stopped = _run(workdir, "distill", stop_at=f"[stage] {stage}: distilling")
-        assert f"[preempted] {stage}" in stopped, stopped
+    # student_00002: stopped by SIGTERM in its first chunk; then resumed and killed
+    # (SIGKILL) as soon as it is final, before student_00001 has a checkpoint, so the
+    # next run starts student_00001 from its beginning in a fresh process.
+    _run(workdir, "distill", stop_at="[stage] student_00002: distilling")
+    _run(workdir, "distill", stop_at="[stage] student_00002: 2 steps", stop=signal.SIGKILL)
+    assert not checkpoint.exists(os.path.join(workdir, "student_00001"), "ckpt")
+    # student_00001: stopped by SIGTERM in its first chunk, then resumed to the end.
+    stopped = _run(workdir, "distill", stop_at="[stage] student_00001: distilling")
+    assert "[preempted] student_00001" in stopped, stopped
     resumed = _run(workdir, "distill")
     assert "[stage] student_00001: resuming at step" in resumed, resumed
 
