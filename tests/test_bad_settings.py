@@ -200,3 +200,33 @@ def test_relative_include_from_outside_gin_resolves_in_gin(tmp_path):
     result = _run([f"--gin_file={mine}"], workdir)
     _assert_one_error_line(result, "dataset.batch_size", "got 0")
     assert not workdir.exists()
+
+
+# -- damaged checkpoint records --------------------------------------------------------------
+@pytest.mark.parametrize("field,value", [("paths", 5), ("shapes", [["8"]]),
+                                         ("include_optimizer", "yes"),
+                                         ("meta.num_steps", "abc"), ("meta.step", -1)])
+def test_damaged_checkpoint_record_is_one_library_error(tmp_path, field, value):
+    """A `final.json` that parses but holds a field of the wrong type is a
+    `CheckpointError` (so `bin/run.py` prints it as one line) naming the field and the
+    way out, whichever reader meets it first."""
+    import json
+
+    from helpers.finished_workdir import make_finished_workdir
+    from keras_progdist.checkpoint import CheckpointError
+    from keras_progdist.errors import KerasProgdistError
+    from keras_progdist.workdir import WorkDir
+
+    make_finished_workdir(tmp_path)
+    record_path = tmp_path / "teacher" / "final.json"
+    record = json.loads(record_path.read_text())
+    if field.startswith("meta."):
+        record["meta"][field.split(".")[1]] = value
+    else:
+        record[field] = value
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError) as info:
+        WorkDir(str(tmp_path)).stage_steps("teacher")
+    assert isinstance(info.value, KerasProgdistError)
+    assert "is damaged" in str(info.value) and field.split(".")[-1] in str(info.value)
+    assert "re-run the same command" in str(info.value)
