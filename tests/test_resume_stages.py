@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 
 from keras_progdist import checkpoint
+from keras_progdist.distillation import Distiller
+from keras_progdist.networks.unet import UNet
 from helpers.pipeline_runs import ROOT, SMALL, env, in_process
 
 # A 10-update teacher and the ladder 2 -> 1 at 10 updates a stage, checkpoints every 5:
@@ -98,3 +100,31 @@ def test_sigterm_during_every_stage_in_turn_resumes_to_the_uninterrupted_weights
     ours = {stage: _final_sha256(workdir, stage) for stage in STAGES}
     theirs = {stage: _final_sha256(reference, stage) for stage in STAGES}
     assert ours == theirs
+
+
+def _streams(model):
+    """The states of `model`'s random streams (its variables that are not weights)."""
+    weights = {id(w) for w in model.weights}
+    return [keras.ops.convert_to_numpy(v).tolist() for v in model.variables
+            if id(v) not in weights]
+
+
+def test_a_stage_starts_the_same_random_streams_whatever_ran_before():
+    """Two distillers with the same seed, one of whose streams (noise, student dropout)
+    have run on as a stage's training runs them: the next stage starts both at the same
+    state, a function of the seed and N alone, and another N starts elsewhere."""
+    net = UNet((8, 8, 1), channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4)
+    used = Distiller(net, num_steps=8, seed=3, student_dropout=0.1)
+    fresh = Distiller(net, num_steps=8, seed=3, student_dropout=0.1)
+    z, t = np.zeros((2, 8, 8, 1), "float32"), np.full((2,), 0.5, "float32")
+    for _ in range(3):
+        used.seed_generator.next()
+        used.student([z, t], training=True)
+    assert len(_streams(used)) > 1  # the noise and at least one dropout layer
+    assert _streams(used) != _streams(fresh)
+    used.start_stage(net, 4)
+    fresh.start_stage(net, 4)
+    assert _streams(used) == _streams(fresh)
+    fresh.start_stage(net, 2)
+    assert _streams(used) != _streams(fresh)
