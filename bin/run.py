@@ -16,10 +16,16 @@ from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bin"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_progdist.distribute import STRATEGIES  # noqa: E402
-from keras_progdist.training.config import MODES  # noqa: E402
+import preflight  # noqa: E402  (standard library only: checks before the heavy imports)
+
+# keras_progdist.training.config.MODES and keras_progdist.distribute.STRATEGIES, spelled
+# out so that the flags parse without importing Keras (checked against them below).
+MODES = ("train_teacher", "distill", "sample", "export", "eval", "all")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu", "data_parallel")
+GIN_DIR = os.path.join(ROOT, "gin")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config file(s); bare names are looked "
@@ -46,61 +52,88 @@ flags.DEFINE_float("time_budget_s", None, "Stop cleanly after this many seconds:
 flags.DEFINE_integer("verbose", 1, "Keras progress bar verbosity (0, 1 or 2).")
 
 
-def resolve_gin_file(name: str) -> str:
-    """A path as given, else `gin/<name>` (adding `.gin` when missing)."""
-    candidates = [name, os.path.join(ROOT, "gin", name)]
-    if not name.endswith(".gin"):
-        candidates += [c + ".gin" for c in candidates]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    available = sorted(f for f in os.listdir(os.path.join(ROOT, "gin")) if f.endswith(".gin"))
-    raise app.UsageError(f"--gin_file={name}: no such file here or in gin/; "
-                         f"available: {', '.join(available)}.")
+class CommandLineError(Exception):
+    """A bad flag value found before any work; printed as one `error:` line."""
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS.gin_file:
-        raise app.UsageError("Pass at least one --gin_file (e.g. --gin_file=tiny.gin).")
-    # SavedModel export logs every renamed input at INFO; keep the console readable.
-    logging.set_verbosity(logging.WARNING)
-    import gin
-
-    from keras_progdist import distribute, pipeline
-
-    files = [resolve_gin_file(f) for f in FLAGS.gin_file]
-    name = FLAGS.experiment or os.path.splitext(os.path.basename(files[0]))[0]
-    workdir = FLAGS.workdir or os.path.join(ROOT, "runs", name)
     try:
-        gin.parse_config_files_and_bindings(files, FLAGS.gin_param)
-    except (ValueError, KeyError, ImportError, SyntaxError) as e:
-        raise app.UsageError(f"Bad gin configuration ({', '.join(files)}"
-                             f"{'; ' + '; '.join(FLAGS.gin_param) if FLAGS.gin_param else ''}"
-                             f"): {e}") from None
-    try:
-        strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
-    except distribute.StrategyError as e:
-        raise app.UsageError(str(e)) from None
-    if FLAGS.verbose not in (0, 1, 2):
-        raise app.UsageError(f"--verbose must be 0, 1 or 2, got {FLAGS.verbose}.")
-    try:
-        pipeline.run(workdir, FLAGS.mode, strategy=strategy, export_dir=FLAGS.export_dir,
-                     overwrite=FLAGS.overwrite, experiment_name=name,
-                     verbose=FLAGS.verbose, time_budget_s=FLAGS.time_budget_s)
+        _main(argv)
+    except (preflight.PreflightError, CommandLineError) as e:
+        _fail(e)
     except Exception as e:  # noqa: BLE001  (re-raised below unless it is ours)
         if not _is_library_error(e):
             raise
         # A problem with the settings, the data or the workdir: the message says what
         # to do, so print it alone (no traceback, no flag help) and exit non-zero.
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _fail(e)
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise CommandLineError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.gin_file:
+        raise CommandLineError("Pass at least one --gin_file (e.g. --gin_file=tiny.gin).")
+    if FLAGS.verbose not in (0, 1, 2):
+        raise CommandLineError(f"--verbose must be 0, 1 or 2, got {FLAGS.verbose}.")
+    # Everything that needs no Keras first: a refusal here takes a fraction of a second
+    # and creates nothing.
+    files = [preflight.resolve_gin_file(f, GIN_DIR) for f in FLAGS.gin_file]
+    include_folders = preflight.include_folders(files, GIN_DIR)
+    preflight.check_bindings(FLAGS.gin_param)
+    name = FLAGS.experiment or os.path.splitext(os.path.basename(files[0]))[0]
+    workdir = FLAGS.workdir or os.path.join(ROOT, "runs", name)
+    preflight.check_workdir(workdir, FLAGS.mode)
+    preflight.check_export_dir(FLAGS.export_dir, FLAGS.mode)
+
+    # SavedModel export logs every renamed input at INFO; keep the console readable.
+    logging.set_verbosity(logging.WARNING)
+    import gin
+
+    from keras_progdist import distribute, pipeline
+    from keras_progdist.training import config
+
+    assert MODES == tuple(config.MODES) and STRATEGIES == tuple(distribute.STRATEGIES), \
+        "bin/run.py's MODES/STRATEGIES differ from the library's"
+    for folder in include_folders:  # includes next to their file, then in gin/
+        gin.add_config_file_search_path(folder)
+    try:
+        config.parse_gin(files, FLAGS.gin_param)
+    except (ValueError, KeyError, ImportError, SyntaxError, OSError, RecursionError) as e:
+        message = _one_line(e)
+        raise CommandLineError(f"Bad gin configuration ({', '.join(files)}"
+                               f"{'; ' + '; '.join(FLAGS.gin_param) if FLAGS.gin_param else ''}"
+                               f"): {message}{config.binding_hint(str(e))}") from None
+    try:
+        strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
+    except distribute.StrategyError as e:
+        raise CommandLineError(str(e)) from None
+    pipeline.run(workdir, FLAGS.mode, strategy=strategy, export_dir=FLAGS.export_dir,
+                 overwrite=FLAGS.overwrite, experiment_name=name, verbose=FLAGS.verbose,
+                 time_budget_s=FLAGS.time_budget_s)
+
+
+def _one_line(error: Exception) -> str:
+    """The error's message on one line: gin's added context ("In call to configurable
+    ...", "In bindings string line 1") joined on, its object addresses left out."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("In call to configurable")]
+    return " ".join(lines) or type(error).__name__
+
+
+def _fail(error: Exception):
+    print(f"error: {_one_line(error)}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def _is_library_error(error: Exception) -> bool:
     """Errors this library raises on purpose (bad settings, data, files), as opposed to
-    bugs, which keep their traceback."""
+    bugs, which keep their traceback: a `KerasProgdistError`, or one of the older
+    error classes not yet derived from it (defined in a `keras_progdist` module)."""
+    from keras_progdist.errors import KerasProgdistError
+
+    if isinstance(error, KerasProgdistError):
+        return True
     return (type(error).__module__.startswith("keras_progdist.")
             and isinstance(error, (ValueError, FileNotFoundError, FileExistsError,
                                    RuntimeError, OSError)))

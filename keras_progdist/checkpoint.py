@@ -20,11 +20,12 @@ import re
 import numpy as np
 
 from keras_progdist import fileio
+from keras_progdist.errors import KerasProgdistError
 
 from keras_progdist._keras_compat import sync_training_state
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KerasProgdistError, ValueError):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 
@@ -166,11 +167,48 @@ def _read_record(directory: str, name: str) -> dict:
             f"Checkpoint metadata {json_path} names the weights file {weights_file!r}; "
             "only a plain .npz file name in the checkpoint's own folder is accepted. "
             f"{_recovery(json_path, name)}")
+    problem = _record_type_problem(record)
+    if problem:
+        raise CheckpointError(f"Checkpoint metadata {json_path} is damaged: {problem}. "
+                              f"{_recovery(json_path, name)}")
     if len(record["paths"]) != len(record["shapes"]):
         raise CheckpointError(f"Checkpoint metadata {json_path} records "
                               f"{len(record['paths'])} paths but {len(record['shapes'])} "
                               f"shapes. {_recovery(json_path, name)}")
     return record
+
+
+# Meta entries that, when present, must be integers >= 0 (what the loaders use them as).
+_INT_META = ("step", "num_steps", "updates")
+
+
+def _record_type_problem(record: dict) -> str | None:
+    """What is of the wrong type in a checkpoint record (a JSON that parses but was
+    edited or damaged), or None. Every field is checked before any is used, so a
+    damaged record is one `CheckpointError`, never a `TypeError` deep in a loader."""
+
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not (isinstance(record["paths"], list)
+            and all(isinstance(p, str) for p in record["paths"])):
+        return f"'paths' must be a list of variable paths, got {record['paths']!r:.80}"
+    if not (isinstance(record["shapes"], list)
+            and all(isinstance(s, list) and all(is_int(d) for d in s)
+                    for s in record["shapes"])):
+        return f"'shapes' must be a list of shapes, got {record['shapes']!r:.80}"
+    if not isinstance(record["sha256"], str):
+        return f"'sha256' must be a hex digest, got {record['sha256']!r:.80}"
+    if not isinstance(record["include_optimizer"], bool):
+        return f"'include_optimizer' must be true or false, got " \
+               f"{record['include_optimizer']!r:.80}"
+    meta = record["meta"]
+    if not isinstance(meta, dict):
+        return f"'meta' must be an object, got {meta!r:.80}"
+    for key in _INT_META:
+        if key in meta and not is_int(meta[key]):
+            return f"meta {key!r} must be an integer >= 0, got {meta[key]!r:.80}"
+    return None
 
 
 def _verified_record(directory: str, name: str) -> dict:

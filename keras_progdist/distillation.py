@@ -23,6 +23,7 @@ use the same `(label, w)`: `x_hat(z, t) = x_hat(z, t, c, w)` above.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_progdist import losses, parameterizations
@@ -142,13 +143,37 @@ class Distiller(keras.Model):
     def start_stage(self, network, num_steps: int) -> None:
         """Begins a stage: teacher and student both become `network`; N = `num_steps`.
 
-        Only the weights and `N` change; the optimizer is left as it is. To run a
-        stage with `fit`, use `prepare_stage`, which also gives the stage a fresh
-        optimizer and learning-rate schedule.
+        Only the weights, `N` and the random streams (`reset_random_state`) change;
+        the optimizer is left as it is. To run a stage with `fit`, use
+        `prepare_stage`, which also gives the stage a fresh optimizer and
+        learning-rate schedule.
         """
         copy_weights(network, self.teacher)
         copy_weights(network, self.student)
         self.num_steps.assign(float(num_steps))
+        self.reset_random_state(num_steps)
+
+    def reset_random_state(self, num_steps: int) -> None:
+        """Sets every random stream of this model (the training noise and any student
+        dropout) to the start of the stage to `num_steps` steps.
+
+        The streams advance with every update, so without this a stage would start
+        wherever the previous stage in the same process left them, and a stage run in
+        a fresh process (a resumed or re-run ladder) would draw other noise than the
+        same stage run after its predecessors. Each stream's start is a function of
+        `seed`, `num_steps` and its position among the model's streams alone; a
+        resumed stage then restores the stream's state from its checkpoint.
+
+        Args:
+            num_steps: the stage's student step count `N`.
+        """
+        weights = {id(w) for w in self.weights}
+        # `variables` extends `weights` by the random streams' states (SeedGenerators).
+        streams = [v for v in self.variables if id(v) not in weights]
+        for index, state in enumerate(streams):
+            start = np.random.SeedSequence([self.seed, int(num_steps), index])
+            first = int(start.generate_state(1)[0]) % 2**31
+            state.assign(np.array([first, 0]).astype(state.dtype))
 
     def prepare_stage(self, network, num_steps: int, updates: int,
                       learning_rate: float = 5e-5, global_clipnorm: float | None = 1.0,

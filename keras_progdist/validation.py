@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 import numbers
 
+from keras_progdist.errors import KerasProgdistError
 
-class ConfigError(ValueError):
+
+class ConfigError(KerasProgdistError, ValueError):
     """A configuration value of the wrong type or out of range."""
 
 

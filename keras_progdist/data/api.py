@@ -10,11 +10,45 @@ import importlib.util
 import gin
 import numpy as np
 
+from keras_progdist.data.errors import DataFileError, DataSettingError
 from keras_progdist.data.image_folder import scan_image_folder
 from keras_progdist.data.numpy_pipeline import ArrayBatches, array_images, numpy_batches
 from keras_progdist.data.registry import DATASETS, folder_spec, validate
+from keras_progdist.errors import KerasProgdistError
 
 PIPELINES = ("auto", "tf.data", "numpy")
+# Upper bounds of `dataset.batch_size` and `dataset.image_size`, checked before any
+# data is read: beyond them a typo (1e9 for 1e3) would only show as an out-of-memory
+# kill minutes later. The largest published settings are batch 2048 and 256x256 images.
+MAX_BATCH_SIZE = 65536
+MAX_IMAGE_SIZE = 1024
+
+
+def _as_library_error(error: Exception) -> Exception:
+    """`error` if it is this library's, else the same message as a `DataFileError`
+    (missing files or folders) or `DataSettingError` (any other bad argument)."""
+    if isinstance(error, KerasProgdistError):
+        return error
+    if isinstance(error, (FileNotFoundError, NotADirectoryError)):
+        return DataFileError(str(error))
+    return DataSettingError(str(error))
+
+
+def check_sizes(batch_size, image_size) -> None:
+    """Checks `batch_size` (an int in [1, MAX_BATCH_SIZE]) and `image_size` (None or
+    an int in [1, MAX_IMAGE_SIZE]).
+
+    Raises:
+        DataSettingError: naming the setting, its value and the bound.
+    """
+    for name, value, optional, bound in (("batch_size", batch_size, False, MAX_BATCH_SIZE),
+                                         ("image_size", image_size, True, MAX_IMAGE_SIZE)):
+        if optional and value is None:
+            continue
+        if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                or not 1 <= value <= bound):
+            raise DataSettingError(f"dataset.{name} must be an integer in [1, {bound}], "
+                                   f"got {value!r}.")
 
 
 def _tensorflow_available() -> bool:
@@ -114,23 +148,40 @@ def make_dataset(
         `(x, label)`. `batch_spec` and `fit_input` treat both alike.
 
     Raises:
-        ValueError: unknown name, split, resize method, pipeline or channels,
-            bad image_size or batch_size, padding to a smaller size, labels
-            asked of unlabelled data (or of an image folder without class
+        DataSettingError (a ValueError): unknown name, split, resize method,
+            pipeline or channels, image_size or batch_size not an integer in
+            [1, MAX_IMAGE_SIZE] / [1, MAX_BATCH_SIZE], padding to a smaller size,
+            labels asked of unlabelled data (or of an image folder without class
             subfolders), a tfds dataset on the numpy pipeline.
-        FileNotFoundError: data folder or files missing, tfds data not prepared.
+        DataFileError (a FileNotFoundError): data folder or files missing, tfds
+            data not prepared.
         EmptyDatasetError: the dataset (or this pipeline's shard) has no examples.
         CorruptImageError: an image folder's file is not a readable PNG/JPEG.
     """
-    spec, size = validate(name, split, image_size, resize, with_labels, channels)
-    if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-            or batch_size <= 0):
-        raise ValueError(f"batch_size must be a positive int, got batch_size={batch_size!r}.")
-    pipeline = _choose_pipeline(spec, pipeline, input_context)
-    folder = None
-    if spec.source == "folder":
-        folder = scan_image_folder(data_dir, with_labels=with_labels, channels=channels)
-        spec = folder_spec(spec, folder, size)
+    check_sizes(batch_size, image_size)
+    try:
+        spec, size = validate(name, split, image_size, resize, with_labels, channels)
+        pipeline = _choose_pipeline(spec, pipeline, input_context)
+        folder = None
+        if spec.source == "folder":
+            folder = scan_image_folder(data_dir, with_labels=with_labels,
+                                       channels=channels)
+            spec = folder_spec(spec, folder, size)
+    except (ValueError, ImportError, OSError) as e:
+        raise _as_library_error(e) from None
+    try:
+        return _pipeline(spec, split, data_dir, manual_dir, folder, size, resize,
+                         pipeline, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                         repeat=repeat, with_labels=with_labels, random_flip=random_flip,
+                         input_context=input_context, drop_remainder=drop_remainder)
+    except (FileNotFoundError, NotADirectoryError) as e:  # the data files themselves
+        raise _as_library_error(e) from None
+
+
+def _pipeline(spec, split, data_dir, manual_dir, folder, size, resize, pipeline, *,
+              batch_size, shuffle, seed, repeat, with_labels, random_flip, input_context,
+              drop_remainder):
+    """`make_dataset`'s pipeline of the chosen kind, its arguments already checked."""
     if pipeline == "numpy":
         return numpy_batches(spec, split, data_dir, folder, size, resize,
                              batch_size=batch_size, shuffle=shuffle, seed=seed,
@@ -139,11 +190,54 @@ def make_dataset(
 
     from keras_progdist.data import tf_pipeline
 
-    return tf_pipeline.tf_dataset(
-        spec, split, data_dir, manual_dir, folder, size, resize, batch_size=batch_size,
-        shuffle=shuffle, seed=seed, repeat=repeat, with_labels=with_labels,
-        random_flip=random_flip, input_context=input_context,
-        drop_remainder=drop_remainder)
+    def build():
+        return tf_pipeline.tf_dataset(
+            spec, split, data_dir, manual_dir, folder, size, resize,
+            batch_size=batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
+            with_labels=with_labels, random_flip=random_flip,
+            input_context=input_context, drop_remainder=drop_remainder)
+
+    return same_stream_each_iteration(build) if shuffle else build()
+
+
+def same_stream_each_iteration(build):
+    """A tf.data pipeline whose every iteration yields the same stream: `build()`'s.
+
+    A seeded `shuffle(..., reshuffle_each_iteration=True)` draws a new order for each
+    iterator made from the same dataset object (`skip` included), so the batches a
+    `fit` sees depended on how many iterators the process had made before: a stage
+    resumed in a new process, or a stage that followed others in one process, read
+    other batches than the same stage run alone. Building the pipeline inside
+    `flat_map` makes each iterator build it afresh, so batch `k` is a function of the
+    seed alone (the order within the stream still changes from epoch to epoch).
+
+    Args:
+        build: a function of no arguments returning the tf.data pipeline; its errors
+            (bad files, empty data) are raised here, when it is traced.
+
+    Returns:
+        A `tf.data.Dataset` with `build()`'s elements and element spec.
+    """
+    import tensorflow as tf
+
+    raised = []
+
+    @tf.autograph.experimental.do_not_convert  # plain pipeline construction
+    def traced(_):
+        try:
+            return build()
+        except Exception as e:
+            raised.append(e)
+            raise
+
+    try:
+        return tf.data.Dataset.range(1).flat_map(traced)
+    except Exception:
+        # tf.data wraps what the traced function raised (a StagingError "in user
+        # code"); callers get the error `build` itself raised.
+        if raised:
+            raise raised[0] from None
+        raise
 
 
 def batch_spec(dataset) -> tuple:

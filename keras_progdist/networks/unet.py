@@ -14,10 +14,14 @@ classifier-free guidance, and `guidance_conditioned` adds a guidance-strength in
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import keras
 from keras import layers, ops
+
+from keras_progdist import validation
+from keras_progdist.validation import ConfigError
 
 PACKAGE = "keras_progdist"
 
@@ -256,13 +260,14 @@ class UNet(keras.Model):
                  guidance_conditioned: bool = False,
                  guidance_embedding_scale: float = 250.0, **kwargs):
         image_shape = tuple(int(s) for s in image_shape)
-        channel_mult = tuple(int(m) for m in channel_mult)
-        attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        channel_mult = _int_tuple("UNet.channel_mult", channel_mult)
+        attention_resolutions = _int_tuple("UNet.attention_resolutions",
+                                           attention_resolutions)
         _validate(image_shape, channels, channel_mult, num_res_blocks,
                   attention_resolutions, dropout, num_classes)
         null_class, guidance_conditioned = bool(null_class), bool(guidance_conditioned)
         if null_class and not num_classes:
-            raise ValueError("UNet.null_class needs UNet.num_classes: the null class is "
+            raise ConfigError("UNet.null_class needs UNet.num_classes: the null class is "
                              "the label num_classes of a class-conditional network.")
         guidance_embedding_scale = float(guidance_embedding_scale)
         out_ch = output_channels or image_shape[-1]
@@ -374,37 +379,59 @@ class UNet(keras.Model):
         return cls(**config)
 
 
+def _int_tuple(name: str, values) -> tuple:
+    """`values` as a tuple of ints, if it is a sequence of integers (else
+    `ConfigError` naming the setting)."""
+    if not isinstance(values, (list, tuple)) or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{name} must be a tuple of integers, got {values!r}.")
+    return tuple(int(v) for v in values)
+
+
+# Upper bounds of the U-Net's size settings, checked before anything is built: the
+# published configs use at most 256 channels, multipliers up to 8, 3 blocks a level and
+# 5 levels; beyond these bounds a typo (1e6 channels) would only show as an
+# out-of-memory kill or an hour of graph building.
+MAX_CHANNELS = 2048
+MAX_CHANNEL_MULT = 16
+MAX_LEVELS = 8
+MAX_RES_BLOCKS = 32
+
+
 def _validate(image_shape, channels, channel_mult, num_res_blocks,
               attention_resolutions, dropout, num_classes):
-    from keras_progdist import validation
+    """Checks the U-Net's settings against each other, the image size and the bounds.
 
-    validation.positive_int("UNet.channels", channels)
-    validation.positive_int("UNet.num_res_blocks", num_res_blocks)
+    Raises:
+        ConfigError (a ValueError): naming the setting and what it must be.
+    """
+    for name, value, bound in (("UNet.channels", channels, MAX_CHANNELS),
+                               ("UNet.num_res_blocks", num_res_blocks, MAX_RES_BLOCKS)):
+        if validation.positive_int(name, value) > bound:
+            raise ConfigError(f"{name} must be at most {bound}, got {value!r}.")
     validation.fraction("UNet.dropout", dropout)
     if num_classes is not None:
         validation.positive_int("UNet.num_classes", num_classes)
+    if not channel_mult or len(channel_mult) > MAX_LEVELS or not all(
+            1 <= m <= MAX_CHANNEL_MULT for m in channel_mult):
+        raise ConfigError(f"UNet.channel_mult must be 1 to {MAX_LEVELS} integers in "
+                          f"[1, {MAX_CHANNEL_MULT}], got {channel_mult}.")
     if len(image_shape) != 3 or min(image_shape) < 1:
-        raise ValueError(f"image_shape must be (H, W, C) with positive sizes, got "
-                         f"{image_shape}.")
-    if channels < 1 or num_res_blocks < 1 or not channel_mult:
-        raise ValueError(f"channels ({channels}) and num_res_blocks ({num_res_blocks}) "
-                         f"must be positive and channel_mult ({channel_mult}) non-empty.")
+        raise ConfigError(f"image_shape must be (H, W, C) with positive sizes, got "
+                          f"{image_shape}.")
     factor = 2 ** (len(channel_mult) - 1)
     height, width = image_shape[:2]
     if height % factor or width % factor:
-        raise ValueError(
+        raise ConfigError(
             f"Image size {height}x{width} is not divisible by the downsampling factor "
-            f"{factor} of channel_mult={channel_mult} ({len(channel_mult)} levels); "
+            f"{factor} of UNet.channel_mult={channel_mult} ({len(channel_mult)} levels); "
             f"use a size that is a multiple of {factor} or fewer levels."
         )
     sizes = [height // 2**i for i in range(len(channel_mult))]
     bad = [r for r in attention_resolutions if r not in sizes]
     if bad:
-        raise ValueError(
-            f"attention_resolutions {bad} never occur in this U-Net: with image size "
-            f"{height} and channel_mult={channel_mult} the resolutions are {sizes}."
+        raise ConfigError(
+            f"UNet.attention_resolutions {bad} never occur in this U-Net: with image "
+            f"size {height} and UNet.channel_mult={channel_mult} the resolutions are "
+            f"{sizes}."
         )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
-    if num_classes is not None and num_classes < 1:
-        raise ValueError(f"num_classes must be positive or None, got {num_classes}.")

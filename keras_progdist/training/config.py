@@ -9,11 +9,14 @@ modes will use before any work starts.
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import re
 
 import gin
 
 from keras_progdist import losses, parameterizations, validation
+from keras_progdist.errors import KerasProgdistError
 from keras_progdist.evaluation.samples import DEFAULT_MAX_FILE_MB
 from keras_progdist.networks.unet import UNet
 from keras_progdist.schedules import Schedule
@@ -21,17 +24,16 @@ from keras_progdist.schedules import Schedule
 # UNet takes **kwargs (Keras' name/dtype/...), so without an allowlist gin would accept a
 # misspelled binding such as `UNet.chanels` and silently ignore it. The guidance input
 # `w` belongs to guided distillation's students, never to the teacher gin configures.
-UNetConfigurable = gin.external_configurable(
-    UNet, name="UNet",
-    allowlist=[p for p in inspect.signature(UNet.__init__).parameters
-               if p not in ("self", "kwargs", "image_shape", "output_channels",
-                            "guidance_conditioned", "guidance_embedding_scale")])
+UNET_PARAMETERS = [p for p in inspect.signature(UNet.__init__).parameters
+                   if p not in ("self", "kwargs", "image_shape", "output_channels",
+                                "guidance_conditioned", "guidance_embedding_scale")]
+UNetConfigurable = gin.external_configurable(UNet, name="UNet", allowlist=UNET_PARAMETERS)
 ScheduleConfigurable = gin.external_configurable(Schedule, name="Schedule")
 
 MODES = ("train_teacher", "distill", "sample", "export", "eval", "all")
 
 
-class PipelineError(ValueError):
+class PipelineError(KerasProgdistError, ValueError):
     """A configuration or work-directory problem found before any training."""
 
 
@@ -258,19 +260,29 @@ def guidance(enabled: bool = False, w_min: float = 0.0, w_max: float = 4.0,
                 steps_per_execution=steps_per_execution, jit_compile=jit_compile)
 
 
+# The most samples one stage's grid may hold: the grid is drawn in one batch after the
+# stage's training, so a typo (1e9) must fail before any training, not after it.
+MAX_GRID_COUNT = 1024
+
+
 @gin.configurable
 def sample_grid(count: int = 16) -> dict:
     """The sample grid written for each finished stage (`samples/`, and TensorBoard).
 
     Args:
         count: samples in each grid, drawn from the same fixed noise for every stage so
-            the grids compare stage by stage. 0 writes no grids: each grid compiles a
-            sampler, a cost that only very short runs notice.
+            the grids compare stage by stage; at most `MAX_GRID_COUNT` (1024). 0 writes
+            no grids: each grid compiles a sampler, a cost that only very short runs
+            notice.
 
     Returns:
         `{"count": count}`.
     """
-    return dict(count=validation.nonnegative_int("sample_grid.count", count))
+    count = validation.nonnegative_int("sample_grid.count", count)
+    if count > MAX_GRID_COUNT:
+        raise validation.ConfigError(f"sample_grid.count must be at most "
+                                     f"{MAX_GRID_COUNT}, got {count}.")
+    return dict(count=count)
 
 
 def stage_ladder(teacher_steps: int, min_steps: int = 1) -> list:
@@ -299,3 +311,41 @@ def _positive(scope: str, **values):
         raise PipelineError(f"{scope}.checkpoint_every ({every}) must be a multiple of "
                             f"{scope}.steps_per_execution ({chunk}): Keras runs "
                             f"{chunk} updates at a time.")
+
+
+def configurable_parameters() -> dict:
+    """`{configurable: [parameter, ...]}`: every gin configurable of the schema (and
+    `dataset`) with the parameters a binding may set."""
+    from keras_progdist.data.api import make_dataset
+
+    functions = {"dataset": make_dataset, "diffusion": diffusion, "teacher": teacher,
+                 "distill": distill, "evaluate": evaluate, "guidance": guidance,
+                 "sample_grid": sample_grid}
+    names = {name: list(inspect.signature(fn).parameters) for name, fn in functions.items()}
+    names["UNet"] = list(UNET_PARAMETERS)
+    names["Schedule"] = [p for p in inspect.signature(Schedule.__init__).parameters
+                         if p not in ("self", "kwargs")]
+    return names
+
+
+def binding_hint(message: str) -> str:
+    """A `" Did you mean 'teacher.train_steps'?"` for gin's error about an unknown
+    configurable or parameter (`message`), or `""` when nothing is close.
+
+    Args:
+        message: the text of the `ValueError` gin raised while parsing.
+    """
+    parameters = configurable_parameters()
+    unknown_parameter = re.match(r"Configurable '([^']+)' doesn't (?:have a parameter "
+                                 r"named|include kwarg) '([^']+)'", message)
+    if unknown_parameter:
+        configurable = re.split(r"[./]", unknown_parameter.group(1))[-1]
+        close = difflib.get_close_matches(unknown_parameter.group(2),
+                                          parameters.get(configurable, []), n=1)
+        return f" Did you mean '{configurable}.{close[0]}'?" if close else ""
+    unknown_configurable = re.match(r"No configurable matching '([^']+)'", message)
+    if unknown_configurable:
+        close = difflib.get_close_matches(
+            re.split(r"[./]", unknown_configurable.group(1))[-1], list(parameters), n=1)
+        return f" Did you mean '{close[0]}'?" if close else ""
+    return ""

@@ -372,6 +372,9 @@ class Experiment:
                                 "finished stages are saved. Re-run the same command to "
                                 "go on.")
             updates = cfg["updates"][n]
+            # Keras' global random stream (any layer built from here on draws from it)
+            # at the same place whichever stages ran before in this process.
+            keras.utils.set_random_seed(self.diffusion["seed"])
             with self.scope():
                 if distiller is None:
                     distiller = Distiller(

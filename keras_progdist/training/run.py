@@ -16,9 +16,9 @@ from keras_progdist import data, distribute, tensorboard_log, validation
 from keras_progdist.evaluation import report, samples
 from keras_progdist.training.config import (MODES, PipelineError, dataset_settings,
                                             diffusion, distill, evaluate, guidance,
-                                            teacher)
+                                            sample_grid, teacher)
 from keras_progdist.training.experiment import Experiment
-from keras_progdist.training.preemption import Preempted, PreemptionGuard
+from keras_progdist.training.preemption import Preempted
 from keras_progdist.workdir import WorkDir
 
 
@@ -28,7 +28,7 @@ def _validate_run_settings(mode: str, experiment_name: str | None, workdir: str)
     Returns:
         The evaluation settings (empty when no evaluation is asked for).
     """
-    diffusion(), teacher(), distill()  # each raises on a bad value
+    diffusion(), teacher(), distill(), sample_grid()  # each raises on a bad value
     if guidance()["enabled"] and mode in ("eval", "sample", "all"):
         raise PipelineError(
             f"--mode={mode} is not available for guided distillation (guidance.enabled) "
@@ -76,6 +76,9 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
     if not writes or mode in ("distill", "eval", "sample"):
         # These modes need what an earlier run trained: never create the folder.
         WorkDir(workdir).require()
+    # The data and the network are checked (files found, sizes the U-Net can take)
+    # before the lock, which creates a new workdir: a bad setting leaves nothing behind.
+    experiment = Experiment(workdir, strategy, deadline)
     # Only the writing process locks: the others of a multi-process run share the folder.
     chief = distribute.is_chief(strategy)
     lock = WorkDir(workdir).lock(mode) if writes and chief else contextlib.nullcontext()
@@ -83,8 +86,7 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
         # SIGTERM during training stops at the next step with a checkpoint; elsewhere
         # (export, sampling, evaluation: each result written atomically as it is made)
         # it ends the process as usual.
-        with PreemptionGuard(deadline) as guard:
-            experiment = Experiment(workdir, strategy, deadline, guard)
+        with experiment.guard:
             experiment.check_workdir(write=mode in ("train_teacher", "distill", "all"))
             print(f"[run] {mode} in {workdir}: network {experiment.param_count:,} "
                   f"parameters, images {experiment.image_shape}, batch "
