@@ -12,3 +12,10 @@ class IdxFormatError(ValueError):
 
 class CorruptImageError(ValueError):
     """A file of an image folder is not a readable PNG/JPEG; the message names it."""
+
+
+class ImageTooLargeError(CorruptImageError):
+    """An image of an image folder has more pixels than the folder's pixel cap
+    (`image_folder.MAX_IMAGE_PIXELS` by default); the message names the file and the
+    cap. Decoding it would take memory in proportion to its pixels, which a small
+    compressed file (a decompression bomb) can make arbitrarily large."""
