@@ -26,6 +26,7 @@ import json
 import os
 import re
 import socket
+import stat
 import sys
 import time
 
@@ -256,6 +257,42 @@ class WorkDir:
         return path
 
     # -- lock ----------------------------------------------------------------------
+    def _open_lock_file(self) -> int:
+        """Opens (creating it if needed) `<root>/.lock` for the holder record.
+
+        The holder record truncates and rewrites the file, so a `.lock` planted as a
+        symbolic link (or hard link) would have a run overwrite its target, and a
+        dangling link would create a file outside the work directory: the open never
+        follows a link (`O_NOFOLLOW`), and only a regular file with one link is used.
+        `O_NONBLOCK` keeps a FIFO planted there from blocking the open.
+
+        Returns:
+            The open file descriptor (the caller closes it).
+
+        Raises:
+            WorkDirError: naming `.lock` and what is wrong with it.
+        """
+        path = self.path(".lock")
+        flags = (os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as e:
+            kind = ("a symbolic link" if os.path.islink(path)
+                    else f"not usable ({e.strerror})")
+            raise WorkDirError(f"Lock file {path} is {kind}; the lock must be a regular "
+                               "file in the work directory. Remove it (no run holds a "
+                               "lock file that is not a regular file), or use another "
+                               "--workdir.") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            kind = ("has other hard links" if stat.S_ISREG(info.st_mode)
+                    else "is not a regular file")
+            raise WorkDirError(f"Lock file {path} {kind}; the lock must be a regular "
+                               "file of its own. Remove it, or use another --workdir.")
+        return fd
+
     @contextlib.contextmanager
     def lock(self, purpose: str = "run"):
         """Holds the work directory exclusively for the `with` block.
@@ -265,10 +302,11 @@ class WorkDir:
 
         Raises:
             WorkDirBusyError: another process holds it; the message names that process.
+            WorkDirError: `.lock` is a symbolic link, not a regular file, has other
+                hard links, or cannot be opened (see `_open_lock_file`).
         """
         os.makedirs(self.root, exist_ok=True)
-        path = self.path(".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock_file()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

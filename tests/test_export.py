@@ -844,3 +844,27 @@ def test_the_package_imports_without_tensorflow_and_runs_as_a_module():
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "KERAS_BACKEND": "jax"})
     assert result.returncode == 0 and "--workdir" in result.stdout, result.stderr[-3000:]
+
+
+def test_non_finite_or_huge_noise_is_refused_in_the_graph_naming_the_input(tmp_path):
+    # NaN, inf or 1e38 noise came back as NaN images with no error.
+    import tensorflow as tf
+
+    from keras_progdist.export.serving_graph import build_archive
+
+    path = str(tmp_path / "saved_model")
+    build_archive(_small_model(3)).write_out(path, verbose=False)
+    loaded = tf.saved_model.load(path)
+    generate, denoise = loaded.signatures["generate"], loaded.signatures["denoise"]
+    noise = np.random.default_rng(0).standard_normal((2, 8, 8, 1)).astype(np.float32)
+    images = generate(noise=tf.constant(noise), steps=tf.constant(2))["images"].numpy()
+    assert np.isfinite(images).all()
+    for bad in (np.nan, np.inf, -np.inf, 1e38, -2e4):
+        poisoned = noise.copy()
+        poisoned[1, 3, 4, 0] = bad
+        _expect_refused(generate, r"noise must be finite with every \|value\| <= 10000",
+                        noise=poisoned, steps=np.int32(2))
+        _expect_refused(denoise, r"z must be finite with every \|value\| <= 10000",
+                        z=poisoned, t=np.array([0.5, 0.5], np.float32))
+    scaled = generate(noise=tf.constant(noise * 3), steps=tf.constant(2))["images"]
+    assert np.isfinite(scaled.numpy()).all()  # deliberately scaled noise still serves

@@ -248,3 +248,200 @@ def test_numpy_image_folder_needs_no_tensorflow(classes):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "OK" in result.stdout
+
+
+# --------------------------------------------- large images, pixel cap, regular files
+
+
+def _smooth_rgb(side, seed=0):
+    """A smooth side x side RGB photo stand-in (gradients and soft waves): small as
+    a PNG, like the issue's 12 KB 2000x2000 files, but not constant."""
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    phase = np.random.default_rng(seed).uniform(0, 6, 3)
+    planes = [127.5 + 120 * np.sin(6 * x + 4 * y + p) for p in phase]
+    return np.clip(np.stack(planes, -1), 0, 255).astype(np.uint8)
+
+
+def _write_gray16_png_header_bomb(path, side):
+    """A 16-bit grayscale side x side PNG of zeros, written row by row (never held
+    in memory): 13000 x 13000 is a 330 KB file that decodes to 338 MB."""
+    import struct
+    import zlib
+
+    def chunk(tag, payload):
+        crc = zlib.crc32(tag + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc)
+
+    deflate, row = zlib.compressobj(6), b"\x00" * (1 + 2 * side)
+    idat = b"".join([deflate.compress(row) for _ in range(side)] + [deflate.flush()])
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n"
+                + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0))
+                + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_large_images_are_shrunk_while_decoding_to_a_size_set_by_image_size(tmp_path):
+    # The square a decode keeps is below 4x the output side, whatever the source size
+    # (this is what bounds memory: before, 2000x2000 squares were stacked as float32),
+    # and shrinking first moves the resized pixels by under 1.5 levels of 255.
+    from keras_progdist.data.image_folder import decode_square
+    from keras_progdist.data.numpy_pipeline import folder_arrays
+
+    photo = _smooth_rgb(1500)
+    _save(str(tmp_path / "photo.png"), photo)
+    _save(str(tmp_path / "photo.jpg"), photo, quality=95)
+    for name in ("photo.png", "photo.jpg"):
+        square = decode_square(str(tmp_path / name), 3, size=16)
+        assert square.dtype == np.uint8 and 32 <= square.shape[0] < 64, name
+        assert square.shape == (square.shape[0], square.shape[0], 3)
+    assert decode_square(str(tmp_path / "photo.png"), 3).shape == (1500, 1500, 3)
+    import keras
+
+    direct = np.clip(keras.ops.convert_to_numpy(keras.ops.image.resize(
+        photo[None].astype(np.float32), (16, 16), interpolation="bilinear",
+        antialias=True)), 0, 255)
+    shrunk = folder_arrays([str(tmp_path / "photo.png")], 16, 3)
+    assert np.abs(shrunk - direct).max() < 1.5
+    jpeg = folder_arrays([str(tmp_path / "photo.jpg")], 16, 3)
+    assert np.abs(jpeg - direct).max() < 3.0  # JPEG's own loss and 1/8 DCT scaling
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_exif_orientation_is_applied_as_exif_transpose_does_when_shrinking_too(
+        tmp_path, fmt):
+    # The square is cut from the image as stored and turned upright afterwards (no
+    # full-size transposed copy): every orientation gives exif_transpose's pixels.
+    from PIL import ImageOps
+
+    from keras_progdist.data.image_folder import decode_square
+
+    # 301x230: an odd margin, so a crop box mapped to the wrong side is one pixel off.
+    stored = _smooth_rgb(301, seed=3)[:, :230]  # landscape after 5-8, portrait before
+    stored[10:40, 20:60] = (255, 0, 0)  # a marker off the centre lines
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = str(tmp_path / f"o{orientation}.{fmt}")
+        Image.fromarray(stored).save(path, exif=exif.tobytes(),
+                                     **({"quality": 95} if fmt == "jpg" else {}))
+        with Image.open(path) as im:
+            upright = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        h, w = upright.shape[:2]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        expected = upright[top:top + side, left:left + side]
+        np.testing.assert_array_equal(decode_square(path, 3), expected,
+                                      err_msg=f"orientation {orientation}")
+        small = Image.fromarray(expected).resize((16, 16), Image.Resampling.BOX)
+        got = decode_square(path, 3, size=8).astype(int)
+        assert got.shape == (16, 16, 3)
+        # Box filters sample their footprint's edges one-sidedly, so pixels on the
+        # marker's sharp edges may differ; a wrong orientation would differ by ~50
+        # on average. JPEG decodes at 1/8 scale.
+        error = np.abs(got - np.asarray(small)).mean()
+        assert error < (1.0 if fmt == "png" else 3.0), (orientation, error)
+
+
+PEAK_RSS = """
+import os, resource, shutil, sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+from keras_progdist import data
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+images, _ = data.load_images("image_folder", data_dir={folder!r}, image_size=16)
+assert images.shape == ({count}, 16, 16, 3), images.shape
+print("GROWTH_MB", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_loading_a_folder_of_large_pngs_stays_within_a_bounded_memory(tmp_path):
+    # 16 RGB PNGs of 2000x2000 (12 MB decoded each) at image_size=16: the peak RSS
+    # may grow by one decode plus small squares, not by 16 full-size float32 copies
+    # (768 MB; 64 such files passed 10 GB before). benchmarks/image_folder_memory.py
+    # measures the issue's 64 files.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _save(str(folder / "00.png"), _smooth_rgb(2000))
+    count = 16
+    for i in range(1, count):
+        os.link(folder / "00.png", folder / f"{i:02d}.png")
+    script = PEAK_RSS.format(repo=REPO, folder=str(folder), count=count)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    growth = float(result.stdout.split("GROWTH_MB")[-1])
+    assert growth < 250, f"peak RSS grew by {growth:.0f} MB"
+
+
+@pytest.mark.parametrize("pipeline", [pytest.param("tf.data", marks=needs_tf), "numpy"])
+def test_an_image_above_the_pixel_cap_is_refused_by_name_before_decoding(tmp_path,
+                                                                         pipeline):
+    from keras_progdist.data.image_folder import MAX_IMAGE_PIXELS, decode_square
+
+    bomb = tmp_path / "bombs" / "deep.png"
+    bomb.parent.mkdir()
+    _write_gray16_png_header_bomb(bomb, 13000)
+    assert os.path.getsize(bomb) < 400_000
+    cap = rf"deep\.png: 13000x13000 is 169,000,000 pixels, above the image folder's " \
+          rf"pixel cap of {MAX_IMAGE_PIXELS:,}"
+    with pytest.raises(data.ImageTooLargeError, match=cap):
+        data.make_dataset("image_folder", data_dir=bomb.parent, image_size=16,
+                          batch_size=1, pipeline=pipeline)
+    with pytest.raises(data.ImageTooLargeError, match=cap):
+        data.load_images("image_folder", data_dir=bomb.parent, image_size=16)
+    with pytest.raises(data.ImageTooLargeError, match=cap):  # the decoders check too
+        decode_square(str(bomb), 1, size=16)
+    # The cap is a setting: a small image above a small cap is refused the same way.
+    small = tmp_path / "small"
+    _save(str(small / "a.png"), np.zeros((60, 50), np.uint8))
+    with pytest.raises(data.ImageTooLargeError, match=r"a\.png: 50x60 is 3,000 pixels.*"
+                                                      r"pixel cap of 2,999"):
+        data.scan_image_folder(small, max_pixels=2999)
+    assert data.scan_image_folder(small, max_pixels=3000).max_pixels == 3000
+    with pytest.raises(ValueError, match="max_pixels"):
+        data.scan_image_folder(small, max_pixels=0)
+
+
+def _finishes_within(seconds, fn, fifo):
+    """Runs fn() in a thread; if it is still blocked on `fifo` after `seconds`,
+    unblocks it (a writer opens and closes the FIFO) and fails the test."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # noqa: BLE001  handed to the test below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+        pytest.fail(f"blocked for {seconds} s opening the FIFO {fifo}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+@pytest.mark.parametrize("where", ["top", "class"])
+def test_a_fifo_named_png_is_refused_by_name_not_waited_on(tmp_path, where):
+    from keras_progdist.data.image_folder import decode_square
+
+    root = tmp_path / "imgs"
+    sub = root / "cat" if where == "class" else root
+    _save(str(sub / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    fifo = str(sub / "b.png")
+    os.mkfifo(fifo)
+    for pipeline in (["tf.data"] if importlib.util.find_spec("tensorflow") else []) + [
+            "numpy"]:
+        with pytest.raises(data.CorruptImageError, match=r"b\.png: a FIFO, not a regular"):
+            _finishes_within(20, lambda: data.make_dataset(
+                "image_folder", data_dir=root, image_size=8, batch_size=1,
+                pipeline=pipeline), fifo)
+    # A file replaced by a FIFO after the scan: both pipelines decode with this.
+    with pytest.raises(data.CorruptImageError, match=r"b\.png: a FIFO, not a regular"):
+        _finishes_within(20, lambda: decode_square(fifo, 3, size=8), fifo)

@@ -9,6 +9,7 @@
   killed mid-write leaves a temporary that the next load removes.
 """
 
+import collections
 import importlib.util
 import io
 import os
@@ -192,15 +193,17 @@ def test_the_module_tree_keeps_its_types_and_plain_attributes(tmp_path):
 
 def test_a_tensor_reaching_past_its_storage_is_refused(tmp_path):
     # as_strided would read memory beyond the storage: it must be caught before.
-    path = _write_zip(tmp_path / "toy.pt", _toy_pickle(weight_size=(3, 9)))
-    with pytest.raises(reader.TorchScriptReadError, match="reaches element 26 of a 24-element"):
+    # (18 elements, fewer than the storage's 24, but strided past its end.)
+    path = _write_zip(tmp_path / "toy.pt", _toy_pickle(weight_size=(2, 9)))
+    with pytest.raises(reader.TorchScriptReadError, match="reaches element 25 of a 24-element"):
         reader.read_state_dict(path)
 
 
 def test_a_storage_of_the_wrong_length_is_refused(tmp_path):
     storages = {"0": WEIGHT_STORAGE[:20], "1": RUNNING_STORAGE}
     path = _write_zip(tmp_path / "toy.pt", _toy_pickle(), storages=storages)
-    with pytest.raises(reader.TorchScriptReadError, match="has 80 bytes, expected 24"):
+    with pytest.raises(reader.TorchScriptReadError,
+                       match="toy/data/0 declares 80 bytes, expected 96"):
         reader.read_state_dict(path)
 
 
@@ -386,3 +389,119 @@ def test_a_killed_builds_temporary_is_removed_by_the_next_load(tmp_path):
     stale.write_bytes(b"x")
     weights.load_weight_arrays(str(tmp_path))
     assert not stale.exists() and live.exists()
+
+
+# ------------------------------------------------ memory, regular files, the allowlist
+
+
+def test_a_stride_zero_view_larger_than_its_storage_is_refused(tmp_path):
+    # A 599-byte file declared a 750M-element stride-0 view of a 1-element storage
+    # and loaded at 3.7 GB.
+    op = Op().module_begin("__torch__.toy.Net").str_("conv")
+    op.module_begin("__torch__.toy.Conv")
+    op.str_("weight").tensor("FloatStorage", "0", 1, 0, (750_000_000,), (0,))
+    path = _write_zip(tmp_path / "wide.pt", op.module_end().module_end().done(),
+                      storages={"0": np.zeros(1, np.float32)})
+    assert os.path.getsize(path) < 2000
+    with pytest.raises(reader.TorchScriptReadError,
+                       match="750000000 elements, more than its 1-element storage"):
+        reader.read_state_dict(path)
+
+
+def _deflate_bomb(path, record_bytes, declared_numel, storage_key="0"):
+    """The toy archive whose storage "0" is `record_bytes` zeros, deflated (1 KB of
+    file per MB), declared in the pickle as `declared_numel` float32s."""
+    op = Op().module_begin("__torch__.toy.Net").str_("conv")
+    op.module_begin("__torch__.toy.Conv")
+    op.str_("weight").tensor("FloatStorage", storage_key, declared_numel, 0, (2,), (1,))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("toy/data.pkl", op.module_end().module_end().done())
+        z.writestr("toy/code/__torch__/toy.py", TOY_CODE)
+        with z.open(f"toy/data/{storage_key}", "w", force_zip64=True) as f:
+            block = bytes(1 << 20)
+            for _ in range(record_bytes >> 20):
+                f.write(block)
+    return str(path)
+
+
+def _peak_rss_mb():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_declared_sizes_are_checked_before_a_record_is_decompressed(tmp_path):
+    # 1 MB deflate bombs reached ~2.9 GB before any size check. Here a 1 GiB record
+    # (about 1 MB of file) declared as 2 floats, or within the declared storage but
+    # above max_bytes, is refused before it is inflated.
+    path = _deflate_bomb(tmp_path / "bomb.pt", 1 << 30, declared_numel=2)
+    assert os.path.getsize(path) < 2 << 20
+    before = _peak_rss_mb()
+    with pytest.raises(reader.TorchScriptReadError,
+                       match=r"toy/data/0 declares 1073741824 bytes, expected 8"):
+        reader.read_state_dict(path)
+    big = _deflate_bomb(tmp_path / "big.pt", 1 << 30, declared_numel=1 << 28)
+    with pytest.raises(reader.TorchScriptReadError, match="would take the file's "
+                                                          "storages past max_bytes"):
+        reader.read_state_dict(big, max_bytes=1 << 29)
+    assert _peak_rss_mb() - before < 200
+
+
+def test_only_regular_files_are_read(tmp_path):
+    fifo = str(tmp_path / "model.pt")
+    os.mkfifo(fifo)
+    with pytest.raises(reader.TorchScriptReadError, match="is not a regular file"):
+        reader.read_state_dict(fifo)
+    # /dev/zero was read until the process was killed at 16.8 GB.
+    with pytest.raises(reader.TorchScriptReadError, match="is not a regular file"):
+        reader.read_state_dict("/dev/zero")
+    with pytest.raises(reader.TorchScriptReadError, match="cannot be opened"):
+        reader.read_state_dict(str(tmp_path / "missing.pt"))
+
+
+def test_a_crafted_file_cannot_change_the_allowlist_for_later_loads(tmp_path):
+    # BUILD on an allowed global set attributes that outlived the load: here the
+    # FloatStorage dtype, and OrderedDict.fromkeys for the whole process.
+    float_storage = reader.ALLOWED_GLOBALS[("torch", "FloatStorage")]
+    attacks = [
+        Op().global_("torch", "FloatStorage").raw(b"}").str_("dtype").str_("i1")
+        .raw(b"sb").done(),
+        Op().global_("torch", "FloatStorage").raw(b"N}").str_("dtype").str_("i1")
+        .raw(b"s\x86b").done(),
+        Op().global_("collections", "OrderedDict").raw(b"N}").str_("fromkeys")
+        .int_(1).raw(b"s\x86b").done(),
+        Op().global_("torch._utils", "_rebuild_tensor_v2").raw(b"}").str_("x")
+        .int_(1).raw(b"sb").done(),
+    ]
+    for i, attack in enumerate(attacks):
+        path = _write_zip(tmp_path / f"attack{i}.pt", attack)
+        with pytest.raises(reader.UnsafePickleError, match="refusing to set the state"):
+            reader.read_state_dict(path)
+    assert float_storage.dtype == np.float32
+    assert collections.OrderedDict.fromkeys("ab") == {"a": None, "b": None}
+    with pytest.raises(AttributeError, match="immutable"):
+        float_storage.dtype = np.int8
+    # The toy still reads as before.
+    state = reader.read_state_dict(_write_zip(tmp_path / "toy.pt", _toy_pickle()))
+    np.testing.assert_array_equal(state["conv.weight"], _expected_toy_state()["conv.weight"])
+
+
+_NET = "class Net(Module):\n  __parameters__ = []\n  __buffers__ = []\n"
+
+
+@pytest.mark.parametrize("code, pickle_bytes", [
+    (_NET + "class Conv(Module):\n  __parameters__ = [\"weight\",\n", None),  # SyntaxError
+    (_NET + "class Conv(Module):\n  __parameters__ = [1 + 2]\n", None),  # ValueError
+    (TOY_CODE.encode("utf-16"), None),  # UnicodeDecodeError
+    (TOY_CODE, b"\x80\x02J\x01\x00\x00\x00"),  # truncated pickle
+])
+def test_malformed_files_raise_only_the_documented_errors(tmp_path, code, pickle_bytes):
+    path = tmp_path / "bad.pt"
+    pickle_bytes = _toy_pickle() if pickle_bytes is None else pickle_bytes
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("toy/data.pkl", pickle_bytes)
+        z.writestr("toy/code/__torch__/toy.py", code)
+        z.writestr("toy/data/0", WEIGHT_STORAGE.tobytes())
+        z.writestr("toy/data/1", RUNNING_STORAGE.tobytes())
+    with pytest.raises(reader.TorchScriptReadError):
+        reader.read_state_dict(str(path))

@@ -161,3 +161,39 @@ def test_two_training_runs_on_one_workdir(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_lock_that_is_a_link_or_not_a_regular_file_is_refused_untouched(tmp_path):
+    # The holder record truncates and rewrites `.lock`: a planted link must not let a
+    # run overwrite its target, nor a dangling one create a file outside the folder.
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    lock = workdir / ".lock"
+    os.symlink(target, lock)
+    with pytest.raises(WorkDirError, match=r"\.lock is a symbolic link"):
+        with WorkDir(str(workdir)).lock("train_teacher"):
+            pass
+    assert target.read_text() == "keep me"
+    os.remove(lock)
+    outside = tmp_path / "created_outside"
+    os.symlink(outside, lock)
+    with pytest.raises(WorkDirError, match=r"\.lock is a symbolic link"):
+        with WorkDir(str(workdir)).lock("train_teacher"):
+            pass
+    assert not os.path.lexists(outside)
+    os.remove(lock)
+    os.link(target, lock)
+    with pytest.raises(WorkDirError, match=r"\.lock has other hard links"):
+        with WorkDir(str(workdir)).lock("train_teacher"):
+            pass
+    assert target.read_text() == "keep me"
+    os.remove(lock)
+    os.mkfifo(lock)
+    with pytest.raises(WorkDirError, match=r"\.lock is not a regular file"):
+        with WorkDir(str(workdir)).lock("train_teacher"):
+            pass
+    os.remove(lock)
+    with WorkDir(str(workdir)).lock("train_teacher"):  # a plain file is taken as before
+        assert os.path.isfile(lock) and not os.path.islink(lock)

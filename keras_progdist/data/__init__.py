@@ -51,18 +51,19 @@ Modules (this package re-exports the public names; import from `keras_progdist.d
 * `tf_pipeline`: the tf.data graph (imports TensorFlow; imported only when used).
 * `numpy_pipeline`: `ArrayBatches` and the numpy preprocessing (no TensorFlow).
 * `api`: `make_dataset` (gin `dataset`), `load_images`, `batch_spec`, `fit_input`.
-* `errors`: `EmptyDatasetError`, `IdxFormatError`, `CorruptImageError`.
+* `errors`: `EmptyDatasetError`, `IdxFormatError`, `CorruptImageError`,
+  `ImageTooLargeError`.
 """
 
 from keras_progdist.data.api import (PIPELINES, batch_spec, fit_input, load_images,
                                      make_dataset)
 from keras_progdist.data.errors import (CorruptImageError, EmptyDatasetError,
-                                        IdxFormatError)
+                                        IdxFormatError, ImageTooLargeError)
 from keras_progdist.data.idx import (FASHION_MNIST_DEFAULT_DIR,  # noqa: F401
                                      IDX_MAX_BYTES, read_idx)
 from keras_progdist.data.image_folder import (CHANNELS,  # noqa: F401
-                                              IMAGE_EXTENSIONS, ImageFolder,
-                                              scan_image_folder)
+                                              IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS,
+                                              ImageFolder, scan_image_folder)
 from keras_progdist.data.numpy_pipeline import ArrayBatches
 from keras_progdist.data.registry import (DATASETS, RESIZE_METHODS,  # noqa: F401
                                           DatasetSpec, dataset_info)
@@ -74,7 +75,9 @@ __all__ = [
     "DatasetSpec",
     "EmptyDatasetError",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "IdxFormatError",
+    "ImageTooLargeError",
     "ImageFolder",
     "PIPELINES",
     "batch_spec",

@@ -24,3 +24,10 @@ class DataSettingError(KerasProgdistError, ValueError):
 class DataFileError(KerasProgdistError, FileNotFoundError):
     """The data's files or folder are missing (a `data_dir` that does not exist, idx
     files not there); the message names the path."""
+
+
+class ImageTooLargeError(CorruptImageError):
+    """An image of an image folder has more pixels than the folder's pixel cap
+    (`image_folder.MAX_IMAGE_PIXELS` by default); the message names the file and the
+    cap. Decoding it would take memory in proportion to its pixels, which a small
+    compressed file (a decompression bomb) can make arbitrarily large."""

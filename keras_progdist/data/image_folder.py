@@ -1,16 +1,26 @@
 """Reader of `image_folder`: your own PNG/JPEG files, flat or one subfolder per class.
 
 `scan_image_folder` lists and checks the files before any is decoded; `decode_square`
-decodes one with Pillow (on both pipelines, so tf.data and numpy serve the same pixels)
-and crops its largest centered square.
+decodes one with Pillow (on both pipelines, so tf.data and numpy serve the same pixels),
+crops its largest centered square and, given the output side, shrinks a square of 4 or
+more times that side to 2 times it.
+
+Memory: only regular files are opened (a FIFO named `x.png` would block forever), an
+image above the pixel cap (`MAX_IMAGE_PIXELS`, a setting of `scan_image_folder`) is
+refused by name before it is decoded, and one image is decoded at a time. So a decode
+holds at most the cap's pixels (4 bytes each for RGBA) for a moment, and what is kept
+of it is O(image_size**2), however large the source files are.
 """
 
 import dataclasses
+import math
 import os
+import stat
 
 import numpy as np
 
-from keras_progdist.data.errors import CorruptImageError, EmptyDatasetError
+from keras_progdist.data.errors import (CorruptImageError, EmptyDatasetError,
+                                        ImageTooLargeError)
 
 CHANNELS = (1, 3)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -18,6 +28,17 @@ _IMAGE_FORMATS = ("PNG", "JPEG")
 # Pillow modes that hold one channel; a first image in one of these makes the
 # default `channels` 1, anything else (RGB, RGBA, CMYK, palette) 3.
 _GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+# The pixel cap: an image with more pixels (width x height) than this is refused,
+# naming the file, before it is decoded. 50 megapixels holds the photos of today's
+# cameras (8688x5792 is 50.3M: crop or shrink those first) and bounds one decode at
+# 200 MB (RGBA, 4 bytes a pixel), against 5.3 GB that a 329 KB 13000x13000 16-bit PNG
+# took without it. Pillow's own limit (2 x 89,478,485 pixels) still applies above.
+MAX_IMAGE_PIXELS = 50_000_000
+# `decode_square` shrinks a large square (box filter) to this many times the output
+# side, so the antialiased bilinear resize that follows (the same on both pipelines)
+# still has two samples per output pixel; it moved the 16x16 result of a smooth
+# 1500x1500 photo by under 1 level of 255 (tests/test_image_folder.py).
+_KEEP_TIMES_OUTPUT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +53,7 @@ class ImageFolder:
         class_names: the sorted class subfolder names (label i is
             `class_names[i]`), or () for a flat folder.
         channels: 1 (grayscale) or 3 (RGB): what every image is converted to.
+        max_pixels: the pixel cap every decode of these files enforces.
     """
 
     root: str
@@ -39,6 +61,7 @@ class ImageFolder:
     labels: np.ndarray
     class_names: tuple
     channels: int
+    max_pixels: int = MAX_IMAGE_PIXELS
 
     @property
     def num_classes(self):
@@ -71,8 +94,104 @@ def _pillow_errors():
     return (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-def _probe_image(path):
-    """Checks that `path` is a whole PNG or JPEG without decoding it at full size.
+def _not_regular_error(path, mode):
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a folder" if stat.S_ISDIR(mode) else "not a regular file")
+    return CorruptImageError(
+        f"{path}: {kind}, not a regular file; image_folder reads only regular PNG/JPEG "
+        "files (remove it or rename it without the image extension).")
+
+
+def _check_regular(path):
+    """Raises CorruptImageError unless `path` is (a link to) a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise CorruptImageError(f"{path}: cannot be read ({e.strerror}).") from None
+    if not stat.S_ISREG(mode):
+        raise _not_regular_error(path, mode)
+
+
+def _open_regular(path):
+    """`path` opened for reading, refused unless it is a regular file.
+
+    The open is non-blocking and the check is on the open file (`fstat`), so a FIFO
+    (which would block a plain open until a writer came) or a file replaced by one
+    after the scan is refused at once.
+
+    Raises:
+        CorruptImageError: naming the file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CorruptImageError(f"{path}: cannot be read ({e.strerror}).") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular_error(path, mode)
+    return os.fdopen(fd, "rb")
+
+
+def check_max_pixels_value(max_pixels):
+    """Raises ValueError unless `max_pixels` is a positive int."""
+    if (isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer))
+            or max_pixels < 1):
+        raise ValueError(f"max_pixels (the image folder's pixel cap) must be a positive "
+                         f"int, got max_pixels={max_pixels!r}.")
+
+
+def _check_pixels(path, size, max_pixels):
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{path}: {width}x{height} is {width * height:,} pixels, above the image "
+            f"folder's pixel cap of {max_pixels:,} (max_pixels; default "
+            f"image_folder.MAX_IMAGE_PIXELS). Shrink the image, or raise the cap if "
+            "the memory of decoding it is intended.")
+
+
+def _open_image(path, max_pixels):
+    """Opens `path` with Pillow (headers only) after the regular-file check, and
+    refuses it above the pixel cap before any pixel is decoded.
+
+    Returns:
+        `(file, image)`: close both (the image first).
+    """
+    from PIL import Image
+
+    f = _open_regular(path)
+    try:
+        im = Image.open(f)
+    except _pillow_errors() as e:
+        f.close()
+        if isinstance(e, Image.DecompressionBombError):
+            raise ImageTooLargeError(f"{path}: refused by Pillow's own pixel limit "
+                                     f"({e}).") from e
+        raise _unreadable(path, e) from e
+    except BaseException:
+        f.close()
+        raise
+    try:
+        _check_pixels(path, im.size, max_pixels)
+    except ImageTooLargeError:
+        im.close()
+        f.close()
+        raise
+    return f, im
+
+
+def _unreadable(path, e):
+    return CorruptImageError(
+        f"{path}: not a readable PNG/JPEG image ({type(e).__name__}: {e}); "
+        "remove or replace the file."
+    )
+
+
+def _probe_image(path, max_pixels=MAX_IMAGE_PIXELS):
+    """Checks that `path` is a whole PNG or JPEG within the pixel cap without
+    decoding it at full size.
 
     PNG: `verify()` reads every chunk and checks its CRC. JPEG: a draft decode
     at 1/8 scale reads the whole entropy-coded stream, so a truncated file fails
@@ -82,12 +201,12 @@ def _probe_image(path):
         The image's Pillow mode (e.g. "L", "RGB").
 
     Raises:
-        CorruptImageError: naming the file.
+        CorruptImageError: naming the file (not a regular file, unreadable).
+        ImageTooLargeError: naming the file and the cap.
     """
-    from PIL import Image
-
+    f, im = _open_image(path, max_pixels)
     try:
-        with Image.open(path) as im:
+        with f, im:
             fmt, mode, size = im.format, im.mode, im.size
             if fmt == "PNG":
                 im.verify()
@@ -95,10 +214,7 @@ def _probe_image(path):
                 im.draft(im.mode, (1, 1))
                 im.load()
     except _pillow_errors() as e:
-        raise CorruptImageError(
-            f"{path}: not a readable PNG/JPEG image ({type(e).__name__}: {e}); "
-            "remove or replace the file."
-        ) from e
+        raise _unreadable(path, e) from e
     if fmt not in _IMAGE_FORMATS:
         raise CorruptImageError(
             f"{path}: a {fmt} image under a PNG/JPEG name; image_folder reads only "
@@ -109,13 +225,16 @@ def _probe_image(path):
     return mode
 
 
-def scan_image_folder(data_dir, with_labels=False, channels=None, check_all=True):
+def scan_image_folder(data_dir, with_labels=False, channels=None, check_all=True,
+                      max_pixels=MAX_IMAGE_PIXELS):
     """Lists and checks an image folder before any image is decoded.
 
     Layout: either image files directly in `data_dir` (unlabelled), or one
     subfolder per class holding that class's images (at any depth); labels are
     the sorted subfolder names numbered 0..K-1. Files ending in .png, .jpg or
-    .jpeg (any case) are images; other files and hidden entries are ignored.
+    .jpeg (any case) are images; other files and hidden entries are ignored. An
+    image name that is not a regular file (a FIFO, a device, a broken link) is
+    refused: opening a FIFO would wait forever for a writer.
 
     Args:
         data_dir: the folder.
@@ -124,19 +243,26 @@ def scan_image_folder(data_dir, with_labels=False, channels=None, check_all=True
             else 3.
         check_all: check every file (`_probe_image`), so a corrupt one is named
             now rather than in the middle of training; False checks the first.
+            Every file is checked to be a regular file either way.
+        max_pixels: the pixel cap (default `MAX_IMAGE_PIXELS`, 50M): an image
+            with more pixels is refused by name, here (the probed files) and by
+            every decode of this folder (`ImageFolder.max_pixels`).
 
     Returns:
         An `ImageFolder`.
 
     Raises:
-        ValueError: no data_dir, bad channels, with_labels without class
-            subfolders, images beside class subfolders, class subfolders
+        ValueError: no data_dir, bad channels or max_pixels, with_labels without
+            class subfolders, images beside class subfolders, class subfolders
             without images.
         FileNotFoundError: the folder does not exist.
         EmptyDatasetError: no image files.
-        CorruptImageError: a file that is not a whole PNG/JPEG (named).
+        CorruptImageError: a file that is not a regular file or not a whole
+            PNG/JPEG (named).
+        ImageTooLargeError: a probed image above `max_pixels` (named).
     """
     check_channels_value(channels)
+    check_max_pixels_value(max_pixels)
     if data_dir is None:
         raise ValueError(
             "Dataset 'image_folder' needs data_dir: the folder of PNG/JPEG files "
@@ -150,7 +276,7 @@ def scan_image_folder(data_dir, with_labels=False, channels=None, check_all=True
     entries = sorted(e for e in os.listdir(root) if _visible(e))
     subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
     top_files = [os.path.join(root, e) for e in entries
-                 if _is_image_name(e) and os.path.isfile(os.path.join(root, e))]
+                 if _is_image_name(e) and not os.path.isdir(os.path.join(root, e))]
     per_class = {d: _image_files(os.path.join(root, d)) for d in subdirs}
     if any(per_class.values()):
         if top_files:
@@ -184,12 +310,15 @@ def scan_image_folder(data_dir, with_labels=False, channels=None, check_all=True
             "(labels are the subfolder names); use with_labels=False or put each "
             "class in its own subfolder."
         )
-    modes = [_probe_image(f) for f in (files if check_all else files[:1])]
+    for f in files:
+        _check_regular(f)
+    modes = [_probe_image(f, max_pixels) for f in (files if check_all else files[:1])]
     if channels is None:
         channels = 1 if modes[0] in _GRAY_MODES else 3
     return ImageFolder(root=root, files=tuple(files),
                        labels=np.asarray(labels, np.int32),
-                       class_names=class_names, channels=int(channels))
+                       class_names=class_names, channels=int(channels),
+                       max_pixels=int(max_pixels))
 
 
 
@@ -201,34 +330,130 @@ def check_channels_value(channels):
         )
 
 
-def decode_square(path, channels):
-    """One image file as uint8 (side, side, channels): EXIF orientation applied,
-    converted to `channels`, then the largest centered square cropped (the offsets
-    of `tf.image.resize_with_crop_or_pad`). Pillow decodes on both pipelines, so
-    tf.data and numpy see the same bytes (TensorFlow's own decoders differ from
-    Pillow's in grayscale conversion and JPEG details)."""
-    from PIL import ImageOps, Image
+def shrunk_side(side, size):
+    """The side `decode_square` shrinks a square of `side` to for output side `size`:
+    `_KEEP_TIMES_OUTPUT * size` once the square is at least twice that, else `side`
+    (also when `size` is None)."""
+    if size is None or side < 2 * _KEEP_TIMES_OUTPUT * int(size):
+        return int(side)
+    return _KEEP_TIMES_OUTPUT * int(size)
+
+
+def _draft_jpeg(im, size):
+    """Makes a JPEG decode at 1/2, 1/4 or 1/8 scale (DCT scaling: a fraction of the
+    memory and time) where its short side stays at least `_KEEP_TIMES_OUTPUT * size`.
+    `im.mode` keeps the colour conversion unchanged.
+
+    Returns:
+        The scale: 1 (full), 2, 4 or 8. The reduced image's size is rounded up, so
+        source pixel `x` is at `x / scale` in it, exactly.
+    """
+    width, height = im.size
+    ratio = _KEEP_TIMES_OUTPUT * size / min(width, height)
+    if ratio >= 1:
+        return 1
+    drafted = im.draft(im.mode, (math.ceil(width * ratio), math.ceil(height * ratio)))
+    # draft() answers (mode, (0, 0, width / scale, height / scale)), or None.
+    return 1 if drafted is None else round(width / drafted[1][2])
+
+
+def _orientation(im):
+    from PIL import ExifTags
+
+    return im.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def _transpose_method(orientation):
+    """The transposition that turns an image with this EXIF orientation upright (as
+    `PIL.ImageOps.exif_transpose` does), or None."""
+    from PIL import Image
+
+    return {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}.get(orientation)
+
+
+def _stored_box(box, orientation, w, h):
+    """A box `(l, t, r, b)` of the upright image, as the box of the stored
+    (un-transposed) `w` x `h` image that becomes it once transposed."""
+    l, t, r, b = box
+    return {1: (l, t, r, b), 2: (w - r, t, w - l, b), 3: (w - r, h - b, w - l, h - t),
+            4: (l, h - b, r, h - t), 5: (t, l, b, r), 6: (t, h - r, b, h - l),
+            7: (w - b, h - r, w - t, h - l), 8: (w - b, l, w - t, r)}.get(orientation,
+                                                                         (l, t, r, b))
+
+
+def _to_uint8(im, channels):
+    """A Pillow image as uint8 (H, W, channels)."""
+    from PIL import Image
+
+    if im.mode.startswith("I") or im.mode == "F":
+        # 16-bit grayscale PNG: Pillow's convert("L") clips at 255 instead of
+        # scaling, so scale 0..65535 to 0..255 here (float32 rounds x/257 exactly
+        # as float64 does: no x/257 is within 1e-3 of a .5).
+        gray = np.asarray(im, np.float32) / np.float32(257.0)
+        im = Image.fromarray(np.clip(np.round(gray), 0, 255).astype(np.uint8))
+    return im.convert("L" if channels == 1 else "RGB")
+
+
+def decode_square(path, channels, size=None, max_pixels=MAX_IMAGE_PIXELS):
+    """One image file as uint8 (side, side, channels): EXIF orientation applied, the
+    largest centered square cropped (the offsets of
+    `tf.image.resize_with_crop_or_pad`), converted to `channels` and, given the
+    output side `size`, shrunk to `shrunk_side(side, size)` (JPEG: partly by
+    decoding at a reduced scale; then a box filter over each output pixel's exact
+    footprint, so the square's geometry is kept).
+
+    Pillow decodes on both pipelines, so tf.data and numpy see the same bytes
+    (TensorFlow's own decoders differ from Pillow's in grayscale conversion and
+    JPEG details); both then resize the square to `size` the same way.
+
+    Args:
+        path: the file (str, bytes or a numpy bytes scalar from tf.data).
+        channels: 1 or 3.
+        size: the output side the square will be resized to, or None to keep the
+            square at full size.
+        max_pixels: the pixel cap (see `scan_image_folder`).
+
+    Returns:
+        uint8 `(side, side, channels)`; with `size`, `side < 4 * size` unless the
+        source square is smaller.
+
+    Raises:
+        CorruptImageError: not a regular file, or not a readable PNG/JPEG.
+        ImageTooLargeError: more pixels than `max_pixels` (checked before decoding).
+    """
+    from PIL import Image
 
     path = os.fsdecode(path)
+    f, im = _open_image(path, max_pixels)
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode.startswith("I") or im.mode == "F":
-                # 16-bit grayscale PNG: Pillow's convert("L") clips at 255
-                # instead of scaling, so scale 0..65535 to 0..255 here.
-                gray = np.asarray(im, np.float64) / 257.0
-                arr = np.clip(np.round(gray), 0, 255).astype(np.uint8)[..., None]
-                arr = arr if channels == 1 else np.repeat(arr, 3, axis=-1)
+        with f, im:
+            # The square is cut (and shrunk) from the image as stored, then turned
+            # upright: the crop box is the upright image's, mapped back; so a large
+            # image is never copied whole to be transposed.
+            orientation = _orientation(im)
+            w, h = im.size
+            upright_w, upright_h = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+            side = min(w, h)
+            top, left = (upright_h - side) // 2, (upright_w - side) // 2
+            box = _stored_box((left, top, left + side, top + side), orientation, w, h)
+            target = shrunk_side(side, size)
+            scale = _draft_jpeg(im, size) if (
+                target != side and im.format == "JPEG") else 1
+            if scale > 1:  # the JPEG decodes reduced: source x is at x / scale
+                square = _to_uint8(im, channels).resize(
+                    (target, target), Image.Resampling.BOX,
+                    box=tuple(c / scale for c in box))
             else:
-                arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-                arr = arr.reshape(arr.shape[:2] + (channels,))
+                square = _to_uint8(im.crop(box), channels)
+                if target != side:
+                    square = square.resize((target, target), Image.Resampling.BOX)
+            method = _transpose_method(orientation)
+            if method is not None:
+                square = square.transpose(method)
     except _pillow_errors() as e:
-        raise CorruptImageError(
-            f"{path}: not a readable PNG/JPEG image ({type(e).__name__}: {e}); "
-            "remove or replace the file."
-        ) from e
-    h, w = arr.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    return np.ascontiguousarray(arr[top:top + side, left:left + side])
-
+        raise _unreadable(path, e) from e
+    arr = np.asarray(square)
+    return np.ascontiguousarray(arr.reshape(arr.shape[:2] + (channels,)))

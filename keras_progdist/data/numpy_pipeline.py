@@ -27,7 +27,8 @@ from typing import Iterator
 import numpy as np
 
 from keras_progdist.data.errors import EmptyDatasetError
-from keras_progdist.data.image_folder import decode_square, scan_image_folder
+from keras_progdist.data.image_folder import (MAX_IMAGE_PIXELS, decode_square,
+                                              scan_image_folder)
 from keras_progdist.data.registry import check_not_empty, in_memory_source
 
 
@@ -212,28 +213,63 @@ def preprocess_array(spec, images, size, resize, chunk=8192):
     return np.concatenate(out).astype(np.float32)
 
 
-def folder_arrays(files, size, channels, chunk=256):
+# The squares `folder_arrays` holds at once (uint8 bytes) before resizing them as
+# float32 groups of one side: large enough that small images (28x28) resize a few
+# thousand at a call, small enough that the float32 group stays ~100 MB.
+_RESIZE_GROUP_BYTES = 24 * 2 ** 20
+
+
+def folder_arrays(files, size, channels, max_pixels=MAX_IMAGE_PIXELS):
     """Decoded, cropped and resized images as float32 (N, size, size, C) in
     [0, 255], with `keras.ops` (no TensorFlow needed): the numpy twin of the
-    tf.data path's `decode_square` + `preprocess_fn`. Images are resized in
-    groups of equal side, `chunk` files at a time, to bound host memory."""
+    tf.data path's `decode_square` + `preprocess_fn`.
+
+    Memory is bounded by `size`, not by the source images: files are decoded one at
+    a time (`decode_square` shrinks each square below `4 * size` per side at once),
+    and the squares wait for their resize in groups of one side that together hold
+    at most about `_RESIZE_GROUP_BYTES`. Besides the output, the peak is one decode
+    (at most `max_pixels` pixels) plus ~5x `_RESIZE_GROUP_BYTES`.
+
+    Args:
+        files: image paths.
+        size: the output side.
+        channels: 1 or 3.
+        max_pixels: the pixel cap (see `image_folder.scan_image_folder`).
+
+    Returns:
+        float32 `(len(files), size, size, channels)`.
+
+    Raises:
+        CorruptImageError, ImageTooLargeError: a file that cannot be decoded
+            (named).
+    """
+    out = np.empty((len(files), size, size, channels), np.float32)
+    pending, pending_bytes = {}, 0  # side -> [(index, square)]
+    for i, path in enumerate(files):
+        square = decode_square(path, channels, size=size, max_pixels=max_pixels)
+        if square.shape[0] == size:  # same-size antialiased bilinear is the identity
+            out[i] = square
+            continue
+        pending.setdefault(square.shape[0], []).append((i, square))
+        pending_bytes += square.nbytes
+        if pending_bytes >= _RESIZE_GROUP_BYTES:
+            _resize_into(out, pending, size)
+            pending, pending_bytes = {}, 0
+    _resize_into(out, pending, size)
+    return out
+
+
+def _resize_into(out, pending, size):
+    """Resizes each side's group of squares (antialiased bilinear, as tf.data's
+    `preprocess_fn`) into its rows of `out`."""
     import keras
 
-    out = np.empty((len(files), size, size, channels), np.float32)
-    for start in range(0, len(files), chunk):
-        squares = [decode_square(f, channels) for f in files[start:start + chunk]]
-        by_side = {}
-        for i, square in enumerate(squares):
-            by_side.setdefault(square.shape[0], []).append(i)
-        for side, members in by_side.items():
-            batch = np.stack([squares[i] for i in members]).astype(np.float32)
-            if side != size:  # same-size antialiased bilinear is the identity
-                batch = keras.ops.convert_to_numpy(keras.ops.image.resize(
-                    batch, (size, size), interpolation="bilinear", antialias=True,
-                    data_format="channels_last"))
-                batch = np.clip(batch, 0.0, 255.0)
-            out[[start + i for i in members]] = batch
-    return out
+    for members in pending.values():
+        batch = np.stack([square for _, square in members]).astype(np.float32)
+        batch = keras.ops.convert_to_numpy(keras.ops.image.resize(
+            batch, (size, size), interpolation="bilinear", antialias=True,
+            data_format="channels_last"))
+        out[[i for i, _ in members]] = np.clip(batch, 0.0, 255.0)
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -255,7 +291,7 @@ def numpy_batches(spec, split, data_dir, folder, size, resize, batch_size, **kwa
     if folder is not None:
         # Each process decodes only its own files.
         files = folder.files[index::count]
-        images = folder_arrays(files, size, folder.channels)
+        images = folder_arrays(files, size, folder.channels, folder.max_pixels)
         labels, total = folder.labels[index::count], len(folder.files)
     else:
         images, labels = in_memory_source(spec, split, data_dir)
@@ -269,13 +305,16 @@ def numpy_batches(spec, split, data_dir, folder, size, resize, batch_size, **kwa
 
 
 
-def array_images(spec, split, data_dir, size, resize, limit, channels):
+def array_images(spec, split, data_dir, size, resize, limit, channels,
+                 max_pixels=MAX_IMAGE_PIXELS):
     """`load_images` of an in-memory dataset or image folder (no TensorFlow needed):
-    uint8 images and int32 labels (None for a folder without class subfolders)."""
+    uint8 images and int32 labels (None for a folder without class subfolders).
+    `max_pixels` is an image folder's pixel cap (see `scan_image_folder`)."""
     if spec.source == "folder":
-        folder = scan_image_folder(data_dir, channels=channels)
+        folder = scan_image_folder(data_dir, channels=channels, max_pixels=max_pixels)
         files, labels = folder.files[:limit], folder.labels[:limit]
-        images = np.round(folder_arrays(files, size, folder.channels)).astype(np.uint8)
+        images = np.round(folder_arrays(files, size, folder.channels,
+                                        folder.max_pixels)).astype(np.uint8)
         return images, (labels if folder.class_names else None)
     images, labels = in_memory_source(spec, split, data_dir)
     if limit is not None:

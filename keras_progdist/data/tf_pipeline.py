@@ -85,12 +85,16 @@ def preprocess_fn(spec, size, resize):
     return fn
 
 
-def folder_decode_fn(channels):
-    """A file path tensor -> uint8 (side, side, channels), via Pillow."""
+def folder_decode_fn(folder, size):
+    """A file path tensor -> uint8 (side, side, channels) via Pillow, shrunk for
+    output side `size` and within the folder's pixel cap (`decode_square`), as the
+    numpy pipeline decodes it."""
+    channels, max_pixels = folder.channels, folder.max_pixels
 
     def decode(path):
-        image = tf.numpy_function(lambda p: decode_square(p, channels), [path],
-                                  tf.uint8, stateful=False)
+        image = tf.numpy_function(
+            lambda p: decode_square(p, channels, size=size, max_pixels=max_pixels),
+            [path], tf.uint8, stateful=False)
         return tf.ensure_shape(image, (None, None, channels))
 
     return decode
@@ -119,7 +123,7 @@ def tf_dataset(spec, split, data_dir, manual_dir, folder, size, resize, *, batch
         ds = ds.repeat()
 
     preprocess = preprocess_fn(spec, size, resize)
-    decode = folder_decode_fn(folder.channels) if folder is not None else None
+    decode = folder_decode_fn(folder, size) if folder is not None else None
 
     def to_model_range(image, label):
         if decode is not None:  # image folders: `image` is the file's path

@@ -31,6 +31,7 @@ import math
 import os
 import re
 import time
+import zipfile
 
 import numpy as np
 
@@ -155,20 +156,111 @@ def protocol(num_samples: int, seed: int, batch_size: int, num_steps: int, image
             "backend": keras.backend.backend()}
 
 
-def read_manifest(path: str) -> dict:
-    """A manifest, checked for its format.
-
-    Raises:
-        SampleFilesError: unreadable or not a samples manifest.
-    """
+def _load_json(path: str):
     try:
         with open(path) as f:
-            manifest = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as e:
         raise SampleFilesError(f"{path}: unreadable sample manifest ({e})") from e
+
+
+def read_manifest(path: str) -> dict:
+    """A manifest, checked for its format and its contents (`check_manifest`), and
+    that its `model` is its file's name (`<model>.json`).
+
+    Raises:
+        SampleFilesError: unreadable, not a samples manifest, or a field that is
+            missing, of the wrong type, or names a file outside its folder.
+    """
+    manifest = _load_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SampleFilesError(f"{path} is not a {FORMAT} manifest")
+    check_manifest(manifest, path)
+    stem = os.path.basename(path)[:-len(".json")] if path.endswith(".json") else None
+    if manifest["model"] != stem:
+        raise SampleFilesError(f"{path}: model {manifest['model']!r} is not the "
+                               "manifest's own name (<model>.json)")
     return manifest
+
+
+# What a manifest's names may be: they become file names in the sample folder and in
+# the scores' folder (`<model>.json`, `<kind>_<steps>steps.png`), so plain names only.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _plain_name(value) -> bool:
+    return isinstance(value, str) and bool(_PLAIN_NAME.match(value)) and ".." not in value
+
+
+def check_manifest(manifest, where: str = "manifest") -> None:
+    """Checks every field a reader of the manifest uses, before any file is read.
+
+    Names are plain file names inside the folder: `model`, `kind` (and `stage`)
+    letters, digits, `_`, `.` and `-` (no `..`, no separator, not absolute), and each
+    `files[i].name` exactly `part_name(model, index)`. Counts and steps are ints
+    (`num_steps` and `kind` are required: scores are filed under them),
+    `image_shape` three positive ints with 1 or 3 channels, sha256 digests 64 hex
+    digits.
+
+    Args:
+        manifest: the parsed JSON.
+        where: the manifest's path, for the message.
+
+    Raises:
+        SampleFilesError: naming `where` and the first bad field.
+    """
+    def bad(field, value, want):
+        raise SampleFilesError(f"{where}: {field}={value!r} is not {want}; the manifest "
+                               "is damaged or was not written by --mode=sample")
+
+    if not isinstance(manifest, dict):
+        bad("manifest", type(manifest).__name__, "a JSON object")
+    model = manifest.get("model")
+    if not _plain_name(model):
+        bad("model", model, "a plain file name (letters, digits, '_', '.', '-')")
+    for field in ("kind", "stage"):
+        if (field == "kind" or field in manifest) and not _plain_name(manifest.get(field)):
+            bad(field, manifest.get(field), "a plain name (letters, digits, '_', '.', '-')")
+    if not _is_int(manifest.get("num_steps"), 1):
+        bad("num_steps", manifest.get("num_steps"), "a positive int")
+    if not isinstance(manifest.get("weights_sha256"), str):
+        bad("weights_sha256", manifest.get("weights_sha256"), "a string")
+    proto = manifest.get("protocol")
+    if not isinstance(proto, dict):
+        bad("protocol", proto, "a JSON object")
+    for field, low in (("num_samples", 1), ("seed", -2 ** 63), ("noise_batch_size", 1),
+                       ("num_steps", 1)):
+        if not _is_int(proto.get(field), low):
+            bad(f"protocol.{field}", proto.get(field), f"an int >= {low}"
+                if low > -2 ** 63 else "an int")
+    shape = proto.get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(_is_int(n, 1) for n in shape) and shape[2] in (1, 3)):
+        bad("protocol.image_shape", shape, "[height, width, channels] (channels 1 or 3)")
+    if not isinstance(manifest.get("complete", False), bool):
+        bad("complete", manifest.get("complete"), "true or false")
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        bad("files", files, "a list")
+    for i, entry in enumerate(files):
+        if not isinstance(entry, dict):
+            bad(f"files[{i}]", entry, "a JSON object")
+        index = entry.get("index")
+        if not _is_int(index):
+            bad(f"files[{i}].index", index, "an int >= 0")
+        if entry.get("name") != part_name(model, index):
+            bad(f"files[{i}].name", entry.get("name"),
+                f"{part_name(model, index)!r} (a file of this model in this folder)")
+        for field, low in (("start", 0), ("count", 1)):
+            if not _is_int(entry.get(field), low):
+                bad(f"files[{i}].{field}", entry.get(field), f"an int >= {low}")
+        if not (isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])):
+            bad(f"files[{i}].sha256", entry.get("sha256"), "a sha256 hex digest")
 
 
 def manifest_path(sample_dir: str, name: str) -> str:
@@ -176,13 +268,21 @@ def manifest_path(sample_dir: str, name: str) -> str:
 
 
 def find_manifests(sample_dir: str) -> list:
-    """The manifests in `sample_dir` (only those of the samples format), sorted by name."""
+    """The manifests in `sample_dir`, sorted by name. JSON files of another kind
+    (no samples `format`) are passed over; a samples manifest that fails its checks
+    is refused.
+
+    Raises:
+        SampleFilesError: a samples manifest with a bad field (see `check_manifest`).
+    """
     out = []
     for path in sorted(glob.glob(os.path.join(glob.escape(sample_dir), "*.json"))):
         try:
-            out.append(read_manifest(path))
+            found = _load_json(path)
         except SampleFilesError:
             continue
+        if isinstance(found, dict) and found.get("format") == FORMAT:
+            out.append(read_manifest(path))
     return out
 
 
@@ -200,6 +300,7 @@ def check_complete(manifest: dict, sample_dir: str, verify_sha256: bool = True) 
     Raises:
         SampleFilesError: incomplete, a file missing or damaged.
     """
+    check_manifest(manifest, manifest_path(sample_dir, str(manifest.get("model"))))
     name = manifest["model"]
     total = manifest["protocol"]["num_samples"]
     if not manifest.get("complete"):
@@ -213,8 +314,12 @@ def check_complete(manifest: dict, sample_dir: str, verify_sha256: bool = True) 
                                    f"expected {position}")
         position += entry["count"]
         path = os.path.join(sample_dir, entry["name"])
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise SampleFilesError(f"{name}: {path} is missing")
+        if os.path.islink(path) or not os.path.isfile(path):
+            raise SampleFilesError(f"{name}: {path} is not a regular file in the folder "
+                                   "(a link or something else); sample files are read "
+                                   "only from the folder itself")
         if verify_sha256 and fileio.sha256_file(path) != entry["sha256"]:
             raise SampleFilesError(f"{name}: {path} does not match its sha256 in the "
                                    "manifest (damaged or replaced)")
@@ -223,18 +328,88 @@ def check_complete(manifest: dict, sample_dir: str, verify_sha256: bool = True) 
                                f"says {total}")
 
 
-def read_part(path: str) -> np.ndarray:
-    """The uint8 `arr_0` of one sample file."""
-    with np.load(path, allow_pickle=False) as data:
-        return data["arr_0"]
+def _npz_header(zf, member: str, path: str):
+    """`(shape, fortran_order, dtype)` from the .npy header of `member`, read without
+    reading the array."""
+    try:
+        with zf.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                return np.lib.format.read_array_header_1_0(f)
+            if version == (2, 0):
+                return np.lib.format.read_array_header_2_0(f)
+            raise ValueError(f"npy format version {version}")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise SampleFilesError(f"{path}: {member} is not a readable .npy array "
+                               f"({type(e).__name__}: {e})") from None
+
+
+def read_part(path: str, count: int | None = None, image_shape=None) -> np.ndarray:
+    """The uint8 `arr_0` of one sample file, checked before it is read.
+
+    Args:
+        path: the npz file.
+        count: the samples it must hold (the manifest's `count`), or None.
+        image_shape: the `(H, W, C)` each sample must have (the manifest's
+            `protocol.image_shape`, the model's), or None.
+
+    Returns:
+        uint8 `(count, H, W, C)`.
+
+    Raises:
+        SampleFilesError: not an npz, no `arr_0`, not uint8 NHWC (e.g. float,
+            object or 2-channel arrays), or another count or image shape than asked;
+            the header is checked before the array is read.
+    """
+    try:
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise SampleFilesError(f"{path}: not a readable npz file ({e})") from None
+    with zf:
+        if "arr_0.npy" not in zf.namelist():
+            raise SampleFilesError(f"{path}: no arr_0 (the samples) in the npz file")
+        shape, _, dtype = _npz_header(zf, "arr_0.npy", path)
+        want = ((count if count is not None else "N",)
+                + (tuple(image_shape) if image_shape is not None else ("H", "W", "C")))
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3) or (
+                count is not None and shape[0] != count) or (
+                image_shape is not None and tuple(shape[1:]) != tuple(image_shape)):
+            raise SampleFilesError(
+                f"{path}: arr_0 is {dtype} {tuple(shape)}; sample files hold uint8 "
+                f"images {want} (NHWC, as the manifest says)")
+        with np.load(path, allow_pickle=False) as data:
+            try:
+                return data["arr_0"]
+            except (OSError, ValueError, zipfile.BadZipFile) as e:
+                raise SampleFilesError(f"{path}: arr_0 cannot be read ({e})") from None
+
+
+def _entry_part(manifest: dict, sample_dir: str, entry: dict) -> np.ndarray:
+    return read_part(os.path.join(sample_dir, entry["name"]), entry["count"],
+                     manifest["protocol"]["image_shape"])
+
+
+def check_image_shape(manifest: dict, image_shape) -> None:
+    """Refuses a manifest whose samples are not of `image_shape` `(H, W, C)` (the
+    run's: scores against other-sized images mean nothing).
+
+    Raises:
+        SampleFilesError: naming the model and both shapes.
+    """
+    have = tuple(manifest["protocol"]["image_shape"])
+    if have != tuple(int(n) for n in image_shape):
+        raise SampleFilesError(f"{manifest['model']}: samples of shape {have}, but this "
+                               f"run's images are {tuple(image_shape)}")
 
 
 def iter_batches(manifest: dict, sample_dir: str, batch_size: int):
     """The model's samples as uint8 arrays of `batch_size` (the last may be shorter),
-    read file by file, so memory holds one file and one batch at a time."""
+    read file by file, so memory holds one file and one batch at a time. Each file
+    is checked by `read_part` against its manifest entry."""
+    check_manifest(manifest, manifest_path(sample_dir, str(manifest.get("model"))))
     pending, size = [], 0
     for entry in manifest["files"]:
-        pending.append(read_part(os.path.join(sample_dir, entry["name"])))
+        pending.append(_entry_part(manifest, sample_dir, entry))
         size += len(pending[-1])
         while size >= batch_size:
             buffer = np.concatenate(pending)
@@ -245,12 +420,14 @@ def iter_batches(manifest: dict, sample_dir: str, batch_size: int):
 
 
 def load_samples(manifest: dict, sample_dir: str, count: int | None = None) -> np.ndarray:
-    """The first `count` samples (all when None) as one uint8 array."""
+    """The first `count` samples (all when None) as one uint8 array, each file
+    checked by `read_part` against its manifest entry."""
+    check_manifest(manifest, manifest_path(sample_dir, str(manifest.get("model"))))
     out, have = [], 0
     for entry in manifest["files"]:
         if count is not None and have >= count:
             break
-        out.append(read_part(os.path.join(sample_dir, entry["name"])))
+        out.append(_entry_part(manifest, sample_dir, entry))
         have += len(out[-1])
     samples = np.concatenate(out)
     return samples if count is None else samples[:count]
@@ -265,10 +442,10 @@ def _valid_part(path: str, entry: dict | None, shape) -> bool:
     if fileio.sha256_file(path) != entry["sha256"]:
         return False
     try:
-        arr = read_part(path)
-    except Exception:  # noqa: BLE001  any unreadable file is simply made again
+        read_part(path, entry["count"], shape)
+    except (SampleFilesError, KeyError, TypeError):  # an unusable file is made again
         return False
-    return arr.dtype == np.uint8 and arr.shape == (entry["count"],) + tuple(shape)
+    return True
 
 
 def _log(verbose: int, message: str) -> None:

