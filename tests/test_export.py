@@ -556,7 +556,8 @@ def test_serving_limits_are_enforced_in_every_signature(exported):
     import tensorflow as tf
 
     paths = export.stage_paths(exported["export_dir"], NAME, exported["steps"][-1])
-    limits = {"max_steps": 1024, "max_batch": 256}  # the defaults for a 2-step stage
+    # The defaults for a 2-step stage.
+    limits = {"max_steps": 1024, "max_batch": 256, "max_cost": 8192}
     assert export.read_version_metadata(paths["saved_model"])["limits"] == limits
     with open(paths["keras_metadata"]) as f:
         assert json.load(f)["limits"] == limits
@@ -599,7 +600,7 @@ def test_limits_are_set_at_export(tmp_path):
 
     record = export.export_stages([("s", 2, model)], export_dir, "lim", max_steps=6,
                                   max_batch=3)["stages"][0]
-    assert record["limits"] == {"max_steps": 6, "max_batch": 3}
+    assert record["limits"] == {"max_steps": 6, "max_batch": 3, "max_cost": 6 * (3 + 16)}
     metadata = export.read_version_metadata(record["saved_model"])
     assert metadata["limits"] == record["limits"]
     loaded = tf.saved_model.load(record["saved_model"])
@@ -610,7 +611,7 @@ def test_limits_are_set_at_export(tmp_path):
     _expect_refused(serve, "seed holds more than max_batch=3",
                     seed=np.arange(4, dtype=np.int32))
     # Other limits are another model to serve: a new version, not "up to date".
-    other = {**metadata, "limits": {"max_steps": 6, "max_batch": 4}}
+    other = {**metadata, "limits": {"max_steps": 6, "max_batch": 4, "max_cost": 120}}
     base = os.path.dirname(record["saved_model"])
     assert export._plan_version(base, other, None, False) == {"version": 2, "action": "new"}
     assert export._plan_version(base, metadata, None, False)["action"] == "up to date"
@@ -868,3 +869,40 @@ def test_non_finite_or_huge_noise_is_refused_in_the_graph_naming_the_input(tmp_p
                         z=poisoned, t=np.array([0.5, 0.5], np.float32))
     scaled = generate(noise=tf.constant(noise * 3), steps=tf.constant(2))["images"]
     assert np.isfinite(scaled.numpy()).all()  # deliberately scaled noise still serves
+
+
+def test_default_limits_bound_the_cost_of_one_request(tmp_path):
+    # generate(steps=1024, batch=256) was allowed by the defaults and took 376 s on
+    # the tiny teacher; the defaults now bound a request's cost, steps x (batch + 16),
+    # at 8192 (worst case 21.5 s there: benchmarks/results/serving_worst_case.json).
+    import tensorflow as tf
+
+    from keras_progdist.export.serving_graph import build_archive
+
+    assert export.serving_limits(128) == {"max_steps": 1024, "max_batch": 256,
+                                          "max_cost": 8192}
+    # A stage whose own warm-up costs more still serves it.
+    assert export.serving_limits(32768)["max_cost"] == 32768 * 17
+    # Limits given at export are the caller's choice: no cost bound beyond them.
+    assert export.serving_limits(2, max_batch=512)["max_cost"] == 1024 * (512 + 16)
+    assert export.serving_limits(2, max_cost=100)["max_cost"] == 100
+    with pytest.raises(export.ExportError, match="max_cost=100 is below the cost 2176"):
+        export.serving_limits(128, max_cost=100)
+    with pytest.raises(export.ExportError, match="max_cost must be"):
+        export.serving_limits(2, max_cost=0)
+
+    path = str(tmp_path / "saved_model")
+    build_archive(_small_model(4, num_steps=128)).write_out(path, verbose=False)
+    loaded = tf.saved_model.load(path)
+    serve, generate = loaded.signatures["serving_default"], loaded.signatures["generate"]
+    noise = np.zeros((256, 8, 8, 1), np.float32)
+    start = time.perf_counter()  # each refused before its first step
+    needle = r"steps x \({} batch \+ 16\) must be <= max_cost=8192"
+    _expect_refused(generate, needle.format("noise"), noise=noise[:1],
+                    steps=np.int32(482))  # 482 x 17 > 8192
+    _expect_refused(generate, needle.format("noise"), noise=noise, steps=np.int32(31))
+    _expect_refused(serve, needle.format("seed"), seed=np.arange(49, dtype=np.int32))
+    assert time.perf_counter() - start < 30
+    assert serve(seed=tf.constant([3]))["images"].shape == (1, 8, 8, 1)
+    assert generate(noise=tf.constant(noise), steps=tf.constant(2))["images"].shape[0] \
+        == 256

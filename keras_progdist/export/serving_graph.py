@@ -21,7 +21,9 @@ shape it is fed), values with `tf.debugging` asserts (negative seed, label outsi
 `[0, num_classes)`, a non-finite guidance, non-finite or huge (> `MAX_ABS_LATENT`)
 noise or z, `steps <= 0`, `t` outside [0, 1]), and the
 serving limits fixed at
-export: `1 <= B <= max_batch` in every signature and `steps <= max_steps` in `generate`.
+export: `1 <= B <= max_batch` in every signature, `steps <= max_steps` in `generate`,
+and `steps x (B + 16) <= max_cost` (the request's cost, `settings.request_cost`) in
+`generate` and `serving_default`.
 A bad request fails with `InvalidArgumentError` and the model keeps serving.
 """
 
@@ -33,7 +35,7 @@ import tensorflow as tf
 from keras_progdist import samplers
 from keras_progdist.diffusion import DiffusionModel, network_denoise
 from keras_progdist.export.errors import ExportError
-from keras_progdist.export.settings import serving_limits
+from keras_progdist.export.settings import STEP_OVERHEAD_IMAGES, serving_limits
 
 # The largest |value| `generate` takes as noise and `denoise` as z. The latents are
 # standard normal draws (z_t = alpha x + sigma eps with x in [-1, 1]), so |value| > 10
@@ -89,6 +91,23 @@ def _batch_checks(x, input_name, max_batch):
     ]
 
 
+def _cost_check(steps, batch, input_name, max_cost, after):
+    """Asserts `request_cost(steps, batch) <= max_cost` (in int64: no overflow): a
+    request within `max_steps` and `max_batch` alone could still run for minutes.
+
+    Runs after the checks `after`, so a request over `max_steps` or `max_batch` is
+    named by those limits, whichever op TensorFlow happens to run first.
+    """
+    with tf.control_dependencies(after):
+        cost = tf.cast(steps, tf.int64) * (tf.cast(batch, tf.int64)
+                                           + STEP_OVERHEAD_IMAGES)
+        return [tf.debugging.assert_less_equal(
+            cost, tf.constant(max_cost, tf.int64),
+            message=f"steps x ({input_name} batch + {STEP_OVERHEAD_IMAGES}) must be <= "
+                    f"max_cost={max_cost} (the cost limit set at export): ask for fewer "
+                    "images or steps per request")]
+
+
 def _guidance_checks(guidance, batch, batch_input):
     return [
         tf.debugging.assert_equal(
@@ -120,7 +139,8 @@ def _with_checks(checks, *tensors):
 
 
 def build_archive(model: DiffusionModel, num_steps: int | None = None,
-                  max_steps: int | None = None, max_batch: int | None = None):
+                  max_steps: int | None = None, max_batch: int | None = None,
+                  max_cost: int | None = None):
     """A `keras.export.ExportArchive` with the three signatures of `model`.
 
     Args:
@@ -128,6 +148,8 @@ def build_archive(model: DiffusionModel, num_steps: int | None = None,
         num_steps: the step count of `serving_default` (default: `model.num_steps`).
         max_steps: the most `steps` `generate` accepts (see `serving_limits`).
         max_batch: the most images per request in every signature (see `serving_limits`).
+        max_cost: the most a `generate` or `serving_default` request may cost
+            (`settings.request_cost`; see `serving_limits`).
 
     Returns:
         The archive; `archive.write_out(path)` writes the SavedModel.
@@ -136,8 +158,9 @@ def build_archive(model: DiffusionModel, num_steps: int | None = None,
         raise ExportError("SavedModel export needs the TensorFlow backend; use "
                           "export_workdir, which runs a TensorFlow subprocess.")
     num_steps = int(num_steps or model.num_steps)
-    limits = serving_limits(num_steps, max_steps, max_batch)
-    max_steps, max_batch = limits["max_steps"], limits["max_batch"]
+    limits = serving_limits(num_steps, max_steps, max_batch, max_cost=max_cost)
+    max_steps, max_batch, max_cost = (limits["max_steps"], limits["max_batch"],
+                                      limits["max_cost"])
     network = model.sampling_network
     schedule, parameterization = model.schedule, model.parameterization
     height, width, channels = model.image_shape
@@ -174,6 +197,7 @@ def build_archive(model: DiffusionModel, num_steps: int | None = None,
         guidance = shaped(guidance, [None])
         checks = _batch_checks(seed, "seed", max_batch)
         checks.append(tf.debugging.assert_non_negative(seed, message="seed must be >= 0"))
+        checks += _cost_check(num_steps, tf.shape(seed)[0], "seed", max_cost, checks)
         checks += conditions(tf.shape(seed)[0], "seed", label, guidance)
         seed, label, guidance = _with_checks(checks, seed, label, guidance)
         noise = noise_from_seeds(seed, image_shape)
@@ -189,6 +213,7 @@ def build_archive(model: DiffusionModel, num_steps: int | None = None,
                 steps, tf.constant(max_steps, tf.int32),
                 message=f"steps must be <= max_steps={max_steps} (the limit set at "
                         "export)")]
+        checks += _cost_check(steps, tf.shape(noise)[0], "noise", max_cost, checks)
         checks += _latent_checks(noise, "noise")
         checks += conditions(tf.shape(noise)[0], "noise image", label, guidance)
         noise, steps, label, guidance = _with_checks(checks, noise, steps, label, guidance)

@@ -16,6 +16,18 @@ DEFAULT_VERSION = None
 DEFAULT_MAX_BATCH = 256
 # The default max_steps of a stage is max(DEFAULT_MAX_STEPS, 4 * its own step count).
 DEFAULT_MAX_STEPS = 1024
+# The cost of a request is `steps * (batch + STEP_OVERHEAD_IMAGES)`: a DDIM step costs
+# a fixed overhead plus a share per image, and on a CPU the overhead is worth 15 to 22
+# images (benchmarks/serving_worst_case.py, tiny.gin's teacher net on 2 cores: 20-30 ms
+# a step plus 1.1-1.9 ms a step and image). With max_steps and max_batch at their
+# defaults a request may cost at most DEFAULT_MAX_COST, which keeps every request the
+# defaults allow under 30 s there: the measured worst case is 21.5 s
+# (serving_default, 128 steps x 48 images, on 2 cores at load average 14;
+# benchmarks/results/serving_worst_case.json), against 376 s for generate(steps=1024,
+# batch=256) under the old defaults. A larger network costs more per step in
+# proportion: give its export max_cost (or max_steps and max_batch) to set its bound.
+STEP_OVERHEAD_IMAGES = 16
+DEFAULT_MAX_COST = 8_192
 _INT32_MAX = 2 ** 31 - 1
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -67,9 +79,17 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+def request_cost(steps: int, batch: int) -> int:
+    """The cost of one request of `steps` DDIM steps on `batch` images:
+    `steps * (batch + STEP_OVERHEAD_IMAGES)` (see `DEFAULT_MAX_COST`)."""
+    return int(steps) * (int(batch) + STEP_OVERHEAD_IMAGES)
+
+
 def serving_limits(num_steps: int, max_steps: int | None = None,
-                   max_batch: int | None = None, warmup_batch_sizes=(1,)) -> dict:
-    """The request limits a stage is exported with: `{"max_steps", "max_batch"}`.
+                   max_batch: int | None = None, warmup_batch_sizes=(1,),
+                   max_cost: int | None = None) -> dict:
+    """The request limits a stage is exported with:
+    `{"max_steps", "max_batch", "max_cost"}`.
 
     Args:
         num_steps: the stage's own step count (what `serving_default` runs).
@@ -78,15 +98,24 @@ def serving_limits(num_steps: int, max_steps: int | None = None,
         max_batch: the most images one request of any signature may ask for; default
             `DEFAULT_MAX_BATCH`.
         warmup_batch_sizes: the warm-up request sizes, which must be allowed.
+        max_cost: the most `request_cost(steps, batch)` one `generate` or
+            `serving_default` request may have. Default: with `max_steps` and
+            `max_batch` both at their defaults, `DEFAULT_MAX_COST` (or, for a stage
+            whose own warm-up request costs more, that cost), which bounds the
+            default worst case; with either given, the cost of `max_steps` steps on
+            `max_batch` images (no bound beyond the two given).
 
     Returns:
-        `{"max_steps": int, "max_batch": int}`.
+        `{"max_steps": int, "max_batch": int, "max_cost": int}`.
 
     Raises:
-        ExportError: a limit that is not a positive int32, `max_steps < num_steps`
-            (`serving_default` could never run), or a warm-up batch above `max_batch`.
+        ExportError: a limit that is not a positive int32 (`max_cost` up to 2**62),
+            `max_steps < num_steps` (`serving_default` could never run), a warm-up
+            batch above `max_batch`, or a warm-up request costing more than
+            `max_cost`.
     """
     num_steps = int(num_steps)
+    explicit = max_steps is not None or max_batch is not None
     max_steps = (max(DEFAULT_MAX_STEPS, 4 * num_steps) if max_steps is None
                  else _positive_int("max_steps", max_steps))
     max_batch = (DEFAULT_MAX_BATCH if max_batch is None
@@ -98,4 +127,17 @@ def serving_limits(num_steps: int, max_steps: int | None = None,
     if too_big:
         raise ExportError(f"Warm-up batch sizes {too_big} are outside [1, max_batch="
                           f"{max_batch}]: the server would refuse its own warm-up.")
-    return {"max_steps": max_steps, "max_batch": max_batch}
+    warmup_cost = request_cost(num_steps, max([int(b) for b in warmup_batch_sizes] or [1]))
+    if max_cost is None:
+        max_cost = (request_cost(max_steps, max_batch) if explicit
+                    else max(DEFAULT_MAX_COST, warmup_cost))
+    elif (isinstance(max_cost, bool) or not isinstance(max_cost, (int, np.integer))
+          or not 1 <= max_cost <= 2 ** 62):
+        raise ExportError(f"max_cost must be an integer in [1, 2**62] (steps x (images + "
+                          f"{STEP_OVERHEAD_IMAGES}) of one request), got {max_cost!r}.")
+    max_cost = int(max_cost)
+    if warmup_cost > max_cost:
+        raise ExportError(f"max_cost={max_cost} is below the cost {warmup_cost} of the "
+                          f"warm-up request (the stage's {num_steps} steps): the server "
+                          "would refuse its own warm-up.")
+    return {"max_steps": max_steps, "max_batch": max_batch, "max_cost": max_cost}
