@@ -41,4 +41,5 @@ KERAS_BACKEND=jax "${PYTEST[@]}" -m "not slow" \
   tests/test_image_folder.py tests/test_preemption.py tests/test_workdir.py \
   tests/test_keras_compat.py tests/test_config.py tests/test_samples.py \
   tests/test_report.py tests/test_guidance.py tests/test_guided_benchmark.py \
-  tests/test_distill_diagnostics.py tests/test_bootstrap.py "$@"
+  tests/test_distill_diagnostics.py tests/test_bootstrap.py tests/test_sample_files_checks.py \
+  tests/test_fid_weight_pin.py "$@"

@@ -213,6 +213,11 @@ def test_a_passed_deadline_starts_no_new_model_and_keeps_the_scores(tmp_path, fa
     scores = sorted(f for f in os.listdir(wd.path("eval", "runs")) if f.endswith(".json"))
     assert scores == ["ddim_00001.json", "teacher_00002.json"]
     samples.write_workdir_samples(wd, cfg, verbose=0)
+    # Samples of another size than the run's images are refused, naming both shapes.
+    with pytest.raises(report.EvaluationError, match=r"samples of shape \(8, 8, 1\), but "
+                       r"this run's images are \(16, 16, 1\)"):
+        report.score_sample_dir(wd.path("eval", "samples"), cfg,
+                                {**DATASET, "image_size": 16}, str(tmp_path / "other"))
     with pytest.raises(report.EvaluationInterrupted, match="after 0 of 3 models"):
         report.score_sample_dir(wd.path("eval", "samples"), cfg, DATASET,
                                 str(tmp_path / "scored"), deadline=time.time() - 1)

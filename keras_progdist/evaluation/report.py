@@ -257,11 +257,12 @@ def _score_protocol(cfg: dict, dataset: dict) -> dict:
 
 
 def usable_sample_files(sample_dir: str | None, name: str, weights_sha256: str,
-                        num_steps: int, cfg: dict):
+                        num_steps: int, cfg: dict, image_shape=None):
     """The manifest of `name` in `sample_dir` when its files can stand in for sampling.
 
-    Usable means: complete, every file matching its sha256, the same weights, and
-    the evaluation's num_samples, seed, noise batch size and steps.
+    Usable means: complete, every file matching its sha256, the same weights, the
+    evaluation's num_samples, seed, noise batch size and steps, and (when given) the
+    model's `image_shape`.
 
     Returns:
         `(manifest, None)`, or `(None, why not)`; `(None, None)` when there is none.
@@ -282,6 +283,8 @@ def usable_sample_files(sample_dir: str | None, name: str, weights_sha256: str,
         if found != wanted:
             diff = {k: (found[k], wanted[k]) for k in wanted if found[k] != wanted[k]}
             return None, f"made for other weights or settings (files, eval) = {diff}"
+        if image_shape is not None:
+            sample_files.check_image_shape(manifest, image_shape)
         sample_files.check_complete(manifest, sample_dir)
     except (sample_files.SampleFilesError, KeyError) as e:
         return None, str(e)
@@ -397,7 +400,7 @@ def evaluate_workdir(workdir, cfg: dict, dataset: dict, verbose: int = 1,
         name = sample_files.model_name(kind, steps)
         path = os.path.join(out_dir, "runs", f"{name}.json")
         manifest, why_not = usable_sample_files(sample_dir, name, run["weights_sha256"],
-                                                steps, cfg)
+                                                steps, cfg, run["model"].image_shape)
         key = {**protocol, "weights_sha256": run["weights_sha256"]}
         if manifest is not None:
             key["samples_sha256"] = sample_files.samples_sha256(manifest)
@@ -532,7 +535,15 @@ def score_sample_dir(sample_dir: str, cfg: dict, dataset: dict, out_dir: str | N
     out_dir = out_dir or sample_dir
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     manifests = []
+    size = with_dataset_defaults(dataset).get("image_size")
     for manifest in sample_files.find_manifests(sample_dir):
+        if size:  # the run's images are size x size; the channels are the data's
+            try:
+                shape = manifest["protocol"]["image_shape"]
+                sample_files.check_image_shape(manifest, (size, size, shape[-1]))
+            except sample_files.SampleFilesError as e:
+                # Scores against real images of another size would mean nothing.
+                raise EvaluationError(f"{sample_dir}: {e}") from None
         try:
             sample_files.check_complete(manifest, sample_dir)
         except sample_files.SampleFilesError as e:
