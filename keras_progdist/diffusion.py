@@ -206,6 +206,11 @@ class DiffusionModel(keras.Model):
             self.ema_network.trainable = False
             copy_weights(network, self.ema_network)
         self._compiled_samplers = {}
+        # Every variable (both networks', the seed state) exists by now: `call` adds
+        # none. Say so, as a `build()` would: otherwise a model never run through
+        # `__call__` (a student from `Distiller.student_model`, a reloaded `.keras`
+        # model) is "not built", so `save()` warns and `count_params()` raises.
+        self.built = True
 
     # -- properties -----------------------------------------------------------------
     @property
