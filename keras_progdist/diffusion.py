@@ -158,8 +158,11 @@ class DiffusionModel(keras.Model):
     Example:
         >>> model = DiffusionModel(UNet((16, 16, 1), channels=16, channel_mult=(1, 2)))
         >>> model.compile(optimizer=make_optimizer(2e-4))
-        >>> model.fit(dataset, steps_per_epoch=100)  # doctest: +SKIP
+        >>> model.fit(dataset, steps_per_epoch=100, shuffle=False)  # doctest: +SKIP
         >>> images = model.sample(batch_size=16, num_steps=64, seed=0)  # doctest: +SKIP
+
+    `make_dataset` streams are shuffled already: Keras' default `shuffle=True` cannot
+    apply to a `tf.data` stream and only makes `fit` warn that it is ignored.
     """
 
     def __init__(self, network, schedule="cosine", parameterization: str = "v",
@@ -206,6 +209,11 @@ class DiffusionModel(keras.Model):
             self.ema_network.trainable = False
             copy_weights(network, self.ema_network)
         self._compiled_samplers = {}
+        # Every variable (both networks', the seed state) exists by now: `call` adds
+        # none. Say so, as a `build()` would: otherwise a model never run through
+        # `__call__` (a student from `Distiller.student_model`, a reloaded `.keras`
+        # model) is "not built", so `save()` warns and `count_params()` raises.
+        self.built = True
 
     # -- properties -----------------------------------------------------------------
     @property

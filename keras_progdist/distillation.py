@@ -131,6 +131,7 @@ class Distiller(keras.Model):
             shape=(), initializer=keras.initializers.Constant(float(num_steps)),
             trainable=False, name="student_steps")
         self.seed_generator = keras.random.SeedGenerator(seed, name="distill_seed")
+        self.built = True  # all variables exist (see DiffusionModel.__init__)
 
     @property
     def num_classes(self):
@@ -249,7 +250,7 @@ class Distiller(keras.Model):
                                jit_compile=jit_compile,
                                steps_per_execution=steps_per_execution)
             self.fit(dataset, epochs=1, steps_per_epoch=updates_per_stage,
-                     callbacks=callbacks, verbose=verbose)
+                     callbacks=callbacks, verbose=verbose, shuffle=False)
             students.append(self.student_model(num_steps))
             network = students[-1].network
             num_steps //= 2
