@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from helpers.pipeline_runs import ROOT, SMALL, env
@@ -230,3 +231,34 @@ def test_damaged_checkpoint_record_is_one_library_error(tmp_path, field, value):
     assert isinstance(info.value, KerasProgdistError)
     assert "is damaged" in str(info.value) and field.split(".")[-1] in str(info.value)
     assert "re-run the same command" in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["wrong_shape", "missing_array", "not_npz"])
+def test_weights_rewritten_with_a_matching_sha256_are_one_library_error(tmp_path, damage):
+    """An npz replaced by other contents, its record's sha256 updated to match: the
+    arrays are checked against the record before any variable is assigned."""
+    import hashlib
+    import json
+
+    from helpers.finished_workdir import make_finished_workdir
+    from keras_progdist.checkpoint import CheckpointError
+    from keras_progdist.workdir import WorkDir
+
+    make_finished_workdir(tmp_path)
+    record_path = tmp_path / "teacher" / "final.json"
+    record = json.loads(record_path.read_text())
+    npz_path = tmp_path / "teacher" / record["weights_file"]
+    with np.load(npz_path) as arrays:
+        arrays = {k: arrays[k] for k in arrays.files}
+    if damage == "wrong_shape":
+        arrays["v00000"] = np.zeros((3,), "float32")
+    if damage == "missing_array":
+        del arrays[sorted(arrays)[-1]]
+    if damage == "not_npz":
+        npz_path.write_bytes(b"not a zip file")
+    else:
+        np.savez(npz_path, **arrays)
+    record["sha256"] = hashlib.sha256(npz_path.read_bytes()).hexdigest()
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="re-run the same command"):
+        WorkDir(str(tmp_path)).stage_model("teacher")
