@@ -2,8 +2,12 @@
 traceback, and no work directory created (nor anything written into an existing one).
 
 The first group is refused before Keras is imported (`bin/preflight.py`), in well under
-a second of work; the second needs the library's own checks (gin, data, U-Net, bounds),
-which run after the import and before the lock, so before anything is created.
+a second of work: those tests run `bin/run.py` where importing Keras fails, so only a
+refusal before the import passes. The second needs the library's own checks (gin, data,
+U-Net, bounds), which run after the import and before the lock, so before anything is
+created; each costs a Keras and TensorFlow import, so they are marked slow (the same
+checks run in process, without the command line, in `test_pipeline.py`). The last group
+damages checkpoint records and weights files and reads them with the library.
 """
 
 import os
@@ -174,6 +178,7 @@ BAD_BINDINGS = {
 }
 
 
+@pytest.mark.slow  # a Keras (and TensorFlow) import each: 15-30 s, more under load
 @pytest.mark.parametrize("case", sorted(BAD_BINDINGS))
 def test_bad_binding(tmp_path, case):
     bindings, expected = BAD_BINDINGS[case]
@@ -182,6 +187,7 @@ def test_bad_binding(tmp_path, case):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_file", [False, True], ids=["empty", "no_images"])
 def test_image_folder_without_images(tmp_path, with_file):
     folder = _image_folder(tmp_path, with_file)
@@ -192,6 +198,7 @@ def test_image_folder_without_images(tmp_path, with_file):
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_relative_include_from_outside_gin_resolves_in_gin(tmp_path):
     """A gin file of the user's own that includes `tiny.gin` by its bare name: the
     include is found in gin/ (so the run gets as far as the user's bad binding)."""
