@@ -130,9 +130,15 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
-def check_workdir(workdir: str, mode: str) -> None:
+def check_workdir(workdir: str, mode: str, probe_lock: bool = True) -> None:
     """The work directory can serve `mode`: it exists if the mode needs a trained one,
-    is a folder, can be written (all modes but export) and is not held by a live run.
+    is a folder, can be written (all modes but export) and (with `probe_lock`) is not
+    held by a live run.
+
+    Args:
+        workdir, mode: as given to `bin/run.py`.
+        probe_lock: False in a multi-process run, whose other processes share the
+            folder with the one that holds the lock (only that one takes it).
 
     Raises:
         PreflightError: the one line to print.
@@ -154,7 +160,8 @@ def check_workdir(workdir: str, mode: str) -> None:
         raise PreflightError(f"--workdir={workdir}: cannot write in {existing} "
                              f"({reason}); --mode={mode} writes its lock and results "
                              "there. Use a writable --workdir.") from None
-    _check_not_busy(workdir)
+    if probe_lock:
+        _check_not_busy(workdir)
 
 
 def _check_not_busy(workdir: str) -> None:

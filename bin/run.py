@@ -83,7 +83,12 @@ def _main(argv):
     preflight.check_bindings(FLAGS.gin_param)
     name = FLAGS.experiment or os.path.splitext(os.path.basename(files[0]))[0]
     workdir = FLAGS.workdir or os.path.join(ROOT, "runs", name)
-    preflight.check_workdir(workdir, FLAGS.mode)
+    # The early lock probe only where this is surely the run's one process: in a
+    # multi-process run (a tf.distribute cluster, JAX initialized by its launcher) the
+    # other processes share the folder that the chief locks.
+    single_process = (FLAGS.strategy == "default" and "TF_CONFIG" not in os.environ
+                      and "jax" not in sys.modules)
+    preflight.check_workdir(workdir, FLAGS.mode, probe_lock=single_process)
     preflight.check_export_dir(FLAGS.export_dir, FLAGS.mode)
 
     # SavedModel export logs every renamed input at INFO; keep the console readable.

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import re
+import zipfile
 
 import numpy as np
 
@@ -252,7 +253,40 @@ def restore(directory: str, name: str, model) -> dict:
             f"{len(record['shapes'])} variables, the model {len(shapes)}; first "
             f"differences (path, model shape, checkpoint shape): {diffs}. The network "
             "config differs from the one that wrote it.")
-    with np.load(os.path.join(directory, record["weights_file"])) as arrays:
-        for i, variable in enumerate(variables):
-            variable.assign(arrays[f"v{i:05d}"])
+    npz_path = os.path.join(directory, record["weights_file"])
+    values = _read_arrays(npz_path, shapes, _recovery(os.path.join(
+        directory, f"{name}.json"), name))
+    for variable, value in zip(variables, values):
+        variable.assign(value)
     return record["meta"]
+
+
+def _read_arrays(npz_path: str, shapes: list, recovery: str) -> list:
+    """The arrays `v00000...` of `npz_path`, each checked against its expected shape
+    before any variable is touched (a file rewritten with a matching sha256 in its
+    record still has to hold what the record says).
+
+    Raises:
+        CheckpointError: not an npz, an array missing, of another shape, or not numeric.
+    """
+    try:
+        with np.load(npz_path, allow_pickle=False) as arrays:
+            values = []
+            for i, shape in enumerate(shapes):
+                key = f"v{i:05d}"
+                if key not in arrays.files:
+                    raise CheckpointError(f"Checkpoint {npz_path} lacks the array {key}. "
+                                          f"{recovery}")
+                value = arrays[key]
+                if list(value.shape) != list(shape) or value.dtype.kind not in "biuf":
+                    raise CheckpointError(
+                        f"Checkpoint {npz_path}: array {key} is {value.dtype} "
+                        f"{list(value.shape)}, the record says a number array of shape "
+                        f"{list(shape)}. {recovery}")
+                values.append(value)
+            return values
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"Checkpoint {npz_path} cannot be read as an npz file "
+                              f"({e}). {recovery}") from None

@@ -266,11 +266,12 @@ def test_run_py_with_tpu_strategy_and_no_tpu_fails_at_start(run_py_tpu):
 
 def test_run_py_ends_with_the_missing_tpu_message_and_exit_code_1(run_py_tpu):
     # A settings problem: exit code 1, and stderr ends with the StrategyError's message
-    # (after the flag help), not with a traceback; nothing ran, so stdout is empty.
+    # as one `error:` line (no flag help), not with a traceback; nothing ran, so stdout
+    # is empty.
     result, _ = run_py_tpu
     assert result.returncode == 1, result.stderr[-2000:]
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith("--strategy=tpu: no TPU found (no --tpu given)"), last
+    assert last.startswith("error: --strategy=tpu: no TPU found (no --tpu given)"), last
     assert "--tpu=<name>" in last and "--tpu=local" in last
     assert "Traceback" not in result.stderr
     assert result.stdout.strip() == ""

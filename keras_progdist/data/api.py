@@ -47,8 +47,8 @@ def check_sizes(batch_size, image_size) -> None:
             continue
         if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
                 or not 1 <= value <= bound):
-            raise DataSettingError(f"dataset.{name} must be an integer in [1, {bound}], "
-                                   f"got {value!r}.")
+            raise DataSettingError(f"dataset.{name}={value!r}: must be an integer in "
+                                   f"[1, {bound}].")
 
 
 def _tensorflow_available() -> bool:
