@@ -30,6 +30,7 @@ import stat
 import sys
 import time
 
+from keras_progdist.errors import KerasProgdistError
 from keras_progdist import checkpoint, fileio
 
 TEACHER = "teacher"
@@ -38,7 +39,7 @@ GUIDANCE = "guidance"  # guided distillation's stage one: the w-conditioned netw
 _STUDENT = re.compile(r"^student_(\d{5})$")
 
 
-class WorkDirError(ValueError):
+class WorkDirError(KerasProgdistError, ValueError):
     """A work directory that is missing, busy, or holds damaged records."""
 
 

@@ -14,6 +14,8 @@ import zipfile
 
 import numpy as np
 
+from keras_progdist.errors import KerasProgdistError
+
 # Feature protocol of `compute_features`: the network, the cut, the weights'
 # source, and the preprocessing. Reference statistics are keyed by it, so stats
 # computed another way are never silently compared with ours.
@@ -234,11 +236,11 @@ def fid_and_kid(
     return result
 
 
-class ReferenceStatsNotFoundError(FileNotFoundError):
+class ReferenceStatsNotFoundError(KerasProgdistError, FileNotFoundError):
     """No cached reference statistics for this dataset, split and protocol."""
 
 
-class CorruptReferenceStatsError(ValueError):
+class CorruptReferenceStatsError(KerasProgdistError, ValueError):
     """A cached reference-statistics file cannot be read or fails its checksum."""
 
 

@@ -26,6 +26,7 @@ import time
 import keras
 import numpy as np
 
+from keras_progdist.errors import KerasProgdistError
 from keras_progdist import data, fileio, images
 from keras_progdist.distribute import describe_device
 from keras_progdist.evaluation import comparisons, metrics
@@ -37,7 +38,7 @@ SETTINGS_KEYS = ("num_samples", "num_reference", "ddim_steps", "teacher_steps",
                  "batch_size", "split", "seed", "cache_dir", "max_file_mb", "bootstrap")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(KerasProgdistError, ValueError):
     """An evaluation that cannot run (nothing trained, bad settings, no data)."""
 
 

@@ -35,6 +35,7 @@ import zipfile
 
 import numpy as np
 
+from keras_progdist.errors import KerasProgdistError
 from keras_progdist import fileio, images
 
 FORMAT = "keras_progdist.samples/1"
@@ -45,7 +46,7 @@ _NPZ_OVERHEAD_BYTES = 64 * 1024
 _PART = re.compile(r"^(?P<model>.+)-part(?P<index>\d{5})\.npz$")
 
 
-class SampleFilesError(ValueError):
+class SampleFilesError(KerasProgdistError, ValueError):
     """Sample files that are missing, damaged, incomplete or for other settings."""
 
 

@@ -55,6 +55,8 @@ import zipfile
 
 import numpy as np
 
+from keras_progdist.errors import KerasProgdistError
+
 # The most bytes the storages of one file may hold together (the FID weights are 95 MB;
 # `read_state_dict(max_bytes=...)` for larger models), and the most any other record
 # (the pickle, a class's code, the byte order) may hold.
@@ -62,7 +64,7 @@ DEFAULT_MAX_BYTES = 1 << 30
 MAX_RECORD_BYTES = 64 << 20
 
 
-class TorchScriptReadError(ValueError):
+class TorchScriptReadError(KerasProgdistError, ValueError):
     """The file is not a TorchScript archive this reader understands."""
 
 

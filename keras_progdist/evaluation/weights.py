@@ -31,6 +31,7 @@ import zipfile
 
 import numpy as np
 
+from keras_progdist.errors import KerasProgdistError
 from keras_progdist import fileio
 from keras_progdist.evaluation import inception
 from keras_progdist.evaluation import torchscript_reader
@@ -52,7 +53,7 @@ _TORCH_PREFIX = "net.layers."
 _TORCH_TO_KERAS = {"weight": "kernel", "beta": "beta", "mean": "mean", "var": "var"}
 
 
-class FIDWeightsError(RuntimeError):
+class FIDWeightsError(KerasProgdistError, RuntimeError):
     """Base class of the errors below."""
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from keras_progdist.errors import KerasProgdistError
 
-class ExportError(ValueError):
+
+class ExportError(KerasProgdistError, ValueError):
     """A work directory or export target that cannot be exported (to)."""
 
 
-class ExportExistsError(FileExistsError):
+class ExportExistsError(KerasProgdistError, FileExistsError):
     """The export folder holds that version with other weights; pass `overwrite=True`
     to replace it, or leave `version` unset to get the next number."""
