@@ -445,3 +445,18 @@ def test_a_fifo_named_png_is_refused_by_name_not_waited_on(tmp_path, where):
     # A file replaced by a FIFO after the scan: both pipelines decode with this.
     with pytest.raises(data.CorruptImageError, match=r"b\.png: a FIFO, not a regular"):
         _finishes_within(20, lambda: decode_square(fifo, 3, size=8), fifo)
+
+
+def test_the_pixel_cap_is_a_dataset_setting(classes):
+    # The largest image of the fixture is 33x25 = 825 pixels (40x17 = 680).
+    with pytest.raises(data.ImageTooLargeError, match=r"25x33 is 825 pixels, above the "
+                       r"image folder's pixel cap of 800 \(the setting "
+                       r"dataset.max_image_pixels\)"):
+        data.make_dataset("image_folder", data_dir=str(classes), image_size=8,
+                          pipeline="numpy", max_image_pixels=800)
+    with pytest.raises(data.ImageTooLargeError, match="pixel cap of 800"):
+        data.load_images("image_folder", data_dir=str(classes), image_size=8,
+                         max_image_pixels=800)
+    images, _ = data.load_images("image_folder", data_dir=str(classes), image_size=8,
+                                 max_image_pixels=825)
+    assert images.shape == (8, 8, 8, 3)

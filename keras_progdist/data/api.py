@@ -11,7 +11,7 @@ import gin
 import numpy as np
 
 from keras_progdist.data.errors import DataFileError, DataSettingError
-from keras_progdist.data.image_folder import scan_image_folder
+from keras_progdist.data.image_folder import MAX_IMAGE_PIXELS, scan_image_folder
 from keras_progdist.data.numpy_pipeline import ArrayBatches, array_images, numpy_batches
 from keras_progdist.data.registry import DATASETS, folder_spec, validate
 from keras_progdist.errors import KerasProgdistError
@@ -94,6 +94,7 @@ def make_dataset(
     drop_remainder=True,
     pipeline="auto",
     channels=None,
+    max_image_pixels=MAX_IMAGE_PIXELS,
 ):
     """Batches of float32 images in [-1, 1], NHWC: a `tf.data.Dataset` or numpy.
 
@@ -142,6 +143,10 @@ def make_dataset(
         channels: `image_folder` only: 1 (grayscale) or 3 (RGB) to convert
             every image to; None takes the first image's (1 if it is
             grayscale, else 3). For other datasets None or their own count.
+        max_image_pixels: `image_folder` only: the most pixels (width × height) an
+            image may have (50 million by default); a larger one is refused by name
+            before it is decoded, since decoding takes memory in proportion to its
+            pixels however small the file (a decompression bomb).
 
     Returns:
         `tf.data.Dataset` or `ArrayBatches` of `x` `(B, H, W, C)` float32, or
@@ -165,7 +170,7 @@ def make_dataset(
         folder = None
         if spec.source == "folder":
             folder = scan_image_folder(data_dir, with_labels=with_labels,
-                                       channels=channels)
+                                       channels=channels, max_pixels=max_image_pixels)
             spec = folder_spec(spec, folder, size)
     except (ValueError, ImportError, OSError) as e:
         raise _as_library_error(e) from None
@@ -268,6 +273,7 @@ def load_images(
     resize="bilinear",
     limit=None,
     channels=None,
+    max_image_pixels=MAX_IMAGE_PIXELS,
 ):
     """A dataset's images as uint8 numpy, preprocessed as in `make_dataset`.
 
@@ -276,8 +282,8 @@ def load_images(
     The in-memory datasets and image folders need no TensorFlow here.
 
     Args:
-        name, split, data_dir, manual_dir, image_size, resize, channels: as in
-            `make_dataset`.
+        name, split, data_dir, manual_dir, image_size, resize, channels,
+            max_image_pixels: as in `make_dataset`.
         limit: keep only the first `limit` images (None: all).
 
     Returns:
@@ -296,7 +302,8 @@ def load_images(
     ):
         raise ValueError(f"limit must be a non-negative int or None, got limit={limit!r}.")
     if spec.source != "tfds":
-        return array_images(spec, split, data_dir, size, resize, limit, channels)
+        return array_images(spec, split, data_dir, size, resize, limit, channels,
+                            max_image_pixels)
 
     from keras_progdist.data import tf_pipeline
 

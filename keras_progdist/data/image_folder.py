@@ -147,9 +147,9 @@ def _check_pixels(path, size, max_pixels):
     if width * height > max_pixels:
         raise ImageTooLargeError(
             f"{path}: {width}x{height} is {width * height:,} pixels, above the image "
-            f"folder's pixel cap of {max_pixels:,} (max_pixels; default "
-            f"image_folder.MAX_IMAGE_PIXELS). Shrink the image, or raise the cap if "
-            "the memory of decoding it is intended.")
+            f"folder's pixel cap of {max_pixels:,} (the setting "
+            f"dataset.max_image_pixels). Shrink the image, or raise the cap if the "
+            "memory of decoding it is intended.")
 
 
 def _open_image(path, max_pixels):

@@ -132,7 +132,8 @@ def reference_features(fid_model, cfg: dict, dataset: dict,
                                    manual_dir=b.get("manual_dir"),
                                    image_size=b.get("image_size"),
                                    resize=b.get("resize", "bilinear"),
-                                   limit=cfg["num_reference"])
+                                   limit=cfg["num_reference"],
+                                   max_image_pixels=b["max_image_pixels"])
         if verbose:
             print(f"[eval] reference features of {len(real)} real {name} images",
                   flush=True)
