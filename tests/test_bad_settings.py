@@ -146,6 +146,9 @@ def _image_folder(tmp_path, with_file):
     return folder
 
 
+# One case per kind of refusal the command line has to turn into one line (gin's own
+# errors, data files, the U-Net's checks, non-integer sizes); every other bad value is
+# checked in process, without a Keras import each, in `test_pipeline.py`'s BAD_INPUTS.
 BAD_BINDINGS = {
     "gin_typo": (["teacher.train_stpes=10"],
                  ["doesn't have a parameter named 'train_stpes'",
@@ -157,24 +160,11 @@ BAD_BINDINGS = {
     # tiny.gin's attention at 4x4 (SMALL turns it off): 20 -> 10 -> 5 never has it.
     "image_size_20": (["dataset.image_size=20", "UNet.attention_resolutions=(4,)"],
                       ["UNet.attention_resolutions [4] never occur", "[20, 10, 5]"]),
-    "image_size_17": (["dataset.image_size=17", "UNet.channel_mult=(1, 2)"],
-                      ["not divisible by the downsampling factor 2"]),
-    "image_size_0": (["dataset.image_size=0"], ["dataset.image_size=0", "[1, 1024]"]),
     "fashion_mnist_missing_idx": (["dataset.name='fashion_mnist'",
                                    "dataset.data_dir='/nonexistent/fashion'"],
                                   ["/nonexistent/fashion"]),
-    "batch_size_huge": (["dataset.batch_size=1000000000"],
-                        ["dataset.batch_size=1000000000", "[1, 65536]"]),
-    "batch_size_0": (["dataset.batch_size=0"], ["dataset.batch_size=0:"]),
-    "batch_size_negative": (["dataset.batch_size=-1"], ["dataset.batch_size=-1:"]),
     "batch_size_float": (["dataset.batch_size=1e9"], ["dataset.batch_size=1000000000.0:"]),
-    "num_res_blocks_huge": (["UNet.num_res_blocks=1000000"],
-                            ["UNet.num_res_blocks must be at most 32"]),
     "channels_float": (["UNet.channels=1e6"], ["UNet.channels", "1000000.0"]),
-    "channels_huge": (["UNet.channels=1000000"], ["UNet.channels must be at most 2048"]),
-    "grid_count_float": (["sample_grid.count=1e9"], ["sample_grid.count"]),
-    "grid_count_huge": (["sample_grid.count=1000000000"],
-                        ["sample_grid.count must be at most 1024"]),
 }
 
 
