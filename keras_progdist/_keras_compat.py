@@ -16,6 +16,10 @@ a release that changes one fails there, loudly, instead of somewhere in training
   accepts); it skips `SeedGenerator.__init__`, which would create a state variable.
 - `unpack_jax_train_state` / `pack_jax_train_state`: the layout of the state tuple the
   JAX trainer passes to `train_step(state, data)`.
+- `fix_multi_worker_log_reduction`: Keras 3's TensorFlow trainer averages the logs of
+  a multi-worker step with `strategy.reduce("MEAN", v, axis=0)`, which fails on the
+  scalar metrics every `fit` returns ("Invalid reduction dimension 0 for input with 0
+  dimensions", Keras 3.15): MultiWorkerMirroredStrategy cannot `fit` at all without it.
 """
 
 from __future__ import annotations
@@ -84,3 +88,38 @@ class TensorSeed(keras.random.SeedGenerator):
 
     def get_config(self):
         raise TypeError("TensorSeed is a transient wrapper and is never serialized.")
+
+
+def fix_multi_worker_log_reduction() -> None:
+    """Makes Keras' TensorFlow trainer average *scalar* logs of a multi-worker step over
+    every replica with `axis=None` (the same mean, of a 0-d value); everything else
+    goes through Keras' own `reduce_per_replica` unchanged. Idempotent.
+
+    Keras' `reduce_per_replica(values, strategy, reduction)` (module
+    `keras.src.backend.tensorflow.trainer`, looked up by name at each call) is wrapped;
+    `tests/test_keras_compat.py` checks that it still exists.
+    """
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer
+
+    original = trainer.reduce_per_replica
+    if getattr(original, "_kpd_fixed", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and isinstance(
+                strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
+                strategy.extended._in_multi_worker_mode():
+            def scalar_mean(v):
+                # One local replica per worker gives a plain tensor, more a PerReplica.
+                parts = v.values if isinstance(v, tf.distribute.DistributedValues) \
+                    else [v]
+                if all(getattr(p, "shape", None) is not None and p.shape.rank == 0
+                       for p in parts):
+                    return strategy.reduce("MEAN", v, axis=None)
+                return original(v, strategy, reduction)
+            return tf.nest.map_structure(scalar_mean, values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._kpd_fixed = True
+    trainer.reduce_per_replica = reduce_per_replica

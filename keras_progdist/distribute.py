@@ -91,6 +91,9 @@ def get_strategy(name: str = "default", tpu: str | None = None):
             [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
     if name == "multi_worker":
+        from keras_progdist import _keras_compat
+
+        _keras_compat.fix_multi_worker_log_reduction()
         return tf.distribute.MultiWorkerMirroredStrategy()
     return _tpu_strategy(tpu)
 
@@ -186,3 +189,24 @@ def is_chief(strategy=None) -> bool:
     if "chief" in cluster:
         return task_type == "chief"
     return task_type == "worker" and int(resolver.task_id or 0) == 0
+
+
+def configure_input(dataset) -> None:
+    """Tells a multi-process JAX distribution how `dataset` is split among processes.
+
+    Keras shards a `tf.data.Dataset` across processes itself, and refuses anything else
+    while its `auto_shard_dataset` is on. The numpy pipeline's batches are already this
+    process's share (`data.numpy_pipeline.default_shard`: examples
+    `process_index::process_count`, `batch_size / process_count` a step), so for them
+    the automatic sharding is turned off. Nothing to do for one process or tf.data.
+    """
+    from keras_progdist import data
+
+    if keras.backend.backend() != "jax" or not isinstance(dataset, data.ArrayBatches):
+        return
+    import jax
+
+    distribution = keras.distribution.distribution()
+    if distribution is not None and jax.process_count() > 1 and \
+            hasattr(distribution, "auto_shard_dataset"):
+        distribution.auto_shard_dataset = False

@@ -72,3 +72,14 @@ def test_jax_trainer_still_passes_a_four_part_state_and_syncs_it():
               callbacks=[ReadMidEpoch()])
     assert seen["parts"] == len(compat.JAX_STATE_FIELDS)
     np.testing.assert_array_equal(seen["kernel"], model.layers[-1].kernel.numpy())
+
+
+@pytest.mark.tensorflow_only
+def test_the_multi_worker_log_reduction_fix_wraps_what_keras_still_calls():
+    from keras.src.backend.tensorflow import trainer
+
+    compat.fix_multi_worker_log_reduction()
+    compat.fix_multi_worker_log_reduction()  # idempotent: wrapped once
+    assert trainer.reduce_per_replica._kpd_fixed
+    # Outside a multi-worker strategy the wrapper hands over to Keras unchanged.
+    assert trainer.reduce_per_replica({"loss": 1.0}, None, "first") == {"loss": 1.0}

@@ -1,6 +1,7 @@
 """Preemption on every backend: a stage stopped mid-epoch saves a checkpoint at the exact
 step, and the resumed run ends with weights identical to those of a run that was never
-interrupted: the teacher stopped by the time budget, a distillation stage by SIGTERM.
+interrupted: the teacher stopped by the time budget and, separately, by Ctrl-C
+(SIGINT), a distillation stage by SIGTERM.
 (Both stops set the one `PreemptionGuard` of a run, which every stage's checkpoint
 callback reads, so each stage kind is tested with one of the two.) On JAX the runs are
 made in processes where TensorFlow cannot be imported."""
@@ -58,18 +59,22 @@ def _run(workdir, mode, flags=(), expect=0):
     return result.stdout
 
 
-def _sigterm_when(workdir, mode, line_start):
-    """Runs `mode`, sends SIGTERM as soon as a stdout line starts with `line_start`."""
+def _sigterm_when(workdir, mode, line_start, signum=signal.SIGTERM):
+    """Runs `mode`, sends `signum` as soon as a stdout line starts with `line_start`."""
     process = subprocess.Popen(_command(workdir, mode), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=_env())
     output = []
-    for line in process.stdout:
-        output.append(line)
-        if line.startswith(line_start):
-            process.send_signal(signal.SIGTERM)
-            break
-    output.extend(process.stdout)
-    assert process.wait(timeout=600) == 143, "".join(output)
+    try:
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith(line_start):
+                process.send_signal(signum)
+                break
+        output.extend(process.stdout)
+        assert process.wait(timeout=600) == 143, "".join(output)
+    finally:
+        if process.poll() is None:
+            process.kill()
     return "".join(output)
 
 
@@ -124,3 +129,19 @@ def test_budget_and_sigterm_stops_mid_epoch_resume_to_identical_weights(referenc
     _assert_same_weights(workdir, reference, "student_00002")
     # sample_grid.count=0: finished stages wrote no grids.
     assert not os.path.exists(os.path.join(reference, "samples"))
+
+
+def test_ctrl_c_acts_like_sigterm_and_the_resume_is_the_uninterrupted_run(reference,
+                                                                           tmp_path):
+    """A person at a terminal presses Ctrl-C (SIGINT): checkpoint at the exact step,
+    exit 143, and the same command resumes to the uninterrupted weights."""
+    workdir = str(tmp_path / "ctrl_c")
+    stopped = _sigterm_when(workdir, "train_teacher", "[stage] teacher: training",
+                            signal.SIGINT)
+    assert "Ctrl-C" in stopped and "KeyboardInterrupt" not in stopped, stopped
+    step = checkpoint.read_meta(os.path.join(workdir, "teacher"), "ckpt")["step"]
+    assert 0 < step < 40 and step % 5 == 0
+    assert f"checkpoint saved at step {step}" in stopped
+    resumed = _run(workdir, "train_teacher")
+    assert f"resuming at step {step}/40" in resumed
+    _assert_same_weights(workdir, reference, "teacher")

@@ -1,6 +1,7 @@
 """Stopping and resuming training at an exact step.
 
-`PreemptionGuard` turns SIGTERM or a deadline into a flag; `StepCheckpoint` acts on it
+`PreemptionGuard` turns SIGTERM, Ctrl-C or a deadline into a flag (agreed by every
+process of a multi-process run); `StepCheckpoint` acts on it
 after the running `steps_per_execution` chunk (checkpoint at the exact step, stop);
 `resumable_fit` runs `fit` from the checkpoint's step with the data stream positioned
 at that step (`input_at`), so a resumed stage ends with the weights an uninterrupted
@@ -30,34 +31,85 @@ class TrainingDivergedError(RuntimeError):
 
 
 class PreemptionGuard:
-    """Turns SIGTERM, or passing `deadline` (a `time.time()`), into a flag that the
-    checkpoint callback acts on after a step."""
+    """Turns SIGTERM, Ctrl-C (SIGINT) or passing `deadline` into a stop that the
+    checkpoint callback acts on after the running chunk.
 
-    def __init__(self, deadline: float | None = None):
+    SIGINT is SIGTERM's twin: a person at a terminal presses Ctrl-C to stop, and loses
+    nothing (checkpoint at the exact step, exit 143). The first Ctrl-C also restores the
+    default SIGINT action, so a second one ends the process at once, even in the middle
+    of a compiled chunk (the checkpoints are written atomically, so the last complete
+    one survives).
+
+    In a multi-process run every process must stop at the same step, or the others
+    wait forever in the next collective for the one that left. `agree` (see
+    `cluster.agreement`) makes `requested` an all-process OR: a notice that reached one
+    process stops them all at the same chunk boundary.
+
+    Args:
+        deadline: a `time.time()` after which training stops (the time budget).
+        agree: `flag -> bool`, the OR of `flag` over every process (a collective); None
+            for one process (no collective, no cost).
+    """
+
+    def __init__(self, deadline: float | None = None, agree=None):
         self.deadline = deadline
-        self._signalled = False
-        self._previous = None
+        self._agree = agree
+        self._signal = None  # the name of the signal that arrived, if any
+        self._previous = {}
+        self.reason = None  # why the run stopped, once it did (for messages)
+        self.agreement_seconds = []  # time of each all-process agreement
+
+    @property
+    def local_requested(self) -> bool:
+        """Whether this process alone was asked to stop (signal or deadline)."""
+        return self._signal is not None or (
+            self.deadline is not None and time.time() > self.deadline)
 
     @property
     def requested(self) -> bool:
-        return self._signalled or (self.deadline is not None and time.time() > self.deadline)
+        """Whether the run stops now. With `agree`, a collective: every process must
+        read it at the same points (each chunk boundary, each stage start)."""
+        local = self.local_requested
+        if self._agree is None:
+            stop = local
+        else:
+            start = time.perf_counter()
+            stop = bool(self._agree(local))
+            self.agreement_seconds.append(time.perf_counter() - start)
+        if stop and self.reason is None:
+            self.reason = (self._signal or "time budget") if local else \
+                "another process's stop (SIGTERM, Ctrl-C or time budget)"
+        return stop
 
     def __enter__(self):
         import signal
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self._signalled = True
+        import signal
+
+        name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
+        if signum == signal.SIGINT:
+            # A second Ctrl-C should abort at once, not wait for the chunk: the default
+            # action ends the process from the kernel, even inside compiled code.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            print("[preempted] Ctrl-C: stopping after the running chunk with a "
+                  "checkpoint; press Ctrl-C again to abort at once.", flush=True)
+        if self._signal is None:
+            self._signal = name
 
     def __exit__(self, *exc):
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous = {}
         return False
 
 
@@ -119,6 +171,8 @@ class StepCheckpoint(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.step = self._epoch_start + int(batch) + 1
+        # `guard.requested` first: in a multi-process run it is a collective that every
+        # process must reach at every chunk boundary.
         if self.guard is not None and self.guard.requested and not self.preempted:
             self._save(logs)
             self.preempted = True
@@ -166,9 +220,10 @@ def resumable_fit(model, dataset, total_steps: int, every: int, done: int, callb
                             steps_per_epoch=every, initial_epoch=done // every,
                             callbacks=callbacks, verbose=verbose, shuffle=False)
     if checkpointer.preempted:
-        raise Preempted(f"[preempted] {checkpointer.stage}: SIGTERM or time budget; "
-                        f"checkpoint saved at step {checkpointer.step}. Re-run the same "
-                        "command to resume.")
+        reason = getattr(checkpointer.guard, "reason", None) or "SIGTERM or time budget"
+        raise Preempted(f"[preempted] {checkpointer.stage}: {reason}; checkpoint saved "
+                        f"at step {checkpointer.step}. Re-run the same command to "
+                        "resume.")
     return history
 
 

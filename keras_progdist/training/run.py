@@ -12,13 +12,13 @@ import time
 
 import keras
 
-from keras_progdist import data, distribute, tensorboard_log, validation
+from keras_progdist import cluster, data, distribute, tensorboard_log, validation
 from keras_progdist.evaluation import report, samples
 from keras_progdist.training.config import (MODES, PipelineError, dataset_settings,
                                             diffusion, distill, evaluate, guidance,
                                             sample_grid, teacher)
 from keras_progdist.training.experiment import Experiment
-from keras_progdist.training.preemption import Preempted
+from keras_progdist.training.preemption import Preempted, PreemptionGuard
 from keras_progdist.workdir import WorkDir
 
 
@@ -43,6 +43,18 @@ def _validate_run_settings(mode: str, experiment_name: str | None, workdir: str)
 
         export.check_name(experiment_name or export.default_name(workdir))
     return cfg
+
+
+def _report_agreement(guard: PreemptionGuard, verbose: int) -> None:
+    """With `--verbose=2`, one line on what agreeing on the stop cost this process."""
+    times = guard.agreement_seconds
+    if verbose == 2 and times:
+        # The first check builds (traces, compiles) the all-reduce; the rest is what
+        # each chunk pays.
+        rest = times[1:] or times
+        print(f"[run] stop agreement: {len(times)} checks, the first {1000 * times[0]:.1f}"
+              f" ms, then mean {1000 * sum(rest) / len(rest):.2f} ms, max "
+              f"{1000 * max(rest):.2f} ms", flush=True)
 
 
 def _input_kind(dataset) -> str:
@@ -78,14 +90,17 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
         WorkDir(workdir).require()
     # The data and the network are checked (files found, sizes the U-Net can take)
     # before the lock, which creates a new workdir: a bad setting leaves nothing behind.
-    experiment = Experiment(workdir, strategy, deadline)
+    experiment = Experiment(workdir, strategy, deadline,
+                            PreemptionGuard(deadline, agree=cluster.agreement(strategy)))
+    distribute.configure_input(experiment.dataset)
     # Only the writing process locks: the others of a multi-process run share the folder.
     chief = distribute.is_chief(strategy)
     lock = WorkDir(workdir).lock(mode) if writes and chief else contextlib.nullcontext()
     with lock:
-        # SIGTERM during training stops at the next step with a checkpoint; elsewhere
-        # (export, sampling, evaluation: each result written atomically as it is made)
-        # it ends the process as usual.
+        # SIGTERM or Ctrl-C during training stops at the next step with a checkpoint;
+        # elsewhere (export, sampling, evaluation: each result written atomically as it
+        # is made) it ends the process as usual. With several processes the stop is
+        # agreed by all of them, so they all stop at the same step.
         with experiment.guard:
             experiment.check_workdir(write=mode in ("train_teacher", "distill", "all"))
             print(f"[run] {mode} in {workdir}: network {experiment.param_count:,} "
@@ -93,10 +108,20 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
                   f"{experiment.batch_size}, stages {experiment.distill_cfg['ladder']}, "
                   f"backend {keras.backend.backend()}, "
                   f"input {_input_kind(experiment.dataset)}", flush=True)
-            if mode in ("train_teacher", "all"):
-                experiment.train_teacher(verbose)
-            if mode in ("distill", "all"):
-                experiment.distill(verbose)
+            # A peer that dies ends this process with one `error:` line instead of a
+            # hang or a traceback (nothing changes for one process).
+            with cluster.exit_on_lost_peer(strategy):
+                try:
+                    if mode in ("train_teacher", "all"):
+                        experiment.train_teacher(verbose)
+                    if mode == "all":
+                        # The other processes read the teacher's `final` next, which
+                        # the chief may still be writing.
+                        cluster.barrier(strategy)
+                    if mode in ("distill", "all"):
+                        experiment.distill(verbose)
+                finally:
+                    _report_agreement(experiment.guard, verbose)
         if not chief:
             print(f"[run] process is not the chief: {mode} leaves export, sampling and "
                   "evaluation to it", flush=True)
