@@ -22,11 +22,13 @@ from urllib.parse import urlparse
 
 import keras
 
+from keras_progdist.errors import KerasProgdistError
+
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu", "data_parallel")
 TPU_CONNECT_TIMEOUT_S = 10.0
 
 
-class StrategyError(ValueError):
+class StrategyError(KerasProgdistError, ValueError):
     """A strategy that cannot run here (no TPU, wrong backend, ...)."""
 
 

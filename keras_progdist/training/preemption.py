@@ -16,6 +16,7 @@ import time
 import keras
 
 from keras_progdist import checkpoint, data
+from keras_progdist.errors import KerasProgdistError
 
 class Preempted(SystemExit):
     """SIGTERM arrived or the time budget ran out: a checkpoint at the exact step was
@@ -26,7 +27,7 @@ class Preempted(SystemExit):
         super().__init__(143)
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(KerasProgdistError, RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
