@@ -138,7 +138,10 @@ def check_workdir(workdir: str, mode: str, probe_lock: bool = True) -> None:
     Args:
         workdir, mode: as given to `bin/run.py`.
         probe_lock: False in a multi-process run, whose other processes share the
-            folder with the one that holds the lock (only that one takes it).
+            folder with the one that holds the lock (only that one takes it). Such a
+            run's writability is not probed here either: the probe creates a
+            temporary file, and only the chief may write into a shared folder (its
+            lock, taken later, fails with a library error if it cannot).
 
     Raises:
         PreflightError: the one line to print.
@@ -153,6 +156,8 @@ def check_workdir(workdir: str, mode: str, probe_lock: bool = True) -> None:
     existing = _nearest_existing(workdir)
     if not os.path.isdir(existing):
         raise PreflightError(f"--workdir={workdir}: {existing} is not a folder.")
+    if not probe_lock:
+        return
     try:
         _probe_writable(existing)
     except OSError as e:
@@ -160,8 +165,7 @@ def check_workdir(workdir: str, mode: str, probe_lock: bool = True) -> None:
         raise PreflightError(f"--workdir={workdir}: cannot write in {existing} "
                              f"({reason}); --mode={mode} writes its lock and results "
                              "there. Use a writable --workdir.") from None
-    if probe_lock:
-        _check_not_busy(workdir)
+    _check_not_busy(workdir)
 
 
 def _check_not_busy(workdir: str) -> None:
