@@ -312,7 +312,7 @@ def test_a_kill_during_evaluation_resumes_and_a_finished_job_rerun_is_a_no_op(
     runs = os.path.join(workdir, "eval", "runs")
     os.remove(os.path.join(runs, "distilled_00001.json"))
     kept = {f: os.path.getmtime(os.path.join(runs, f)) for f in os.listdir(runs)}
-    assert len(kept) == 5
+    assert len([f for f in kept if f.endswith(".json")]) == 5  # beside them, the probes
     stopped = run(workdir, "eval", flags=[*params, "--time_budget_s=1e-9"], check=False)
     assert stopped.returncode == 143, stopped.stdout + stopped.stderr[-3000:]
     assert "[eval] time budget spent after 5 of 6 models" in stopped.stdout
