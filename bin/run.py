@@ -96,6 +96,7 @@ def _main(argv):
     import gin
 
     from keras_progdist import distribute, pipeline
+    from keras_progdist.errors import Interrupted
     from keras_progdist.training import config
 
     assert MODES == tuple(config.MODES) and STRATEGIES == tuple(distribute.STRATEGIES), \
@@ -113,9 +114,15 @@ def _main(argv):
         strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu)
     except distribute.StrategyError as e:
         raise CommandLineError(str(e)) from None
-    pipeline.run(workdir, FLAGS.mode, strategy=strategy, export_dir=FLAGS.export_dir,
-                 overwrite=FLAGS.overwrite, experiment_name=name, verbose=FLAGS.verbose,
-                 time_budget_s=FLAGS.time_budget_s)
+    try:
+        pipeline.run(workdir, FLAGS.mode, strategy=strategy, export_dir=FLAGS.export_dir,
+                     overwrite=FLAGS.overwrite, experiment_name=name,
+                     verbose=FLAGS.verbose, time_budget_s=FLAGS.time_budget_s)
+    except Interrupted as e:
+        # SIGTERM, Ctrl-C or the time budget: the work done is kept. Say where it
+        # stopped, and exit 143 (the same command goes on).
+        print(e, flush=True)
+        sys.exit(e.code)
 
 
 def _one_line(error: Exception) -> str:

@@ -12,6 +12,7 @@ numpy, identical on every backend.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -21,13 +22,44 @@ import zipfile
 import numpy as np
 
 from keras_progdist import fileio
-from keras_progdist.errors import KerasProgdistError
-
 from keras_progdist._keras_compat import sync_training_state
+from keras_progdist.errors import KerasProgdistError
 
 
 class CheckpointError(KerasProgdistError, ValueError):
     """A checkpoint is missing, corrupt, or does not match the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One named checkpoint, `<directory>/<name>.json` and the weights it names: the
+    handle `WorkDir` gives out for a stage's resume point and its finished network.
+
+    Each method is the module function of the same name on this checkpoint."""
+
+    directory: str
+    name: str
+
+    def exists(self) -> bool:
+        return exists(self.directory, self.name)
+
+    def save(self, model, meta: dict | None = None, include_optimizer: bool = True) -> str:
+        return save(self.directory, self.name, model, meta, include_optimizer)
+
+    def restore(self, model) -> dict:
+        return restore(self.directory, self.name, model)
+
+    def read_meta(self) -> dict:
+        return read_meta(self.directory, self.name)
+
+    def recorded_sha256(self) -> str:
+        return recorded_sha256(self.directory, self.name)
+
+    def remove(self) -> None:
+        remove(self.directory, self.name)
+
+    def __str__(self) -> str:
+        return os.path.join(self.directory, f"{self.name}.json")
 
 
 def _variables(model, include_optimizer: bool = True):

@@ -34,6 +34,7 @@ from keras_progdist.guided_distillation import check_guidance_range, sample_guid
 from keras_progdist.networks.unet import UNet
 from keras_progdist.optimizers import make_optimizer, reset_optimizer
 from keras_progdist.random_utils import TensorSeed, fold_in
+from keras_progdist.sampling_model import sampling_model
 from keras_progdist.parameterizations import expand_to
 from keras_progdist.samplers import ddim_step
 from keras_progdist.schedules import Schedule, alpha_sigma, get_schedule, log_sigma_ratio
@@ -215,10 +216,8 @@ class Distiller(keras.Model):
                                     "dropout": 0.0, "trainable": True})
         copy_weights(self.student, network)
         steps = int(ops.convert_to_numpy(self.num_steps)) if num_steps is None else num_steps
-        return DiffusionModel(network, schedule=self.schedule,
-                              parameterization=self.parameterization,
-                              weighting=self.weighting, ema_decay=None, num_steps=steps,
-                              name=f"student_{steps}")
+        return sampling_model(network, steps, self.schedule, self.parameterization,
+                              self.weighting, name=f"student_{steps}")
 
     def distill_ladder(self, dataset, min_steps: int = 1, updates_per_stage: int = 1000,
                        learning_rate: float = 5e-5, callbacks=None, verbose: int = 1,

@@ -26,6 +26,7 @@ from keras_progdist.diffusion import (DiffusionModel, copy_weights, diffuse,
                                       guided_denoise, network_denoise, training_seed)
 from keras_progdist.networks.unet import UNet
 from keras_progdist.random_utils import TensorSeed, fold_in
+from keras_progdist.sampling_model import sampling_model
 from keras_progdist.schedules import get_schedule
 
 
@@ -188,10 +189,8 @@ class GuidanceDistiller(keras.Model):
         network = UNet.from_config({**self.student.get_config(), "name": "network",
                                     "dropout": 0.0, "trainable": True})
         copy_weights(self.student, network)
-        return DiffusionModel(network, schedule=self.schedule,
-                              parameterization=self.parameterization,
-                              weighting=self.weighting, ema_decay=None,
-                              num_steps=num_steps, name="guidance_student")
+        return sampling_model(network, num_steps, self.schedule, self.parameterization,
+                              self.weighting, name="guidance_student")
 
     def get_config(self):
         return {

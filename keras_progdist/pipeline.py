@@ -10,7 +10,7 @@ from keras_progdist.training.config import (MODES, PipelineError, ScheduleConfig
                                             diffusion, distill, evaluate, stage_ladder,
                                             teacher)
 from keras_progdist.training.experiment import SAMPLE_SEED, Experiment  # noqa: F401
-from keras_progdist.training.preemption import (Preempted, PreemptionGuard,  # noqa: F401
+from keras_progdist.training.preemption import (PreemptionGuard,  # noqa: F401
                                                 StepCheckpoint, TrainingDivergedError,
                                                 input_at, resumable_fit)
 from keras_progdist.training.run import run  # noqa: F401

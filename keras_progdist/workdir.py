@@ -10,12 +10,21 @@ Layout (every file written atomically, see `fileio`):
     <root>/student_<NNNNN>/ckpt|final the same for the stage to N steps
     <root>/stages.json                a JSON list, one entry per finished stage
     <root>/samples/*.png              sample grids, all stages from the same noise
-    <root>/eval/                      evaluation (scores, report, sample files)
-    <root>/logs/<stage>/              TensorBoard
+    <root>/eval/                      evaluation (an `EvalDir`, below)
+    <root>/logs/<name>/               TensorBoard: one per stage, `samples`, `eval`
 
-Stage names are made and parsed here only: `stage_name(N)` and `parse_stage(name)`
-(and the constants `TEACHER`, `GUIDANCE`). A finished stage is loaded back, without
-gin, by `stage_model` / `stage_models` (evaluation and export read a run through these).
+    <eval>/metrics.json, report.md    the evaluation's scores and its report
+    <eval>/<plot>.png                 score against steps; `distilled_vs_ddim.png`
+    <eval>/<model>.png                each scored model's sample grid
+    <eval>/runs/<model>.json|.npz     each model's scores (cached) and 512-sample probe
+    <eval>/samples/                   sample files (`--mode=sample`)
+    <eval>/digits.json, digits.md     the digit-classifier probe
+
+Every path in a work directory is made here: the other modules ask `WorkDir` (or
+`EvalDir`) for an artefact by what it is, never join a name onto the folder. Stage
+names are made and parsed here only: `stage_name(N)` and `parse_stage(name)` (and the
+constants `TEACHER`, `GUIDANCE`). A finished stage is loaded back, without gin, by
+`stage_model` / `stage_models` (evaluation and export read a run through these).
 """
 
 from __future__ import annotations
@@ -30,13 +39,20 @@ import stat
 import sys
 import time
 
-from keras_progdist.errors import KerasProgdistError
 from keras_progdist import checkpoint, fileio
+from keras_progdist.errors import KerasProgdistError
 
 TEACHER = "teacher"
 _SUMMARY_KEYS = ("stage", "num_steps", "updates", "loss", "seconds")
 GUIDANCE = "guidance"  # guided distillation's stage one: the w-conditioned network
 _STUDENT = re.compile(r"^student_(\d{5})$")
+# A stage's two checkpoints: where training resumes, and the finished network.
+_RESUME, _FINAL = "ckpt", "final"
+_CONFIG, _OPERATIVE_CONFIG, _STAGES = "config.json", "operative_config.gin", "stages.json"
+
+# Settings added after work directories were first recorded, with the value a record
+# without them means: a record is compared with these filled in.
+RECORD_DEFAULTS = {"diffusion": {"label_dropout": 0.0}}
 
 
 class WorkDirError(KerasProgdistError, ValueError):
@@ -78,8 +94,11 @@ class WorkDir:
     def __init__(self, root: str):
         self.root = os.fspath(root)
 
-    def path(self, *parts) -> str:
+    def _path(self, *parts) -> str:
         return os.path.join(self.root, *parts)
+
+    # TEMPORARY: until evaluation and training ask for artefacts by name.
+    path = _path
 
     def exists(self) -> bool:
         return os.path.isdir(self.root)
@@ -93,10 +112,18 @@ class WorkDir:
     # -- stages --------------------------------------------------------------------
     def stage_dir(self, stage: str) -> str:
         parse_stage(stage)
-        return self.path(stage)
+        return self._path(stage)
+
+    def resume_checkpoint(self, stage: str) -> checkpoint.Slot:
+        """Where `stage`'s training saves and resumes (weights, optimizer, RNG, step)."""
+        return checkpoint.Slot(self.stage_dir(stage), _RESUME)
+
+    def final_checkpoint(self, stage: str) -> checkpoint.Slot:
+        """`stage`'s finished network: its existence marks the stage finished."""
+        return checkpoint.Slot(self.stage_dir(stage), _FINAL)
 
     def is_finished(self, stage: str) -> bool:
-        return checkpoint.exists(self.stage_dir(stage), "final")
+        return self.final_checkpoint(stage).exists()
 
     def finished_students(self) -> list:
         """Step counts of the finished students, largest first."""
@@ -113,7 +140,7 @@ class WorkDir:
         return sorted(steps, reverse=True)
 
     def final_meta(self, stage: str) -> dict:
-        return checkpoint.read_meta(self.stage_dir(stage), "final")
+        return self.final_checkpoint(stage).read_meta()
 
     def stage_steps(self, stage: str) -> int:
         """The sampling step count a finished stage was trained for, from its `final`
@@ -124,8 +151,8 @@ class WorkDir:
         """
         meta = self.final_meta(stage)
         if "num_steps" not in meta:
-            raise WorkDirError(f"{self.stage_dir(stage)}/final.json records no num_steps: "
-                               "it is damaged or was not written by this library.")
+            raise WorkDirError(f"{self.final_checkpoint(stage)} records no num_steps: it "
+                               "is damaged or was not written by this library.")
         return int(meta["num_steps"])
 
     def stage_network_config(self, stage: str, config: dict) -> dict:
@@ -152,7 +179,7 @@ class WorkDir:
 
     def final_sha256(self, stage: str) -> str:
         """The finished stage's weights sha256 as recorded (an identity, not a check)."""
-        return checkpoint.recorded_sha256(self.stage_dir(stage), "final")
+        return self.final_checkpoint(stage).recorded_sha256()
 
     def finished_stages(self, stages=None) -> list:
         """One summary per finished stage (`stage`, `num_steps`, `updates`, `loss`,
@@ -171,7 +198,7 @@ class WorkDir:
     # -- finished models -----------------------------------------------------------
     def stage_model(self, stage: str, config: dict | None = None):
         """A finished stage as the EMA-free `DiffusionModel` that samples in its step
-        count (`export.models.sampling_model`), rebuilt without gin from `config.json`
+        count (`sampling_model.sampling_model`), rebuilt without gin from `config.json`
         and the stage's `final` checkpoint. Only reads the work directory.
 
         Args:
@@ -182,20 +209,20 @@ class WorkDir:
             WorkDirError: no config record, or the stage has not finished.
             checkpoint.CheckpointError: a damaged `final` checkpoint.
         """
-        # Imported here: the models need Keras, and `export` imports this module.
-        from keras_progdist.export.models import sampling_model
+        # Imported here: reading records and locking need no Keras.
         from keras_progdist.networks.unet import UNet
+        from keras_progdist.sampling_model import sampling_model
         from keras_progdist.schedules import get_schedule
 
         config = self.require_config() if config is None else config
         if not self.is_finished(stage):
             raise WorkDirError(f"Stage {stage!r} has not finished in {self.root} "
-                               f"({self.stage_dir(stage)}/final.json is missing).")
+                               f"({self.final_checkpoint(stage)} is missing).")
         steps = parse_stage(stage)
         steps = self.stage_steps(stage) if steps is None else steps
         network = UNet.from_config({**self.stage_network_config(stage, config),
                                     "name": "network"})
-        checkpoint.restore(self.stage_dir(stage), "final", network)
+        self.final_checkpoint(stage).restore(network)
         diffusion = config["diffusion"]
         return sampling_model(network, steps, get_schedule(config["schedule"]),
                               diffusion["parameterization"], diffusion["weighting"])
@@ -214,8 +241,9 @@ class WorkDir:
         """
         config = self.require_config()
         if not self.is_finished(TEACHER):
-            raise WorkDirError(f"No finished teacher in {self.root} (teacher/final.json "
-                               "is missing): train it first.")
+            raise WorkDirError(f"No finished teacher in {self.root} "
+                               f"({self.final_checkpoint(TEACHER)} is missing): train it "
+                               "first.")
         guidance = [GUIDANCE] if with_guidance and self.is_finished(GUIDANCE) else []
         stages = [TEACHER] + guidance + [stage_name(n) for n in self.finished_students()]
         models = [self.stage_model(stage, config) for stage in stages]
@@ -228,7 +256,7 @@ class WorkDir:
         Raises:
             WorkDirError: unreadable JSON, or one without the expected sections.
         """
-        path = self.path("config.json")
+        path = self._path(_CONFIG)
         if not os.path.exists(path):
             return None
         try:
@@ -248,14 +276,73 @@ class WorkDir:
         config = self.read_config()
         if config is None:
             raise WorkDirError(f"{self.root} is not a keras-progdist work directory "
-                               f"({self.path('config.json')} is missing).")
+                               f"({self._path(_CONFIG)} is missing).")
         return config
 
-    def write_json(self, name: str, value) -> str:
-        path = self.path(name)
+    def config_mismatch(self, record: dict) -> str | None:
+        """How `record` differs from the recorded config, or None when it matches (or
+        nothing is recorded yet).
+
+        A record written before a setting existed means that setting's old default
+        (`RECORD_DEFAULTS`); one without `student_network` is from a run whose students
+        share the teacher's network.
+
+        Returns:
+            `"The <section> config in <path> ... (workdir, gin) = {...}"` for the first
+            section that differs.
+        """
+        existing = self.read_config()
+        if existing is None:
+            return None
+        existing = {**existing, **{key: {**defaults, **existing[key]}
+                                   for key, defaults in RECORD_DEFAULTS.items()
+                                   if isinstance(existing.get(key), dict)}}
+        existing.setdefault("student_network", existing["network"])
+        record = {**record, "student_network": record.get("student_network",
+                                                          record["network"])}
+        for key in ("network", "diffusion", "schedule", "student_network"):
+            ours, theirs = _canon(record[key]), _canon(existing[key])
+            if ours != theirs:
+                diff = {k: (theirs.get(k), ours.get(k)) for k in set(ours) | set(theirs)
+                        if theirs.get(k) != ours.get(k)}
+                return (f"The {key} config in {self._path(_CONFIG)} (written by the run "
+                        f"that trained this workdir) does not match the gin config: "
+                        f"(workdir, gin) = {diff}")
+        return None
+
+    def record_config(self, record: dict, operative_config: str | None = None) -> None:
+        """Writes the config record (first run only: it never changes) and, when given,
+        the gin config as run this time."""
+        if self.read_config() is None:
+            self._write_json(_CONFIG, record)
+        if operative_config is not None:
+            fileio.atomic_write_text(self._path(_OPERATIVE_CONFIG), operative_config)
+
+    def write_stages(self, summaries: list) -> str:
+        """`stages.json`: one summary per finished stage (see `finished_stages`)."""
+        return self._write_json(_STAGES, summaries)
+
+    def _write_json(self, name: str, value) -> str:
+        path = self._path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fileio.atomic_write_json(path, value)
         return path
+
+    # -- grids, logs, evaluation ---------------------------------------------------
+    def grid_path(self, stage: str, num_steps: int) -> str:
+        """`samples/<stage>.png` (the teacher's: `teacher_<N>steps.png`): the grid
+        written when the stage finished."""
+        name = f"teacher_{num_steps:05d}steps" if stage == TEACHER else stage
+        return self._path("samples", f"{name}.png")
+
+    def log_dir(self, name: str) -> str:
+        """TensorBoard's folder for `name`: a stage, `samples` or `eval`."""
+        return self._path("logs", name)
+
+    @property
+    def eval(self) -> "EvalDir":
+        """The evaluation's folder (`eval/`)."""
+        return EvalDir(self._path("eval"))
 
     # -- lock ----------------------------------------------------------------------
     def _open_lock_file(self) -> int:
@@ -273,7 +360,7 @@ class WorkDir:
         Raises:
             WorkDirError: naming `.lock` and what is wrong with it.
         """
-        path = self.path(".lock")
+        path = self._path(".lock")
         flags = (os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
                  | getattr(os, "O_CLOEXEC", 0))
         try:
@@ -327,3 +414,56 @@ class WorkDir:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _canon(value):
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+class EvalDir:
+    """The layout of an evaluation's output folder: `<workdir>/eval`, or the folder a
+    sample directory is scored into (`evaluation.report.score_sample_dir`).
+
+    Args:
+        root: the folder (created by whoever writes the first file into it).
+    """
+
+    RUNS = "runs"
+
+    def __init__(self, root: str):
+        self.root = os.fspath(root)
+
+    def _path(self, *parts) -> str:
+        return os.path.join(self.root, *parts)
+
+    @property
+    def samples(self) -> str:
+        """`samples/`: the sample files `--mode=sample` writes."""
+        return self._path("samples")
+
+    @property
+    def metrics(self) -> str:
+        return self._path("metrics.json")
+
+    @property
+    def report(self) -> str:
+        return self._path("report.md")
+
+    def image(self, name: str) -> str:
+        """`<name>.png`: a plot, a model's grid, the side-by-side grid."""
+        return self._path(f"{name}.png")
+
+    def run_record(self, model: str) -> str:
+        """`runs/<model>.json`: the model's scores, reused while their key matches."""
+        return self._path(self.RUNS, f"{model}.json")
+
+    def run_probe(self, model: str) -> str:
+        """`runs/<model>.npz`: the model's first samples, for the comparisons."""
+        return self._path(self.RUNS, f"{model}.npz")
+
+    def runs_dir(self) -> str:
+        return self._path(self.RUNS)
+
+    def digits(self, ext: str) -> str:
+        """`digits.json` or `digits.md`: the digit-classifier probe."""
+        return self._path(f"digits.{ext}")

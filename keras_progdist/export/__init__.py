@@ -22,7 +22,7 @@ One concern per module:
     tf_serving        warm-up records and `models.config`
     metadata          what an export records; when two exports are the same
     versions          version folders, planning a number, claiming it, stale temporaries
-    models            the EMA-free sampling `DiffusionModel` (`sampling_model`)
+    (sampling_model   the EMA-free sampling `DiffusionModel`, on the model side)
     stages            `export_stage` / `export_stages` (idempotent by weights sha256)
     workdir_export    `load_workdir_stages`, `export_workdir`, `export_experiment`
     subprocess_export the TensorFlow subprocess that exports a run trained on JAX
@@ -45,7 +45,7 @@ from keras_progdist.export import subprocess_export
 from keras_progdist.export.metadata import (EXPORT_FORMAT, KERAS_METADATA_SUFFIX,
                                             METADATA_FILE, read_version_metadata,
                                             same_export, stage_metadata, weights_sha256)
-from keras_progdist.export.models import sampling_copy, sampling_model
+from keras_progdist.sampling_model import sampling_copy, sampling_model
 from keras_progdist.export.settings import (DEFAULT_MAX_BATCH, DEFAULT_MAX_STEPS,
                                             DEFAULT_VERSION, check_name, check_version,
                                             default_name, model_name, serving_limits)

@@ -18,7 +18,7 @@ from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.export.errors import ExportError
 from keras_progdist.export.metadata import (KERAS_METADATA_SUFFIX, read_json, same_export,
                                             stage_metadata)
-from keras_progdist.export.models import sampling_copy
+from keras_progdist.sampling_model import sampling_copy
 from keras_progdist.export.settings import (DEFAULT_VERSION, check_name, check_version,
                                             serving_limits)
 from keras_progdist.export.tf_serving import (SERVING_ROOT, serving_apis,

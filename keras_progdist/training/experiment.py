@@ -9,7 +9,6 @@ Finished stages are never redone.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 
@@ -17,19 +16,20 @@ import gin
 import keras
 import numpy as np
 
-from keras_progdist import (checkpoint, data, distribute, fileio, images,
+from keras_progdist import (data, distribute, images,
                             parameterizations, tensorboard_log)
 from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.distillation import Distiller
-from keras_progdist.export.models import sampling_model
+from keras_progdist.sampling_model import sampling_model
 from keras_progdist.guided_distillation import GuidanceDistiller
 from keras_progdist.networks.unet import UNet
 from keras_progdist.optimizers import make_optimizer
-from keras_progdist.training.config import (RECORD_DEFAULTS, PipelineError,
+from keras_progdist.training.config import (PipelineError,
                                             ScheduleConfigurable, UNetConfigurable,
                                             diffusion, distill, guidance, sample_grid,
                                             teacher)
-from keras_progdist.training.preemption import (Preempted, PreemptionGuard,
+from keras_progdist.errors import Interrupted
+from keras_progdist.training.preemption import (PreemptionGuard,
                                                 StepCheckpoint, last_loss, resumable_fit)
 from keras_progdist.workdir import GUIDANCE, TEACHER, WorkDir, stage_name
 
@@ -122,33 +122,11 @@ class Experiment:
         if self.guided:
             # What export rebuilds the w-conditioned stages from.
             record["student_network"] = self.student_network_config
-        path = self.path("config.json")
-        existing = self.wd.read_config()
-        if existing is not None:
-            existing = {**existing, **{key: {**defaults, **existing[key]}
-                                       for key, defaults in RECORD_DEFAULTS.items()
-                                       if isinstance(existing.get(key), dict)}}
-            # A record without student_network is from a run whose students share the
-            # teacher's network config.
-            existing.setdefault("student_network", existing["network"])
-            record_students = {**record, "student_network": record.get(
-                "student_network", record["network"])}
-            for key in ("network", "diffusion", "schedule", "student_network"):
-                ours = record_students[key]
-                if _canon(existing[key]) != _canon(ours):
-                    diff = {k: (existing[key].get(k), ours.get(k))
-                            for k in set(ours) | set(existing[key])
-                            if existing[key].get(k) != ours.get(k)}
-                    raise PipelineError(
-                        f"The {key} config in {path} (written by the run that trained "
-                        f"this workdir) does not match the gin config: (workdir, gin) = "
-                        f"{diff}. Use a new --workdir or the original config.")
-        if not write or not self.chief:
-            return
-        if existing is None:
-            self.wd.write_json("config.json", record)
-        fileio.atomic_write_text(self.path("operative_config.gin"),
-                                 gin.operative_config_str() or gin.config_str())
+        mismatch = self.wd.config_mismatch(record)
+        if mismatch:
+            raise PipelineError(f"{mismatch}. Use a new --workdir or the original config.")
+        if write and self.chief:
+            self.wd.record_config(record, gin.operative_config_str() or gin.config_str())
 
     def scope(self):
         return self.strategy.scope() if self.strategy is not None else \
@@ -166,8 +144,8 @@ class Experiment:
                               self.diffusion["parameterization"],
                               self.diffusion["weighting"])
 
-    def sample_grid(self, model: DiffusionModel, num_steps: int, filename: str) -> str:
-        """Writes `samples/<filename>`: `sample_grid.count` samples of `model` in
+    def sample_grid(self, model: DiffusionModel, num_steps: int, path: str) -> str:
+        """Writes the grid at `path`: `sample_grid.count` samples of `model` in
         `num_steps` from the fixed noise of every stage's grid.
 
         Returns:
@@ -181,14 +159,14 @@ class Experiment:
         guidance = self.guidance_cfg["sample_w"] if self.guided else None
         samples = model.sample(noise=noise, num_steps=num_steps, label=label,
                                guidance=guidance)
-        return images.save_grid(samples, self.path("samples", filename))
+        return images.save_grid(samples, path)
 
     def load_final(self, stage: str, num_steps: int) -> DiffusionModel:
         """The finished network of `stage` (`teacher` or `student_<N>`) as a sampler in
         `num_steps` (`WorkDir.stage_model`, the one loader of finished stages)."""
         if not self.wd.is_finished(stage):
             raise PipelineError(f"Stage {stage!r} has not finished in {self.workdir} "
-                                f"({self.wd.stage_dir(stage)}/final.json is missing).")
+                                f"({self.wd.final_checkpoint(stage)} is missing).")
         model = self.wd.stage_model(stage)
         if model.num_steps != num_steps:
             raise PipelineError(f"Stage {stage!r} in {self.workdir} samples in "
@@ -233,13 +211,12 @@ class Experiment:
             copy = UNet.from_config({**network.get_config(), "name": "network"})
             copy.set_weights(network.get_weights())
             return self.sampling_model(copy, num_steps)
-        directory = self.wd.stage_dir(stage)
-        checkpoint.save(directory, "final", network,
-                        meta={"step": updates, "dropout": network.dropout, **entry},
-                        include_optimizer=False)
+        self.wd.final_checkpoint(stage).save(
+            network, meta={"step": updates, "dropout": network.dropout, **entry},
+            include_optimizer=False)
         # The resume checkpoint (weights, optimizer slots: ~4x the final weights) has
         # served its purpose once the stage is final.
-        checkpoint.remove(directory, "ckpt")
+        self.wd.resume_checkpoint(stage).remove()
         print(f"[stage] {stage}: {num_steps} steps, {updates} updates, loss {loss:.5f}, "
               f"{seconds:.1f} s", flush=True)
         return self._finished(stage, num_steps)
@@ -250,18 +227,18 @@ class Experiment:
         sampler = self.load_final(stage, num_steps)
         if not self.chief:
             return sampler
-        grid = f"teacher_{num_steps:05d}steps.png" if stage == TEACHER else f"{stage}.png"
-        if self.grid_count and not os.path.exists(self.path("samples", grid)):
-            path = self.sample_grid(sampler, num_steps, grid)
-            tensorboard_log.write_image(self.path("logs", "samples"), stage, path,
+        grid = self.wd.grid_path(stage, num_steps)
+        if self.grid_count and not os.path.exists(grid):
+            self.sample_grid(sampler, num_steps, grid)
+            tensorboard_log.write_image(self.wd.log_dir("samples"), stage, grid,
                                         step=num_steps)
-        self.wd.write_json("stages.json", self.finished_stages())
+        self.wd.write_stages(self.finished_stages())
         return sampler
 
     def callbacks(self, checkpointer: StepCheckpoint, stage: str) -> list:
         callbacks = [checkpointer]
         if self.chief and tensorboard_log.available():
-            callbacks.append(keras.callbacks.TensorBoard(self.path("logs", stage)))
+            callbacks.append(keras.callbacks.TensorBoard(self.wd.log_dir(stage)))
         return callbacks
 
     # -- stages --------------------------------------------------------------------
@@ -273,20 +250,20 @@ class Experiment:
             `(loss, seconds)`: the last loss and this process's training time.
 
         Raises:
-            Preempted: SIGTERM or the deadline; a checkpoint at the exact step is saved.
+            Interrupted: SIGTERM or the deadline; a checkpoint at the exact step is saved.
         """
         start = time.time()
-        directory = self.wd.stage_dir(stage)
+        resume = self.wd.resume_checkpoint(stage)
         done = 0
-        if checkpoint.exists(directory, "ckpt"):
-            done = checkpoint.restore(directory, "ckpt", model)["step"]
+        if resume.exists():
+            done = resume.restore(model)["step"]
             print(f"[stage] {stage}: resuming at step {done}/{total_steps}", flush=True)
-        saver = StepCheckpoint(directory, model, every, stage, done, self.guard,
+        saver = StepCheckpoint(resume, model, every, stage, done, self.guard,
                                write=self.chief, total_steps=total_steps,
                                log_lines=verbose == 2)
         history = resumable_fit(model, self.dataset, total_steps, every, done,
                                 self.callbacks(saver, stage), saver, verbose)
-        return last_loss(history, directory), time.time() - start
+        return last_loss(history, resume), time.time() - start
 
     def train_teacher(self, verbose: int = 1) -> DiffusionModel:
         """Trains (or resumes, or skips) the teacher; returns its sampling model."""
@@ -368,7 +345,7 @@ class Experiment:
                 previous = self._finished(stage, n).network
                 continue
             if self.guard.requested:
-                raise Preempted(f"[preempted] SIGTERM or time budget before {stage}; "
+                raise Interrupted(f"[preempted] SIGTERM or time budget before {stage}; "
                                 "finished stages are saved. Re-run the same command to "
                                 "go on.")
             updates = cfg["updates"][n]
@@ -396,6 +373,3 @@ class Experiment:
                                           seconds).network
         return self.finished_stages()
 
-
-def _canon(value):
-    return json.loads(json.dumps(value, sort_keys=True))

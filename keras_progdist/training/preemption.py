@@ -16,16 +16,7 @@ import time
 import keras
 
 from keras_progdist import checkpoint, data
-from keras_progdist.errors import KerasProgdistError
-
-class Preempted(SystemExit):
-    """SIGTERM arrived or the time budget ran out: a checkpoint at the exact step was
-    written; exit code 143 (re-run the same command to go on)."""
-
-    def __init__(self, message: str):
-        print(message, flush=True)
-        super().__init__(143)
-
+from keras_progdist.errors import Interrupted, KerasProgdistError
 
 class TrainingDivergedError(KerasProgdistError, RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
@@ -122,7 +113,8 @@ class StepCheckpoint(keras.callbacks.Callback):
     the current step and stops training.
 
     Args:
-        directory, stage: where the stage's checkpoints go, and its name for messages.
+        slot, stage: the stage's resume checkpoint (`WorkDir.resume_checkpoint`), and
+            its name for messages.
         model: the model whose variables (and optimizer's) are saved.
         every: checkpoint interval in steps (one Keras "epoch").
         start_step: the step training resumes from.
@@ -132,7 +124,7 @@ class StepCheckpoint(keras.callbacks.Callback):
             (`[stage] step k/total: loss, ms/step`) instead of Keras' "Epoch i/n".
     """
 
-    def __init__(self, directory: str, model, every: int, stage: str, start_step: int,
+    def __init__(self, slot: checkpoint.Slot, model, every: int, stage: str, start_step: int,
                  guard: PreemptionGuard | None = None, write: bool = True,
                  total_steps: int | None = None, log_lines: bool = False):
         super().__init__()
@@ -140,7 +132,7 @@ class StepCheckpoint(keras.callbacks.Callback):
         self.total_steps = total_steps
         self.log_lines = log_lines
         self._chunk_start = (start_step, time.time())
-        self.directory = directory
+        self.slot = slot
         self.target = model
         self.every = every
         self.stage = stage
@@ -157,11 +149,10 @@ class StepCheckpoint(keras.callbacks.Callback):
         if not math.isfinite(loss):
             raise TrainingDivergedError(
                 f"{self.stage}: the loss became {loss} by step {self.step}; the last "
-                f"good checkpoint in {self.directory} is kept. Lower the learning rate "
+                f"good checkpoint {self.slot} is kept. Lower the learning rate "
                 "or check the data.")
         if self.write:
-            checkpoint.save(self.directory, "ckpt", self.target,
-                            meta={"step": self.step, "loss": loss})
+            self.slot.save(self.target, meta={"step": self.step, "loss": loss})
         if self.log_lines:
             first, since = self._chunk_start
             per_step = (time.time() - since) / max(1, self.step - first)
@@ -222,14 +213,16 @@ def resumable_fit(model, dataset, total_steps: int, every: int, done: int, callb
                             callbacks=callbacks, verbose=verbose, shuffle=False)
     if checkpointer.preempted:
         reason = getattr(checkpointer.guard, "reason", None) or "SIGTERM or time budget"
-        raise Preempted(f"[preempted] {checkpointer.stage}: {reason}; checkpoint saved "
+        raise Interrupted(f"[preempted] {checkpointer.stage}: {reason}; checkpoint saved "
                         f"at step {checkpointer.step}. Re-run the same command to "
                         "resume.")
     return history
 
 
-def last_loss(history, directory: str) -> float:
+def last_loss(history, slot: checkpoint.Slot) -> float:
+    """The stage's last loss: from `history`, else (a stage resumed at its last step)
+    the one its resume checkpoint `slot` recorded."""
     losses = (history.history.get("loss") or []) if history is not None else []
     if losses:
         return float(losses[-1])
-    return float(checkpoint.read_meta(directory, "ckpt").get("loss", float("nan")))
+    return float(slot.read_meta().get("loss", float("nan")))

@@ -18,7 +18,8 @@ from keras_progdist.training.config import (MODES, PipelineError, dataset_settin
                                             diffusion, distill, evaluate, guidance,
                                             sample_grid, teacher)
 from keras_progdist.training.experiment import Experiment
-from keras_progdist.training.preemption import Preempted, PreemptionGuard
+from keras_progdist.training.preemption import PreemptionGuard
+from keras_progdist.errors import Interrupted
 from keras_progdist.workdir import WorkDir
 
 
@@ -70,7 +71,7 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
     any training. Modes that write the workdir (training, sampling, evaluation) hold
     its lock for the whole run; `export` only reads it.
 
-    With `time_budget_s`, training checkpoints and exits (`Preempted`, code 143) once
+    With `time_budget_s`, training checkpoints and stops (`errors.Interrupted`, code 143) once
     the budget is spent, and sampling and evaluation start no new model after it; the
     same call again goes on from there, so each piece fits a fixed job slot.
 
@@ -141,5 +142,5 @@ def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved
                 tensorboard_log.write_eval_scores(experiment.path("logs", "eval"),
                                                   scores["results"])
         except report.EvaluationInterrupted as e:
-            raise Preempted(str(e)) from None
+            raise Interrupted(str(e)) from None
     return experiment

@@ -8,7 +8,6 @@ built networks would all output zeros and sample the same images).
 
 import numpy as np
 
-from keras_progdist import checkpoint
 from keras_progdist.networks.unet import UNet
 from keras_progdist.schedules import Schedule
 from keras_progdist.workdir import WorkDir, stage_name
@@ -35,7 +34,7 @@ def make_finished_workdir(root, teacher_steps=4, students=(2, 1), num_classes=No
     """
     wd = WorkDir(str(root))
     network = tiny_network(num_classes, image_shape)
-    wd.write_json("config.json", {
+    wd.record_config({
         "network": network.get_config(),
         "diffusion": {"parameterization": "v", "weighting": "snr_trunc",
                       "ema_decay": 0.995, "seed": 0},
@@ -48,7 +47,7 @@ def make_finished_workdir(root, teacher_steps=4, students=(2, 1), num_classes=No
                              for w in network.get_weights()])
         meta = {"stage": stage, "num_steps": steps, "updates": 10 * (index + 1),
                 "loss": 0.5 / (index + 1), "seconds": 1.5 * (index + 1)}
-        checkpoint.save(wd.stage_dir(stage), "final", network,
-                        meta={"step": meta["updates"], **meta}, include_optimizer=False)
+        wd.final_checkpoint(stage).save(network, meta={"step": meta["updates"], **meta},
+                                        include_optimizer=False)
         weights[stage] = [w.copy() for w in network.get_weights()]
     return weights

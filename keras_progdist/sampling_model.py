@@ -1,5 +1,6 @@
-"""The EMA-free sampling `DiffusionModel` that every export serves and saves: built here
-only (`sampling_model`), from a network or from another model (`sampling_copy`)."""
+"""The EMA-free `DiffusionModel` that samples a finished network: what every stage's
+grid, evaluation and export uses, built here only (`sampling_model`), from a network
+or from another model (`sampling_copy`)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ from keras_progdist.networks.unet import UNet
 
 
 def sampling_model(network, num_steps: int, schedule, parameterization: str,
-                   weighting: str) -> DiffusionModel:
-    """`DiffusionModel(network, ema_decay=None, num_steps=num_steps)` named
-    `sampler_<N>`: a finished stage's network as a model that samples in `num_steps`.
+                   weighting: str, name: str | None = None) -> DiffusionModel:
+    """`DiffusionModel(network, ema_decay=None, num_steps=num_steps)`: a finished
+    stage's network as a model that samples in `num_steps`.
 
     Args:
         network: the stage's network (used as is, not copied).
         num_steps: the step count `sample()` defaults to.
         schedule: a `Schedule`; parameterization, weighting: as `DiffusionModel`.
+        name: the model's name (default `sampler_<N>`).
     """
     return DiffusionModel(network, schedule=schedule, parameterization=parameterization,
                           weighting=weighting, ema_decay=None, num_steps=num_steps,
-                          name=f"sampler_{num_steps}")
+                          name=name or f"sampler_{num_steps}")
 
 
 def sampling_copy(model: DiffusionModel, num_steps: int) -> DiffusionModel:
