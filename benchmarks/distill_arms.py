@@ -16,8 +16,9 @@ file's `distill` settings; `updates` is per stage, the 2- and 1-step stages get 
     d0   a teacher trained with dropout 0.1; students without dropout (the paper), at
          a's updates (the arm has its own teacher to train, so it gets a's cheaper ladder)
     d1   the same teacher; students keep its dropout 0.1, at a's updates
-    u400 ... u3200, lr2_u400, lr4_u400, lr2_u800, lr4_u800, t1_u400: the pre-registered
-         update / learning-rate arms, ladder 64 -> 4
+    u400 ... u3200, lr2_u400, lr4_u400, lr2_u800, lr4_u800, const_u800, t1_u400: the
+         pre-registered update / learning-rate arms, ladder 64 -> 4 (const_u800 keeps
+         its rate constant over each stage)
          (results/fashion_mnist_cpu_updates_plan.md; t1_u400 distils a second teacher,
          trained with seed 1)
 
@@ -105,6 +106,10 @@ UPDATE_ARMS = {"u400": (400, 5e-4), "u800": (800, 5e-4), "u1600": (1600, 5e-4),
 ARMS.update({name: ("plain", _ladder_to_4(updates, rate),
                     f"{updates} updates a stage at {rate:g}, linear to 0, 64 -> 4")
              for name, (updates, rate) in UPDATE_ARMS.items()})
+# The official code's shape (no decay, no warm-up) at lr4_u800's and u3200's summed rate.
+ARMS["const_u800"] = ("plain", _ladder_to_4(800, 1e-3)
+                      + ["distill.learning_rate_schedule='constant'"],
+                      "800 updates a stage at 0.001, constant, 64 -> 4")
 ARMS["t1_u400"] = ("seed1", _ladder_to_4(400),
                    "second teacher (seed 1): 400 updates at 5e-4, linear to 0, 64 -> 4")
 # What an arm's work directory takes from its teacher's.

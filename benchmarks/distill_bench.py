@@ -29,10 +29,11 @@ from keras_progdist import pipeline  # noqa: E402
 from keras_progdist.diffusion import DiffusionModel  # noqa: E402
 from keras_progdist.distillation import Distiller  # noqa: E402
 from keras_progdist.optimizers import make_optimizer  # noqa: E402
+from keras_progdist.settings import as_record  # noqa: E402
 
 
 def stage_curve(experiment, num_samples):
-    models = experiment.stage_models()
+    models = experiment.wd.stage_models()
     _, teacher_steps, teacher = models[0]
     noise = keras.random.normal((num_samples,) + experiment.image_shape, seed=99)
     reference = teacher.sample(noise=noise, num_steps=teacher_steps)
@@ -52,10 +53,11 @@ def stage_curve(experiment, num_samples):
 def step_times(experiment, steps=40, repeats=3):
     """Seconds per update of the teacher step and the distillation step, interleaved."""
     network = experiment.new_network()
-    teacher = DiffusionModel(network, schedule=experiment.schedule, **experiment.diffusion)
+    teacher = DiffusionModel(network, schedule=experiment.schedule,
+                             **as_record(experiment.diffusion))
     teacher.compile(optimizer=make_optimizer(1e-4), jit_compile=True, steps_per_execution=10)
     distiller = Distiller(network, schedule=experiment.schedule,
-                          parameterization=experiment.diffusion["parameterization"],
+                          parameterization=experiment.diffusion.parameterization,
                           num_steps=64)
     distiller.compile(optimizer=make_optimizer(1e-4, decay_to_zero_steps=10_000),
                       jit_compile=True, steps_per_execution=10)

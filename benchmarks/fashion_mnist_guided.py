@@ -157,7 +157,7 @@ def settings(args) -> tuple:
     if dataset.get("name") != "fashion_mnist" or not dataset.get("with_labels"):
         raise BenchmarkError(f"{args.gin_file}: this benchmark needs class-conditional "
                              "fashion_mnist (dataset.with_labels = True).")
-    if not guided["enabled"]:
+    if not guided.enabled:
         raise BenchmarkError(f"{args.gin_file}: guidance.enabled is not set: this is "
                              "not a guided run.")
     return dataset, cfg, guided

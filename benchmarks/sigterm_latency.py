@@ -81,6 +81,7 @@ def estimate(config: str, probe_batch: int) -> dict:
     from keras_progdist import checkpoint, data, parameterizations, pipeline
     from keras_progdist.diffusion import DiffusionModel
     from keras_progdist.optimizers import make_optimizer
+    from keras_progdist.settings import as_record
 
     gin.clear_config()
     gin.parse_config_file(os.path.join(ROOT, "gin", f"{config}.gin"))
@@ -93,10 +94,10 @@ def estimate(config: str, probe_batch: int) -> dict:
     shape = (size, size, spec.channels)
     diff = pipeline.diffusion()
     cfg = pipeline.teacher()
-    out = parameterizations.output_channels(diff["parameterization"], shape[-1])
+    out = parameterizations.output_channels(diff.parameterization, shape[-1])
     network = pipeline.UNetConfigurable(image_shape=shape, output_channels=out)
     labels = spec.num_classes if network.num_classes else None
-    model = DiffusionModel(network, num_steps=8, **diff)
+    model = DiffusionModel(network, num_steps=8, **as_record(diff))
     model.compile(optimizer=make_optimizer(1e-4), jit_compile=True, steps_per_execution=1)
     x = np.random.RandomState(0).uniform(-1, 1, (probe_batch,) + shape).astype("float32")
     inputs = (x, np.zeros((probe_batch,), "int32")) if labels else (x,)

@@ -112,9 +112,12 @@ def lr_lever(ratios_by_arm: dict) -> dict:
 
 
 def _summed_rate(bindings: list, updates: int) -> float | None:
+    """The learning rate summed over one stage's updates: half of peak x updates for a
+    linear decay to 0, all of it for a constant rate."""
     rate = next((float(b.split("=")[1]) for b in bindings
                  if b.startswith("distill.learning_rate=")), None)
-    return None if rate is None else rate * updates / 2  # linear decay to 0
+    constant = "distill.learning_rate_schedule='constant'" in bindings
+    return None if rate is None else rate * updates / (1 if constant else 2)
 
 
 def arm_rows(name: str, arm: dict) -> list:

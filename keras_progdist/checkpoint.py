@@ -124,8 +124,8 @@ def save(directory: str, name: str, model, meta: dict | None = None,
     sync_training_state(model)
     variables = _variables(model, include_optimizer)
     arrays = {f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(variables)}
-    tmp = fileio.temp_name(os.path.join(directory, f"{name}.npz"))
-    try:
+    # The weights file is named by its hash, known only once it is written.
+    with fileio.temporary(os.path.join(directory, f"{name}.npz")) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -133,10 +133,6 @@ def save(directory: str, name: str, model, meta: dict | None = None,
         digest = fileio.sha256_file(tmp)
         weights_file = f"{name}-{digest[:16]}.npz"
         os.replace(tmp, os.path.join(directory, weights_file))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     record = {
         "meta": meta or {},
         "paths": [v.path for v in variables],

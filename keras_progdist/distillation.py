@@ -179,14 +179,16 @@ class Distiller(keras.Model):
 
     def prepare_stage(self, network, num_steps: int, updates: int,
                       learning_rate: float = 5e-5, global_clipnorm: float | None = 1.0,
-                      jit_compile: bool = True, steps_per_execution: int = 1) -> None:
+                      jit_compile: bool = True, steps_per_execution: int = 1,
+                      learning_rate_schedule: str = "linear") -> None:
         """Makes the next `fit` of `updates` steps one whole stage to `num_steps` steps.
 
-        The learning rate decays linearly from `learning_rate` to 0 over the stage
-        (`LinearToZero`), so the schedule must be as long as the stage: the model is
-        (re)compiled when the stage length or settings change (one compilation serves
-        every stage of one length), and the optimizer's slots and step are zeroed.
-        Without this, a second stage would start where the first one's rate ended: 0.
+        By default the learning rate decays linearly from `learning_rate` to 0 over the
+        stage (`LinearToZero`), so the schedule must be as long as the stage: the model
+        is (re)compiled when the stage length or settings change (one compilation
+        serves every stage of one length), and the optimizer's slots and step are
+        zeroed. Without this, a second stage would start where the first one's rate
+        ended: 0.
 
         Args:
             network: the new stage's teacher (e.g. the previous stage's `student`).
@@ -194,11 +196,16 @@ class Distiller(keras.Model):
             updates: optimizer updates of the stage (what the next `fit` will run).
             learning_rate, global_clipnorm: Adam settings of the stage.
             jit_compile, steps_per_execution: as in `compile`.
+            learning_rate_schedule: `linear` (to 0 over the stage) or `constant`.
         """
+        if learning_rate_schedule not in ("linear", "constant"):
+            raise ValueError(f"learning_rate_schedule must be 'linear' or 'constant', got "
+                             f"{learning_rate_schedule!r}.")
         settings = (int(updates), float(learning_rate), global_clipnorm, bool(jit_compile),
-                    int(steps_per_execution))
+                    int(steps_per_execution), learning_rate_schedule)
         if getattr(self, "_stage_settings", None) != settings:
-            self.compile(optimizer=make_optimizer(learning_rate, decay_to_zero_steps=updates,
+            decay = updates if learning_rate_schedule == "linear" else None
+            self.compile(optimizer=make_optimizer(learning_rate, decay_to_zero_steps=decay,
                                                   global_clipnorm=global_clipnorm),
                          jit_compile=jit_compile, steps_per_execution=steps_per_execution)
             self.optimizer.build(self.trainable_variables)

@@ -8,6 +8,7 @@ one, never a half-written one, and two writers of one path never share a tempora
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -45,6 +46,25 @@ def atomic_write(path: str, write: Callable) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
 
 
+@contextlib.contextmanager
+def temporary(path: str, suffix: str = ""):
+    """A temporary name next to `path` (`temp_name(path) + suffix`) for a writer that
+    must name its own file (`np.savez`, `keras.Model.save`); the block moves it into
+    place (`os.replace`), and whatever is left under the name when the block ends,
+    normally or not, is removed.
+
+    Args:
+        path: the file the temporary stands for; its folder must exist.
+        suffix: appended to the name (Keras insists on `.keras`).
+    """
+    tmp = temp_name(path) + suffix
+    try:
+        yield tmp
+    finally:
+        with _ignore_missing():
+            os.remove(tmp)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
@@ -78,8 +98,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def temp_owner(path: str) -> int | None:
-    """The process id in a temporary name made by `temp_name` (or the legacy
-    `<name>.tmp-<pid>` form), else None."""
+    """The process id in a temporary name made by `temp_name` (`<name>.tmp-<pid>-<hex>`,
+    or `<name>.tmp-<pid>`), else None."""
     tail = os.path.basename(path).rsplit(TMP_MARK, 1)
     if len(tail) != 2:
         return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gin
 import keras
 from keras import ops
 
@@ -45,7 +44,6 @@ class LinearToZero(keras.optimizers.schedules.LearningRateSchedule):
         return {"initial": self.initial, "total_steps": self.total_steps}
 
 
-@gin.configurable
 def make_optimizer(learning_rate=2e-4, warmup_steps: int = 0, decay_to_zero_steps=None,
                    global_clipnorm: float | None = 1.0, weight_decay: float = 0.0,
                    beta_1: float = 0.9, beta_2: float = 0.999, epsilon: float = 1e-8):

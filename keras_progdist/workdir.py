@@ -30,16 +30,11 @@ constants `TEACHER`, `GUIDANCE`). A finished stage is loaded back, without gin, 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
-import socket
-import stat
-import sys
-import time
 
-from keras_progdist import checkpoint, fileio
+from keras_progdist import checkpoint, fileio, locking
 from keras_progdist.errors import KerasProgdistError
 
 TEACHER = "teacher"
@@ -345,75 +340,26 @@ class WorkDir:
         return EvalDir(self._path("eval"))
 
     # -- lock ----------------------------------------------------------------------
-    def _open_lock_file(self) -> int:
-        """Opens (creating it if needed) `<root>/.lock` for the holder record.
-
-        The holder record truncates and rewrites the file, so a `.lock` planted as a
-        symbolic link (or hard link) would have a run overwrite its target, and a
-        dangling link would create a file outside the work directory: the open never
-        follows a link (`O_NOFOLLOW`), and only a regular file with one link is used.
-        `O_NONBLOCK` keeps a FIFO planted there from blocking the open.
-
-        Returns:
-            The open file descriptor (the caller closes it).
-
-        Raises:
-            WorkDirError: naming `.lock` and what is wrong with it.
-        """
-        path = self._path(".lock")
-        flags = (os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                 | getattr(os, "O_CLOEXEC", 0))
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError as e:
-            kind = ("a symbolic link" if os.path.islink(path)
-                    else f"not usable ({e.strerror})")
-            raise WorkDirError(f"Lock file {path} is {kind}; the lock must be a regular "
-                               "file in the work directory. Remove it (no run holds a "
-                               "lock file that is not a regular file), or use another "
-                               "--workdir.") from None
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-            os.close(fd)
-            kind = ("has other hard links" if stat.S_ISREG(info.st_mode)
-                    else "is not a regular file")
-            raise WorkDirError(f"Lock file {path} {kind}; the lock must be a regular "
-                               "file of its own. Remove it, or use another --workdir.")
-        return fd
-
     @contextlib.contextmanager
     def lock(self, purpose: str = "run"):
-        """Holds the work directory exclusively for the `with` block.
-
-        The lock is an `flock` on `<root>/.lock`: the OS releases it when the process
-        ends, however it ends, so a killed run never leaves the folder locked.
+        """Holds the work directory exclusively for the `with` block (`locking.hold` on
+        `<root>/.lock`, created with the folder if needed).
 
         Raises:
             WorkDirBusyError: another process holds it; the message names that process.
             WorkDirError: `.lock` is a symbolic link, not a regular file, has other
-                hard links, or cannot be opened (see `_open_lock_file`).
+                hard links, or cannot be opened.
         """
         os.makedirs(self.root, exist_ok=True)
-        fd = self._open_lock_file()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-            os.close(fd)
-            holder = holder or "holder unknown"
+            with locking.hold(self._path(".lock"), purpose, "or use another --workdir"):
+                yield self
+        except locking.Busy as e:
             raise WorkDirBusyError(
-                f"Work directory {self.root} is in use by another run ({holder}). Wait "
+                f"Work directory {self.root} is in use by another run ({e.holder}). Wait "
                 "for it to end, stop it, or use another --workdir.") from None
-        holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "purpose": purpose, "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                             "command": " ".join(sys.argv)[:500]})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
-        try:
-            yield self
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        except locking.BadLockFile as e:
+            raise WorkDirError(str(e)) from None
 
 
 def _canon(value):

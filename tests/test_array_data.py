@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from keras_progdist import data
-from keras_progdist.array_data import ArrayBatches
+from keras_progdist.data.numpy_pipeline import ArrayBatches
 
 
 def _first_batch(pipeline, **kw):
@@ -163,11 +163,11 @@ def _fake_jax_processes(monkeypatch, index, count):
 
 
 def test_default_shard_is_the_jax_process(monkeypatch):
-    from keras_progdist import array_data
+    from keras_progdist.data import numpy_pipeline
 
     x, y = _coded(10)
     _fake_jax_processes(monkeypatch, 1, 2)
-    assert array_data.default_shard() == (1, 2)
+    assert numpy_pipeline.default_shard() == (1, 2)
     batches = ArrayBatches(x, y, batch_size=5, shuffle=False, repeat=False)
     assert batches.shard == (1, 2)
     assert [_ids(b) for b in batches] == [[1, 3, 5, 7, 9]]
@@ -187,17 +187,17 @@ def test_default_shard_is_whole_data_off_jax_or_on_one_process(monkeypatch):
     import jax
     import keras
 
-    from keras_progdist import array_data
+    from keras_progdist.data import numpy_pipeline
 
     monkeypatch.setattr(keras.config, "backend", lambda: "tensorflow")
     monkeypatch.setattr(jax, "process_count", lambda: 4)  # must not be asked
-    assert array_data.default_shard() == (0, 1)
+    assert numpy_pipeline.default_shard() == (0, 1)
     _fake_jax_processes(monkeypatch, 0, 1)
-    assert array_data.default_shard() == (0, 1)
+    assert numpy_pipeline.default_shard() == (0, 1)
 
 
 def test_empty_data_and_empty_shards_are_refused():
-    from keras_progdist.array_data import EmptyDatasetError
+    from keras_progdist.data.errors import EmptyDatasetError
 
     x, y = _coded(0)
     with pytest.raises(EmptyDatasetError, match=r"dataset is empty \(0 examples\)"):

@@ -191,6 +191,27 @@ def test_new_stage_reuses_the_compiled_step():
     assert distiller.train_function is compiled
 
 
+@pytest.mark.parametrize("schedule, last_rate", [("linear", 0.0), ("constant", 3e-4)])
+def test_stage_learning_rate_schedule(schedule, last_rate):
+    """`linear` decays the stage's rate to exactly 0 at its last update; `constant` (the
+    official code's shape) keeps it; a new stage starts again from the full rate."""
+    ds = data.make_dataset("mnist_embedded", batch_size=8, image_size=8, seed=0)
+    net = UNet((8, 8, 1), channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4)
+    distiller = Distiller(net, parameterization="v", num_steps=8)
+    distiller.prepare_stage(net, 8, 6, 3e-4, jit_compile=False, steps_per_execution=1,
+                            learning_rate_schedule=schedule)
+    distiller.fit(ds, steps_per_epoch=6, verbose=0)
+    assert int(distiller.optimizer.iterations) == 6
+    np.testing.assert_allclose(float(distiller.optimizer.learning_rate), last_rate,
+                               atol=1e-12)
+    distiller.prepare_stage(distiller.student, 4, 6, 3e-4, jit_compile=False,
+                            steps_per_execution=1, learning_rate_schedule=schedule)
+    np.testing.assert_allclose(float(distiller.optimizer.learning_rate), 3e-4, rtol=1e-6)
+    with pytest.raises(ValueError, match="learning_rate_schedule must be"):
+        distiller.prepare_stage(net, 4, 6, 3e-4, learning_rate_schedule="cosine")
+
+
 def test_distiller_round_trips_through_keras_saving(tmp_path):
     net = _random_net("v")
     distiller = Distiller(net, parameterization="v", num_steps=16)

@@ -26,6 +26,7 @@ import keras_progdist
 from keras_progdist import export, fileio, pipeline
 from keras_progdist.export import stages as export_stages
 from keras_progdist.export import versions as export_versions
+from keras_progdist.export import subprocess_export
 from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.networks.unet import UNet
 
@@ -65,9 +66,9 @@ def exported(tmp_path_factory):
     make_finished_workdir(workdir, teacher_steps=4, students=(2,), image_shape=(16, 16, 1))
     _parse_gin()
     try:
-        experiment = pipeline.run(workdir, "export", export_dir=export_dir,
-                                  experiment_name=NAME, verbose=0)
-        stages = experiment.stage_models()
+        stages = pipeline.run(workdir, "export", export_dir=export_dir,
+                              experiment_name=NAME, verbose=0).stage_models(
+                                  with_guidance=True)
     finally:
         gin.clear_config()
     noise = keras.random.normal((3,) + stages[0][2].image_shape, seed=NOISE_SEED)
@@ -613,8 +614,8 @@ def test_limits_are_set_at_export(tmp_path):
     # Other limits are another model to serve: a new version, not "up to date".
     other = {**metadata, "limits": {"max_steps": 6, "max_batch": 4, "max_cost": 120}}
     base = os.path.dirname(record["saved_model"])
-    assert export._plan_version(base, other, None, False) == {"version": 2, "action": "new"}
-    assert export._plan_version(base, metadata, None, False)["action"] == "up to date"
+    assert export_versions.plan_version(base, other, None, False) == {"version": 2, "action": "new"}
+    assert export_versions.plan_version(base, metadata, None, False)["action"] == "up to date"
 
 
 def test_a_version_claimed_meanwhile_goes_to_the_next_number(tmp_path, monkeypatch):
@@ -723,13 +724,13 @@ def test_stale_temporaries_of_killed_exports_are_removed(tmp_path, monkeypatch):
     try:
         root = tmp_path / "litter"
         base = root / "litter-2steps"
-        stale = [base / f".tmp-1-{dead}", base / f".version.tmp-{dead}-0a1b2c3d",
-                 base / f".replaced-2.tmp-{dead}-0a1b2c3d", base / f".old-2-{dead}",
+        stale = [base / f".version.tmp-{dead}-0a1b2c3d",
+                 base / f".replaced-2.tmp-{dead}-0a1b2c3d",
                  root / f"litter-2steps.keras.tmp-{dead}.keras",
                  root / f"litter-2steps.keras.tmp-{dead}-0a1b2c3d.keras",
                  root / f"litter-2steps.keras.json.tmp-{dead}-0a1b2c3d",
                  root / f"models.config.tmp-{dead}"]
-        kept = [base / f".tmp-1-{live.pid}", base / f".version.tmp-{live.pid}-0a1b2c3d",
+        kept = [base / f".version.tmp-{live.pid}-0a1b2c3d",
                 root / f"litter-2steps.keras.tmp-{live.pid}-0a1b2c3d.keras"]
         for path in stale + kept:
             if path.name.startswith("."):
@@ -739,7 +740,7 @@ def test_stale_temporaries_of_killed_exports_are_removed(tmp_path, monkeypatch):
                 path.write_text("partial")
         _fake_version(str(base / "2"), "2" * 64)
         # An overwrite killed between its renames: version 3 only exists moved aside.
-        _fake_version(str(base / f".old-3-{dead}"), "3" * 64)
+        _fake_version(str(base / f".replaced-3.tmp-{dead}-0a1b2c3d"), "3" * 64)
 
         record = export.export_stages([("student", 2, _small_model(5))], str(tmp_path),
                                       "litter")["stages"][0]
@@ -764,18 +765,18 @@ def test_export_subprocess_runs_the_running_package(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     missing = str(tmp_path / "no_such_run")
     with pytest.raises(export.ExportError) as info:
-        export._export_in_subprocess(missing, str(tmp_path / "out"), "n", False, None,
-                                     "/models")
+        subprocess_export.export_in_subprocess(missing, str(tmp_path / "out"), "n",
+                                               export.ExportOptions())
     assert "decoy" not in str(info.value)
     assert f"Work directory {missing} does not exist" in str(info.value)
     assert not os.path.exists(missing) and not os.path.exists(tmp_path / "out")
 
-    command, env = export._subprocess_command("w", "e", "n", False, None, "/models",
-                                              None, None)
+    command, env = subprocess_export._subprocess_command("w", "e", "n",
+                                                         export.ExportOptions())
     parent = os.path.dirname(os.path.dirname(os.path.abspath(keras_progdist.__file__)))
-    assert export.package_parent() == parent
+    assert subprocess_export.package_parent() == parent
     assert env["PYTHONPATH"].split(os.pathsep)[:2] == [parent, str(tmp_path)]
-    assert command[:4] == [sys.executable, "-c", export._BOOTSTRAP, parent]
+    assert command[:4] == [sys.executable, "-c", subprocess_export._BOOTSTRAP, parent]
 
 
 def test_export_of_a_missing_workdir_creates_nothing(tmp_path):
@@ -785,6 +786,28 @@ def test_export_of_a_missing_workdir_creates_nothing(tmp_path):
     with pytest.raises(export.ExportError, match="Work directory .* does not exist"):
         export.export_workdir(missing, str(tmp_path / "out2"), NAME)
     assert not os.path.exists(missing) and not os.path.exists(tmp_path / "out2")
+
+
+def test_export_needs_no_training_data(exported, tmp_path):
+    """`--mode=export` reads only the work directory: a run whose training data is gone
+    (here `dataset.data_dir` names no folder) exports every finished stage."""
+    missing = str(tmp_path / "data_moved_away")
+    export_dir = str(tmp_path / "saved_models")
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings(
+            [os.path.join(ROOT, "gin", "fashion_mnist_cpu.gin")],
+            [f"dataset.data_dir = '{missing}'"])
+        pipeline.run(exported["workdir"], "export", export_dir=export_dir,
+                     experiment_name=NAME, verbose=0)
+    finally:
+        gin.clear_config()
+    models = sorted(os.listdir(os.path.join(export_dir, NAME)))
+    assert models == sorted([f"{NAME}-{n}steps" for n in exported["steps"]]
+                            + [f"{NAME}-{n}steps.keras" for n in exported["steps"]]
+                            + [f"{NAME}-{n}steps.keras.json" for n in exported["steps"]]
+                            + ["models.config"])
+    assert not os.path.exists(missing)
 
 
 JAX_EXPORT = textwrap.dedent(r"""
@@ -839,7 +862,7 @@ def test_the_package_imports_without_tensorflow_and_runs_as_a_module():
             "import keras_progdist.export as e; "
             "assert no_tensorflow.loaded_tensorflow_modules() == [], "
             "no_tensorflow.loaded_tensorflow_modules(); "
-            "assert e.check_name('a') == e._check_name('a'); print('IMPORTED')")
+            "assert e.check_name('a') == 'a'; print('IMPORTED')")
     assert "IMPORTED" in _run_python(code, backend="jax")
     result = subprocess.run([sys.executable, "-m", "keras_progdist.export", "--help"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,

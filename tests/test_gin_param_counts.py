@@ -47,7 +47,7 @@ def _teacher_network():
     info = dataset_info(settings["name"])
     channels = info["image_shape"][-1]
     size = settings.get("image_size") or info["image_shape"][0]
-    out = parameterizations.output_channels(config.diffusion()["parameterization"],
+    out = parameterizations.output_channels(config.diffusion().parameterization,
                                             channels)
     return config.UNetConfigurable(image_shape=(size, size, channels),
                                    output_channels=out, name="network")

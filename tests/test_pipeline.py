@@ -121,6 +121,9 @@ BAD_INPUTS = [
     # Settings of later modes are checked before the teacher trains.
     ("negative distillation learning rate", ["distill.learning_rate=-1.0"], "all",
      ValueError, "distill.learning_rate must be a finite number > 0, got -1.0"),
+    ("unknown stage learning-rate schedule", ["distill.learning_rate_schedule='cosine'"],
+     "all", ValueError, "distill.learning_rate_schedule must be one of linear, constant, "
+     "got 'cosine'"),
     ("evaluation sample count not a number", ["evaluate.num_samples='x'"], "all",
      ValueError, "evaluate.num_samples must be an integer >= 2, got 'x'"),
     ("negative grid size", ["sample_grid.count=-1"], "train_teacher", ValueError,

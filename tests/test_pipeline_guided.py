@@ -87,7 +87,7 @@ def test_the_guided_configs_are_valid(name, classes, teacher_steps):
         unet = {k: gin.query_parameter(f"UNet.{k}") for k in ("num_classes", "null_class")}
     finally:
         gin.clear_config()
-    assert guided["enabled"] and (guided["w_min"], guided["w_max"]) == (0.0, 4.0)
-    assert settings["label_dropout"] == 0.1
+    assert guided.enabled and (guided.w_min, guided.w_max) == (0.0, 4.0)
+    assert settings.label_dropout == 0.1
     assert unet == {"num_classes": classes, "null_class": True}
-    assert ladder["teacher_steps"] == teacher_steps and ladder["student_dropout"] == 0.0
+    assert ladder.teacher_steps == teacher_steps and ladder.student_dropout == 0.0

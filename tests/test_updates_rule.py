@@ -63,3 +63,10 @@ def test_learning_rate_lever_reading():
     arms["lr4_u400"] = (1.35, 1.35 + reps)
     assert updates_table.lr_lever(arms)["not a lever"] is False
     assert updates_table.lr_lever({})["cheaper lever"] == "pending"
+
+
+def test_summed_rate_of_a_constant_stage_is_twice_the_decayed_one():
+    bindings = ["distill.updates_per_stage=800", "distill.learning_rate=0.001"]
+    assert updates_table._summed_rate(bindings, 800) == pytest.approx(0.4)
+    constant = bindings + ["distill.learning_rate_schedule='constant'"]
+    assert updates_table._summed_rate(constant, 800) == pytest.approx(0.8)

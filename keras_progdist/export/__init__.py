@@ -1,7 +1,6 @@
 """Per-stage exports for serving: TF Serving SavedModels and `.keras` files.
 
-For the teacher and every finished distillation stage of a run, `export_experiment` /
-`export_workdir` write
+For the teacher and every finished distillation stage of a run, `export_workdir` writes
 
     <export_dir>/<name>/models.config                    TF Serving model config, all stages
     <export_dir>/<name>/<name>-<N>steps/<version>/       SavedModel (TF Serving layout)
@@ -24,7 +23,7 @@ One concern per module:
     versions          version folders, planning a number, claiming it, stale temporaries
     (sampling_model   the EMA-free sampling `DiffusionModel`, on the model side)
     stages            `export_stage` / `export_stages` (idempotent by weights sha256)
-    workdir_export    `load_workdir_stages`, `export_workdir`, `export_experiment`
+    workdir_export    `load_workdir_stages`, `export_workdir`
     subprocess_export the TensorFlow subprocess that exports a run trained on JAX
     cli               `python -m keras_progdist.export`
 
@@ -41,34 +40,13 @@ from __future__ import annotations
 
 from keras_progdist.export.cli import main
 from keras_progdist.export.errors import ExportError, ExportExistsError
-from keras_progdist.export import subprocess_export
-from keras_progdist.export.metadata import (EXPORT_FORMAT, KERAS_METADATA_SUFFIX,
-                                            METADATA_FILE, read_version_metadata,
-                                            same_export, stage_metadata, weights_sha256)
-from keras_progdist.sampling_model import sampling_copy, sampling_model
-from keras_progdist.export.settings import (DEFAULT_MAX_BATCH, DEFAULT_MAX_STEPS,
-                                            DEFAULT_VERSION, check_name, check_version,
-                                            default_name, model_name, serving_limits)
+from keras_progdist.export.metadata import (METADATA_FILE, read_version_metadata,
+                                            stage_metadata)
+from keras_progdist.export.settings import (ExportOptions, check_name, default_name,
+                                            serving_limits)
 from keras_progdist.export.stages import export_stage, export_stages
-from keras_progdist.export.subprocess_export import package_parent
-from keras_progdist.export.tf_serving import (MODELS_CONFIG, SERVING_API_INSTALL,
-                                              SERVING_ROOT, WARMUP_FILE,
-                                              write_models_config, write_warmup_requests)
-from keras_progdist.export.versions import (existing_versions, plan_version,
-                                            remove_stale_temps, stage_paths)
-from keras_progdist.export.workdir_export import (export_experiment, export_workdir,
-                                                  load_workdir_stages)
-
-# Names of the single-module `export.py` still used by pipeline.py and the tests. To
-# replace a function for a test, patch it in the module that calls it
-# (`versions._rename_noreplace`, `stages._write_keras`, `serving_graph.build_archive`).
-_check_name = check_name
-_default_name = default_name
-_check_version = check_version
-_plan_version = plan_version
-_BOOTSTRAP = subprocess_export._BOOTSTRAP
-_export_in_subprocess = subprocess_export._export_in_subprocess
-_subprocess_command = subprocess_export._subprocess_command
+from keras_progdist.export.versions import existing_versions, stage_paths
+from keras_progdist.export.workdir_export import export_workdir, load_workdir_stages
 
 # Served by `serving_graph`, imported (with TensorFlow) on first use.
 _SERVING_GRAPH = ("build_archive", "noise_from_seeds", "to_uint8")
@@ -87,13 +65,9 @@ def __dir__():
 
 
 __all__ = [
-    "DEFAULT_MAX_BATCH", "DEFAULT_MAX_STEPS", "DEFAULT_VERSION", "EXPORT_FORMAT",
-    "KERAS_METADATA_SUFFIX", "METADATA_FILE", "MODELS_CONFIG", "SERVING_API_INSTALL",
-    "SERVING_ROOT", "WARMUP_FILE", "ExportError", "ExportExistsError", "build_archive",
-    "check_name", "check_version", "default_name", "existing_versions",
-    "export_experiment", "export_stage", "export_stages", "export_workdir",
-    "load_workdir_stages", "main", "model_name", "noise_from_seeds", "package_parent",
-    "plan_version", "read_version_metadata", "remove_stale_temps", "same_export",
-    "sampling_copy", "sampling_model", "serving_limits", "stage_metadata", "stage_paths",
-    "to_uint8", "weights_sha256", "write_models_config", "write_warmup_requests",
+    "METADATA_FILE", "ExportError", "ExportExistsError", "ExportOptions", "build_archive",
+    "check_name", "default_name", "existing_versions", "export_stage", "export_stages",
+    "export_workdir", "load_workdir_stages", "main", "noise_from_seeds",
+    "read_version_metadata", "serving_limits", "stage_metadata", "stage_paths",
+    "to_uint8",
 ]

@@ -11,10 +11,9 @@ import keras
 
 from keras_progdist.export.errors import ExportError, ExportExistsError
 from keras_progdist.export.settings import (DEFAULT_MAX_BATCH, DEFAULT_MAX_STEPS,
-                                            DEFAULT_VERSION)
+                                            DEFAULT_VERSION, SERVING_ROOT, ExportOptions)
 from keras_progdist.export.subprocess_export import (ERROR_EXIT_CODE, EXISTS_EXIT_CODE,
                                                      RESULT_PREFIX)
-from keras_progdist.export.tf_serving import SERVING_ROOT
 from keras_progdist.export.workdir_export import export_workdir
 
 
@@ -42,9 +41,10 @@ def main(argv=None) -> int:
         print("Set KERAS_BACKEND=tensorflow to export.", file=sys.stderr)
         return 2
     try:
-        result = export_workdir(args.workdir, args.export_dir, args.name, args.overwrite,
-                                args.version, args.serving_root, args.max_steps,
-                                args.max_batch)
+        options = ExportOptions(overwrite=args.overwrite, version=args.version,
+                                serving_root=args.serving_root, max_steps=args.max_steps,
+                                max_batch=args.max_batch)
+        result = export_workdir(args.workdir, args.export_dir, args.name, options=options)
     except ExportExistsError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return EXISTS_EXIT_CODE

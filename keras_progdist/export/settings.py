@@ -1,8 +1,10 @@
 """The checked settings of an export: its name, the stages' model names, the version
-asked for and the serving limits fixed in the graph. No TensorFlow."""
+asked for, the serving limits fixed in the graph, and `ExportOptions`, what one export
+applies to every stage. No TensorFlow."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -30,6 +32,38 @@ STEP_OVERHEAD_IMAGES = 16
 DEFAULT_MAX_COST = 8_192
 _INT32_MAX = 2 ** 31 - 1
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Where TF Serving sees the export folder inside its container (`models.config`).
+SERVING_ROOT = "/models"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """What one export applies to every stage it writes.
+
+    Attributes:
+        overwrite: replace the current (or given) version even when it holds these or
+            other weights.
+        version: None (automatic: the current version if it holds these weights, else
+            the next number) or a version number.
+        serving_root: where the server sees the export folder (`models.config`).
+        max_steps, max_batch: the serving limits (`serving_limits`; None: defaults).
+        warmup_batch_sizes: one warm-up request per size.
+    """
+
+    overwrite: bool = False
+    version: int | None = DEFAULT_VERSION
+    serving_root: str = SERVING_ROOT
+    max_steps: int | None = None
+    max_batch: int | None = None
+    warmup_batch_sizes: tuple = (1,)
+
+    def flags(self) -> list:
+        """The options as `python -m keras_progdist.export` flags (the subprocess's)."""
+        flags = ["--serving_root", self.serving_root]
+        flags += [] if self.version is None else ["--version", str(self.version)]
+        flags += [] if self.max_steps is None else ["--max_steps", str(self.max_steps)]
+        flags += [] if self.max_batch is None else ["--max_batch", str(self.max_batch)]
+        return flags + (["--overwrite"] if self.overwrite else [])
 
 
 def model_name(name: str, num_steps: int, stage: str | None = None) -> str:

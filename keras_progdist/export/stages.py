@@ -9,6 +9,7 @@ when a version is written).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import warnings
@@ -19,10 +20,10 @@ from keras_progdist.export.errors import ExportError
 from keras_progdist.export.metadata import (KERAS_METADATA_SUFFIX, read_json, same_export,
                                             stage_metadata)
 from keras_progdist.sampling_model import sampling_copy
-from keras_progdist.export.settings import (DEFAULT_VERSION, check_name, check_version,
-                                            serving_limits)
-from keras_progdist.export.tf_serving import (SERVING_ROOT, serving_apis,
-                                              write_models_config, write_warmup_requests)
+from keras_progdist.export.settings import (DEFAULT_VERSION, SERVING_ROOT, ExportOptions,
+                                            check_name, check_version, serving_limits)
+from keras_progdist.export.tf_serving import (serving_apis, write_models_config,
+                                              write_warmup_requests)
 from keras_progdist.export.versions import (BUILD_PREFIX, claim_version, plan_version,
                                             remove_stale_root_temps, stage_paths)
 
@@ -70,8 +71,7 @@ def _write_keras(model, num_steps, paths, metadata, version, overwrite) -> str:
             and recorded.get("file_sha256") == fileio.sha256_file(path):
         return "up to date"
     sampler = sampling_copy(model, num_steps)
-    tmp = fileio.temp_name(path) + ".keras"  # Keras insists on the extension
-    try:
+    with fileio.temporary(path, ".keras") as tmp:  # Keras insists on the extension
         with warnings.catch_warnings():
             # DiffusionModel.call is never run, so Keras calls it unbuilt; its network is
             # built and every weight is saved.
@@ -79,27 +79,27 @@ def _write_keras(model, num_steps, paths, metadata, version, overwrite) -> str:
             sampler.save(tmp)
         file_sha256 = fileio.sha256_file(tmp)
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     fileio.atomic_write_json(sidecar, {**metadata, "version": version,
                                        "file": os.path.basename(path),
                                        "file_sha256": file_sha256})
     return "exported"
 
 
-def _prepare_stage(model, name, num_steps, version, overwrite, export_dir, max_steps,
-                   max_batch, warmup_batch_sizes, stage=None) -> dict:
+def _prepare_stage(model, export_dir: str, name: str, num_steps, options: ExportOptions,
+                   stage=None) -> dict:
+    """Plans one stage's export (paths, limits, metadata, version); writes nothing."""
     num_steps = int(num_steps or model.num_steps)
     paths = stage_paths(export_dir, name, num_steps, 1, stage)
-    limits = serving_limits(num_steps, max_steps, max_batch, warmup_batch_sizes)
+    limits = serving_limits(num_steps, options.max_steps, options.max_batch,
+                            options.warmup_batch_sizes)
     metadata = stage_metadata(model, name, num_steps, limits, stage)
-    plan = plan_version(paths["base_path"], metadata, version, overwrite)
+    plan = plan_version(paths["base_path"], metadata, options.version, options.overwrite)
     return {"model": model, "num_steps": num_steps, "paths": paths, "limits": limits,
             "metadata": metadata, "plan": plan}
 
 
-def _run_stage(prepared, version, overwrite, warmup_batch_sizes) -> dict:
+def _run_stage(prepared, options: ExportOptions) -> dict:
+    """Writes a planned stage (unless up to date) and its `.keras` file."""
     model, num_steps = prepared["model"], prepared["num_steps"]
     paths, metadata, plan = prepared["paths"], prepared["metadata"], prepared["plan"]
     if plan["action"] == "up to date":
@@ -107,8 +107,9 @@ def _run_stage(prepared, version, overwrite, warmup_batch_sizes) -> dict:
     else:
         saved_version, status = _write_version(
             model, paths, num_steps, prepared["limits"], metadata, plan,
-            version is not None, warmup_batch_sizes)
-    keras_status = _write_keras(model, num_steps, paths, metadata, saved_version, overwrite)
+            options.version is not None, options.warmup_batch_sizes)
+    keras_status = _write_keras(model, num_steps, paths, metadata, saved_version,
+                                options.overwrite)
     target = os.path.join(paths["base_path"], str(saved_version))
     return {"num_steps": num_steps, "model_name": paths["model_name"],
             "version": saved_version, "status": status, "keras_status": keras_status,
@@ -152,13 +153,13 @@ def export_stage(model: DiffusionModel, export_dir: str, name: str,
         ExportError: a bad name, version or limit.
     """
     name = check_name(name)
-    version = check_version(version)
+    options = ExportOptions(overwrite=overwrite, version=check_version(version),
+                            max_steps=max_steps, max_batch=max_batch,
+                            warmup_batch_sizes=tuple(warmup_batch_sizes))
     serving_apis()
-    root = os.path.join(export_dir, name)
-    remove_stale_root_temps(root)
-    prepared = _prepare_stage(model, name, num_steps, version, overwrite, export_dir,
-                              max_steps, max_batch, warmup_batch_sizes, stage)
-    return _run_stage(prepared, version, overwrite, warmup_batch_sizes)
+    remove_stale_root_temps(os.path.join(export_dir, name))
+    return _run_stage(_prepare_stage(model, export_dir, name, num_steps, options, stage),
+                      options)
 
 
 def export_stages(stages, export_dir: str, name: str, overwrite: bool = False,
@@ -183,30 +184,42 @@ def export_stages(stages, export_dir: str, name: str, overwrite: bool = False,
         "up_to_date" (bool: nothing was written), "stages": [export_stage records +
         "stage"]}`.
     """
+    options = ExportOptions(overwrite=overwrite, version=version,
+                            serving_root=serving_root, max_steps=max_steps,
+                            max_batch=max_batch, warmup_batch_sizes=tuple(warmup_batch_sizes))
+    return export_with_options(stages, export_dir, name, options)
+
+
+def export_with_options(stages, export_dir: str, name: str, options: ExportOptions) -> dict:
+    """`export_stages` with its settings in one `ExportOptions`."""
     name = check_name(name)
-    version = check_version(version)
+    options = dataclasses.replace(options, version=check_version(options.version))
     serving_apis()  # fail before the slow part when the protos are missing
     if not stages:
         raise ExportError("Nothing to export: no finished stage.")
     root = os.path.join(export_dir, name)
     for path in remove_stale_root_temps(root):
         print(f"[export] removed {path} (left by a killed export)", flush=True)
-    prepared = [(stage, _prepare_stage(model, name, n, version, overwrite, export_dir,
-                                       max_steps, max_batch, warmup_batch_sizes, stage))
+    prepared = [(stage, _prepare_stage(model, export_dir, name, n, options, stage))
                 for stage, n, model in stages]
     exported = []
     for stage, item in prepared:
-        record = _run_stage(item, version, overwrite, warmup_batch_sizes)
+        record = _run_stage(item, options)
         exported.append({"stage": stage, **record})
-        if record["status"] == "up to date" and record["keras_status"] != "exported":
-            print(f"[export] {stage}: {record['model_name']} version {record['version']} "
-                  f"is up to date (weights sha256 {record['weights_sha256'][:12]}): "
-                  "nothing written", flush=True)
-        else:
-            print(f"[export] {stage}: {record['status']} {record['saved_model']}, .keras "
-                  f"{record['keras_status']} ({record['keras']})", flush=True)
-    config = write_models_config(root, name, serving_root)
+        _say(stage, record)
+    config = write_models_config(root, name, options.serving_root)
     up_to_date = all(r["status"] == "up to date" and r["keras_status"] != "exported"
                      for r in exported)
-    return {"name": name, "version": version, "root": root, "models_config": config,
-            "up_to_date": up_to_date, "stages": exported}
+    return {"name": name, "version": options.version, "root": root,
+            "models_config": config, "up_to_date": up_to_date, "stages": exported}
+
+
+def _say(stage: str, record: dict) -> None:
+    """One line on what exporting `stage` did."""
+    if record["status"] == "up to date" and record["keras_status"] != "exported":
+        print(f"[export] {stage}: {record['model_name']} version {record['version']} "
+              f"is up to date (weights sha256 {record['weights_sha256'][:12]}): "
+              "nothing written", flush=True)
+    else:
+        print(f"[export] {stage}: {record['status']} {record['saved_model']}, .keras "
+              f"{record['keras_status']} ({record['keras']})", flush=True)

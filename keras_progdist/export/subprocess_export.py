@@ -36,8 +36,7 @@ def package_parent() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(keras_progdist.__file__)))
 
 
-def _subprocess_command(workdir, export_dir, name, overwrite, version, serving_root,
-                        max_steps, max_batch) -> tuple:
+def _subprocess_command(workdir, export_dir, name, options) -> tuple:
     """`(command, env)` of the TensorFlow export subprocess.
 
     The child must run this very code (a JAX run exported by another checkout or an
@@ -49,11 +48,7 @@ def _subprocess_command(workdir, export_dir, name, overwrite, version, serving_r
     command = [sys.executable, "-c", _BOOTSTRAP, parent,
                "--workdir", os.path.abspath(workdir),
                "--export_dir", os.path.abspath(export_dir), "--name", name,
-               "--serving_root", serving_root]
-    command += [] if version is None else ["--version", str(version)]
-    command += [] if max_steps is None else ["--max_steps", str(max_steps)]
-    command += [] if max_batch is None else ["--max_batch", str(max_batch)]
-    command += ["--overwrite"] if overwrite else []
+               *options.flags()]
     pythonpath = [parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                              if p and p != parent]
     env = {**os.environ, "KERAS_BACKEND": "tensorflow",
@@ -61,10 +56,14 @@ def _subprocess_command(workdir, export_dir, name, overwrite, version, serving_r
     return command, env
 
 
-def _export_in_subprocess(workdir, export_dir, name, overwrite, version, serving_root,
-                          max_steps=None, max_batch=None):
-    command, env = _subprocess_command(workdir, export_dir, name, overwrite, version,
-                                       serving_root, max_steps, max_batch)
+def export_in_subprocess(workdir: str, export_dir: str, name: str, options) -> dict:
+    """Exports `workdir` with `options` (`settings.ExportOptions`) in a TensorFlow
+    child process; returns its `export_stages` result.
+
+    Raises:
+        ExportExistsError, ExportError: the child's, with its message.
+    """
+    command, env = _subprocess_command(workdir, export_dir, name, options)
     shown = " ".join(command[:2] + ["'<bootstrap>'"] + command[3:])
     print(f"[export] backend {keras.backend.backend()}: exporting through TensorFlow "
           f"in a subprocess: {shown}", flush=True)

@@ -11,9 +11,9 @@ import re
 import numpy as np
 
 from keras_progdist import fileio
+from keras_progdist.export.settings import SERVING_ROOT
 from keras_progdist.workdir import GUIDANCE
 
-SERVING_ROOT = "/models"
 SERVING_API_INSTALL = "pip install --no-deps tensorflow-serving-api==2.21.0"
 MODELS_CONFIG = "models.config"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")

@@ -23,12 +23,10 @@ from keras_progdist.export.metadata import (KERAS_METADATA_SUFFIX, METADATA_FILE
                                             read_version_metadata, same_export)
 from keras_progdist.export.settings import DEFAULT_VERSION, model_name
 
-# Temporaries: `.version.tmp-<pid>-<hex>/` (a version being built), `.replaced-<v>.tmp-
-# <pid>-<hex>/` (the version an overwrite moved aside), and the names older releases
-# used, `.tmp-<v>-<pid>/` and `.old-<v>-<pid>/`.
+# Temporaries: `.version.tmp-<pid>-<hex>/` (a version being built) and `.replaced-<v>.tmp-
+# <pid>-<hex>/` (the version an overwrite moved aside).
 BUILD_PREFIX = ".version"
 _REPLACED = re.compile(r"^\.replaced-(\d+)" + re.escape(fileio.TMP_MARK))
-_LEGACY_TEMP = re.compile(r"^\.(tmp|old)-(\d+)-(\d+)$")
 
 
 def existing_versions(base_path: str) -> list:
@@ -70,7 +68,7 @@ def remove_stale_temps(base_path: str) -> list:
 
     A temporary whose writer (the pid in its name) is dead is removed; one of a live
     process is another export in progress and stays. A version folder that an
-    overwrite moved aside (`.replaced-<v>...`, legacy `.old-<v>-<pid>`) is moved back
+    overwrite moved aside (`.replaced-<v>...`) is moved back
     when the kill left no version `<v>`, so a kill mid-overwrite never loses a version.
     """
     removed = []
@@ -80,17 +78,12 @@ def remove_stale_temps(base_path: str) -> list:
         return removed
     for entry in entries:
         path = os.path.join(base_path, entry)
-        legacy = _LEGACY_TEMP.match(entry)
-        if legacy:
-            kind, version, pid = legacy.group(1), legacy.group(2), int(legacy.group(3))
-        elif (replaced := _REPLACED.match(entry)):
-            kind, version, pid = "old", replaced.group(1), fileio.temp_owner(entry)
-        else:
-            continue
+        replaced = _REPLACED.match(entry)
+        pid = fileio.temp_owner(entry) if replaced else None
         if pid is None or pid == os.getpid() or fileio.pid_alive(pid):
             continue
-        target = os.path.join(base_path, str(int(version)))
-        if kind == "old" and not os.path.exists(target):
+        target = os.path.join(base_path, str(int(replaced.group(1))))
+        if not os.path.exists(target):
             os.rename(path, target)
             print(f"[export] restored {target} from {path} (an overwrite was killed)",
                   flush=True)

@@ -1,5 +1,5 @@
-"""Exporting a run: its finished stages read through `WorkDir` (no gin), then
-`export_stages`, in a TensorFlow subprocess when the backend is another one.
+"""Exporting a run: its finished stages read through `WorkDir` (no gin, no training
+data), then `export_stages`, in a TensorFlow subprocess when the backend is another one.
 
 Export only reads the work directory: a missing one is an `ExportError`, never created.
 """
@@ -9,10 +9,9 @@ from __future__ import annotations
 import keras
 
 from keras_progdist.export.errors import ExportError
-from keras_progdist.export.settings import DEFAULT_VERSION, check_name, default_name
-from keras_progdist.export.stages import export_stages
-from keras_progdist.export.subprocess_export import _export_in_subprocess
-from keras_progdist.export.tf_serving import SERVING_ROOT
+from keras_progdist.export.settings import ExportOptions, check_name, default_name
+from keras_progdist.export.stages import export_with_options
+from keras_progdist.export.subprocess_export import export_in_subprocess
 from keras_progdist.workdir import WorkDir, WorkDirError
 
 
@@ -30,8 +29,7 @@ def load_workdir_stages(workdir: str) -> list:
 
     `WorkDir.stage_models`: the network rebuilt from `config.json`, each finished
     stage's `final` checkpoint loaded (teacher, a guided run's stage one, then
-    students from most to fewest steps), as `pipeline.Experiment.stage_models` lists
-    them for an in-process export. Only reads the work directory.
+    students from most to fewest steps). Only reads the work directory.
 
     Raises:
         ExportError: a missing work directory, one without a (readable) config record,
@@ -45,52 +43,29 @@ def load_workdir_stages(workdir: str) -> list:
 
 
 def export_workdir(workdir: str, export_dir: str, name: str | None = None,
-                   overwrite: bool = False, version: int | None = DEFAULT_VERSION,
-                   serving_root: str = SERVING_ROOT, max_steps: int | None = None,
-                   max_batch: int | None = None) -> dict:
+                   overwrite: bool = False, options: ExportOptions | None = None,
+                   **settings) -> dict:
     """Exports every finished stage of `workdir` (see the package docstring).
 
-    Needs no gin config: the models come from `config.json` and the `final`
-    checkpoints. Only reads `workdir`. On a backend other than TensorFlow it runs in a
-    TensorFlow subprocess.
+    Needs no gin config and no training data: the models come from `config.json` and
+    the `final` checkpoints. Only reads `workdir`. On a backend other than TensorFlow
+    it runs in a TensorFlow subprocess. Re-running it on a finished run is a no-op
+    (every stage up to date).
 
     Args:
         workdir: a run's work directory (must exist).
-        export_dir, name (default: the workdir's name), overwrite, version,
-        serving_root, max_steps, max_batch: as `export_stages`.
+        export_dir: the export root; name: the export name (default: the workdir's).
+        overwrite: as `ExportOptions.overwrite`.
+        options: an `ExportOptions`; or its other fields (`version`, `serving_root`,
+            `max_steps`, `max_batch`, `warmup_batch_sizes`) as keywords.
 
     Returns:
         `export_stages`' result.
     """
+    options = options or ExportOptions(overwrite=overwrite, **settings)
     name = check_name(name or default_name(workdir))
     _existing_workdir(workdir)
     if keras.backend.backend() != "tensorflow":
-        return _export_in_subprocess(workdir, export_dir, name, overwrite, version,
-                                     serving_root, max_steps, max_batch)
-    return export_stages(load_workdir_stages(workdir), export_dir, name, overwrite,
-                         version, serving_root, max_steps, max_batch)
-
-
-def export_experiment(experiment, export_dir: str, name: str | None = None,
-                      overwrite: bool = False, version: int | None = DEFAULT_VERSION,
-                      serving_root: str = SERVING_ROOT, max_steps: int | None = None,
-                      max_batch: int | None = None) -> dict:
-    """Exports the teacher and every finished stage of a `pipeline.Experiment`.
-
-    Re-running it on a finished run is a no-op (every stage up to date).
-
-    Args:
-        experiment: a `pipeline.Experiment` (its `workdir` and `stage_models()`).
-        export_dir, name (default: the workdir's name), overwrite, version,
-        serving_root, max_steps, max_batch: as `export_stages`.
-
-    Returns:
-        `export_stages`' result.
-    """
-    name = check_name(name or default_name(experiment.workdir))
-    if keras.backend.backend() != "tensorflow":
         # The checkpoints are backend-neutral npz; TensorFlow writes the SavedModels.
-        return _export_in_subprocess(experiment.workdir, export_dir, name, overwrite,
-                                     version, serving_root, max_steps, max_batch)
-    return export_stages(experiment.stage_models(), export_dir, name, overwrite, version,
-                         serving_root, max_steps, max_batch)
+        return export_in_subprocess(workdir, export_dir, name, options)
+    return export_with_options(load_workdir_stages(workdir), export_dir, name, options)

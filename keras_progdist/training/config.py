@@ -1,10 +1,10 @@
 """The experiment's configuration schema: the gin configurables and their checks.
 
-Evaluation reads no gin: the caller hands it `evaluate()` and `dataset_settings()`.
-
-Each configurable returns a plain dict after checking every value (type and range,
-with the setting's name in the message), so a run can validate all the settings its
-modes will use before any work starts.
+This is the one place gin is bound besides the classes users bind directly (`UNet`,
+`Schedule`, `dataset`). Each configurable checks every value (type and range, with the
+binding's name in the message) and returns a frozen settings object
+(`keras_progdist.settings`), so a run validates all the settings its modes will use
+before any work starts, and nothing downstream reads gin.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import gin
 
 from keras_progdist import losses, parameterizations, validation
 from keras_progdist.errors import KerasProgdistError
+from keras_progdist.settings import (LEARNING_RATE_SCHEDULES, DiffusionSettings,
+                                     DistillSettings, GuidanceSettings, SampleGridSettings,
+                                     TeacherSettings)
 from keras_progdist.evaluation.samples import DEFAULT_MAX_FILE_MB
 from keras_progdist.networks.unet import UNet
 from keras_progdist.schedules import Schedule
@@ -41,7 +44,7 @@ class PipelineError(KerasProgdistError, ValueError):
 @gin.configurable
 def diffusion(parameterization: str = "v", weighting: str = "snr_trunc",
               ema_decay: float | None = 0.9999, seed: int = 0,
-              label_dropout: float = 0.0) -> dict:
+              label_dropout: float = 0.0) -> DiffusionSettings:
     """The teacher's diffusion settings: output parameterization, loss weighting, EMA.
 
     Args:
@@ -55,20 +58,15 @@ def diffusion(parameterization: str = "v", weighting: str = "snr_trunc",
         ema_decay = validation.fraction("diffusion.ema_decay", ema_decay)
     validation.nonnegative_int("diffusion.seed", seed)
     label_dropout = validation.fraction("diffusion.label_dropout", label_dropout)
-    return dict(parameterization=parameterization, weighting=weighting,
-                ema_decay=ema_decay, seed=seed, label_dropout=label_dropout)
-
-
-# Settings added after workdirs were first recorded, with the value a record without
-# them means (`Experiment.check_workdir` compares records with these filled in).
-RECORD_DEFAULTS = {"diffusion": {"label_dropout": 0.0}}
+    return DiffusionSettings(parameterization=parameterization, weighting=weighting,
+                             ema_decay=ema_decay, seed=seed, label_dropout=label_dropout)
 
 
 @gin.configurable
 def teacher(train_steps: int = 1000, learning_rate: float = 2e-4, warmup_steps: int = 0,
             global_clipnorm: float = 1.0, weight_decay: float = 0.0,
             checkpoint_every: int = 100, steps_per_execution: int = 10,
-            jit_compile: bool = True) -> dict:
+            jit_compile: bool = True) -> TeacherSettings:
     """Teacher training settings (paper, CIFAR-10: lr 2e-4, 1000 warm-up, clip 1)."""
     _positive("teacher", train_steps=train_steps, checkpoint_every=checkpoint_every,
               steps_per_execution=steps_per_execution)
@@ -80,10 +78,11 @@ def teacher(train_steps: int = 1000, learning_rate: float = 2e-4, warmup_steps: 
     if train_steps % checkpoint_every:
         raise PipelineError(f"teacher.train_steps ({train_steps}) must be a multiple of "
                             f"teacher.checkpoint_every ({checkpoint_every}).")
-    return dict(train_steps=train_steps, learning_rate=learning_rate,
-                warmup_steps=warmup_steps, global_clipnorm=global_clipnorm,
-                weight_decay=weight_decay, checkpoint_every=checkpoint_every,
-                steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+    return TeacherSettings(train_steps=train_steps, learning_rate=learning_rate,
+                           warmup_steps=warmup_steps, global_clipnorm=global_clipnorm,
+                           weight_decay=weight_decay, checkpoint_every=checkpoint_every,
+                           steps_per_execution=steps_per_execution,
+                           jit_compile=jit_compile)
 
 
 @gin.configurable
@@ -91,7 +90,8 @@ def distill(teacher_steps: int = 1024, min_steps: int = 1, updates_per_stage: in
             updates_overrides: dict | None = None, learning_rate: float = 5e-5,
             weighting: str = "snr_trunc", checkpoint_every: int = 100,
             steps_per_execution: int = 10, jit_compile: bool = True,
-            student_dropout: float = 0.0) -> dict:
+            student_dropout: float = 0.0,
+            learning_rate_schedule: str = "linear") -> DistillSettings:
     """Distillation settings.
 
     Args:
@@ -100,9 +100,12 @@ def distill(teacher_steps: int = 1024, min_steps: int = 1, updates_per_stage: in
         updates_per_stage: optimizer updates per stage (paper: 50k).
         updates_overrides: `{num_steps: updates}` for particular stages (paper: 100k
             for 2 and 1 steps).
-        learning_rate: start of the linear decay to 0 over each stage.
+        learning_rate: each stage's Adam rate: where its linear decay to 0 starts,
+            or the whole stage's rate with `learning_rate_schedule="constant"`.
         student_dropout: the students' dropout rate (the paper: 0, whatever the
             teacher used).
+        learning_rate_schedule: `linear` (decay to 0 over each stage) or `constant`
+            (the official code's shape: no decay, no warm-up).
     """
     if not _is_power_of_two(teacher_steps):
         raise PipelineError(f"distill.teacher_steps must be a power of two, got "
@@ -116,18 +119,37 @@ def distill(teacher_steps: int = 1024, min_steps: int = 1, updates_per_stage: in
     validation.positive_float("distill.learning_rate", learning_rate)
     validation.fraction("distill.student_dropout", student_dropout)
     validation.boolean("distill.jit_compile", jit_compile)
-    if not isinstance(updates_overrides, (dict, type(None))):
-        raise PipelineError(f"distill.updates_overrides must be a dict {{num_steps: "
-                            f"updates}}, got {updates_overrides!r}.")
-    overrides = {validation.positive_int("distill.updates_overrides key", k): v
-                 for k, v in (updates_overrides or {}).items()}
+    if learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
+        raise PipelineError(f"distill.learning_rate_schedule must be one of "
+                            f"{', '.join(LEARNING_RATE_SCHEDULES)}, got "
+                            f"{learning_rate_schedule!r}.")
     ladder = stage_ladder(teacher_steps, min_steps)
+    _positive("distill", updates_per_stage=updates_per_stage,
+              checkpoint_every=checkpoint_every, steps_per_execution=steps_per_execution)
+    updates = _stage_updates(ladder, updates_per_stage, updates_overrides, checkpoint_every)
+    return DistillSettings(teacher_steps=teacher_steps, min_steps=min_steps,
+                           ladder=tuple(ladder), updates=updates,
+                           learning_rate=learning_rate,
+                           learning_rate_schedule=learning_rate_schedule,
+                           weighting=weighting, checkpoint_every=checkpoint_every,
+                           student_dropout=student_dropout,
+                           steps_per_execution=steps_per_execution,
+                           jit_compile=jit_compile)
+
+
+def _stage_updates(ladder: list, updates_per_stage: int, overrides, checkpoint_every: int
+                   ) -> dict:
+    """`{num_steps: updates}` for every stage of `ladder`: `updates_per_stage`, or the
+    stage's entry in `distill.updates_overrides` (raises `PipelineError` on a bad one)."""
+    if not isinstance(overrides, (dict, type(None))):
+        raise PipelineError(f"distill.updates_overrides must be a dict {{num_steps: "
+                            f"updates}}, got {overrides!r}.")
+    overrides = {validation.positive_int("distill.updates_overrides key", k): v
+                 for k, v in (overrides or {}).items()}
     unknown = sorted(set(overrides) - set(ladder))
     if unknown:
         raise PipelineError(f"distill.updates_overrides names step counts {unknown} that "
                             f"are not stages; the stages are {ladder}.")
-    _positive("distill", updates_per_stage=updates_per_stage,
-              checkpoint_every=checkpoint_every, steps_per_execution=steps_per_execution)
     for n, u in overrides.items():
         validation.positive_int(f"distill.updates_overrides[{n}]", u)
     updates = {n: overrides.get(n, updates_per_stage) for n in ladder}
@@ -135,10 +157,7 @@ def distill(teacher_steps: int = 1024, min_steps: int = 1, updates_per_stage: in
         if u % checkpoint_every:
             raise PipelineError(f"The stage to {n} steps has {u} updates, not a multiple "
                                 f"of distill.checkpoint_every ({checkpoint_every}).")
-    return dict(teacher_steps=teacher_steps, min_steps=min_steps, ladder=ladder,
-                updates=updates, learning_rate=learning_rate, weighting=weighting,
-                checkpoint_every=checkpoint_every, student_dropout=student_dropout,
-                steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+    return updates
 
 
 # The gin module stays the evaluation report's (where `evaluate` was registered before
@@ -217,7 +236,7 @@ def guidance(enabled: bool = False, w_min: float = 0.0, w_max: float = 4.0,
              updates: int = 1000, learning_rate: float = 1e-4,
              weighting: str = "snr_trunc", embedding_scale: float = 250.0,
              sample_w: float = 2.0, checkpoint_every: int = 100,
-             steps_per_execution: int = 10, jit_compile: bool = True) -> dict:
+             steps_per_execution: int = 10, jit_compile: bool = True) -> GuidanceSettings:
     """Guided distillation (Meng et al. 2023): stage one, then the ladder on its network.
 
     With `enabled`, the teacher must be classifier-free guided (`UNet.null_class`,
@@ -253,11 +272,12 @@ def guidance(enabled: bool = False, w_min: float = 0.0, w_max: float = 4.0,
     if updates % checkpoint_every:
         raise PipelineError(f"guidance.updates ({updates}) must be a multiple of "
                             f"guidance.checkpoint_every ({checkpoint_every}).")
-    return dict(enabled=enabled, w_min=w_min, w_max=w_max, updates=updates,
-                learning_rate=learning_rate, weighting=weighting,
-                embedding_scale=float(embedding_scale), sample_w=sample_w,
-                checkpoint_every=checkpoint_every,
-                steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+    return GuidanceSettings(enabled=enabled, w_min=w_min, w_max=w_max, updates=updates,
+                            learning_rate=learning_rate, weighting=weighting,
+                            embedding_scale=float(embedding_scale), sample_w=sample_w,
+                            checkpoint_every=checkpoint_every,
+                            steps_per_execution=steps_per_execution,
+                            jit_compile=jit_compile)
 
 
 # The most samples one stage's grid may hold: the grid is drawn in one batch after the
@@ -266,7 +286,7 @@ MAX_GRID_COUNT = 1024
 
 
 @gin.configurable
-def sample_grid(count: int = 16) -> dict:
+def sample_grid(count: int = 16) -> SampleGridSettings:
     """The sample grid written for each finished stage (`samples/`, and TensorBoard).
 
     Args:
@@ -276,13 +296,13 @@ def sample_grid(count: int = 16) -> dict:
             notice.
 
     Returns:
-        `{"count": count}`.
+        The checked `SampleGridSettings`.
     """
     count = validation.nonnegative_int("sample_grid.count", count)
     if count > MAX_GRID_COUNT:
         raise validation.ConfigError(f"sample_grid.count must be at most "
                                      f"{MAX_GRID_COUNT}, got {count}.")
-    return dict(count=count)
+    return SampleGridSettings(count=count)
 
 
 def stage_ladder(teacher_steps: int, min_steps: int = 1) -> list:
