@@ -109,12 +109,12 @@ def estimate(config: str, probe_batch: int) -> dict:
         start = time.time()
         checkpoint.save(directory, "ckpt", model)
         save = time.time() - start
-    chunk = step * batch / probe_batch * cfg["steps_per_execution"]
+    chunk = step * batch / probe_batch * cfg.steps_per_execution
     gin.clear_config()
     keras.backend.clear_session()
     return {"method": "estimate", "parameters": network.count_params(),
             "probe_batch": probe_batch, "step_s_at_probe": round(step, 3),
-            "batch": batch, "steps_per_execution": cfg["steps_per_execution"],
+            "batch": batch, "steps_per_execution": cfg.steps_per_execution,
             "checkpoint_write_s": round(save, 2),
             "worst_s": round(chunk + save, 1)}
 
@@ -129,19 +129,25 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import keras
 
-    results = {"backend": keras.backend.backend(), "load_average": os.getloadavg(),
-               "configs": {}}
+    path = os.path.join(ROOT, "benchmarks", "results",
+                        f"sigterm_latency_{keras.backend.backend()}.json")
+    # Configs measured earlier and not asked for now keep their figures (each entry
+    # records its own load average), so the slow ones can be measured in pieces.
+    results = {"backend": keras.backend.backend(), "configs": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
     for config in args.configs.split(","):
         data_dir = args.fashion_mnist_dir if "fashion" in config else None
         if config in DIRECT:
-            results["configs"][config] = direct(config, args.kills, data_dir)
+            entry = direct(config, args.kills, data_dir)
         else:
-            results["configs"][config] = estimate(config, args.probe_batch)
-        print(json.dumps({config: results["configs"][config]}), flush=True)
-    path = os.path.join(ROOT, "benchmarks", "results",
-                        f"sigterm_latency_{results['backend']}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+            entry = estimate(config, args.probe_batch)
+        entry["load_average"] = [round(x, 2) for x in os.getloadavg()]
+        results["configs"][config] = entry
+        print(json.dumps({config: entry}), flush=True)
+        with open(path, "w") as f:  # after every config: a stopped run keeps the rest
+            json.dump(results, f, indent=1)
     print(json.dumps(results, indent=1))
 
 
