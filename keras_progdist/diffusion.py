@@ -12,9 +12,6 @@ optimizer step inside the compiled train step on both TensorFlow and JAX.
 
 from __future__ import annotations
 
-import logging
-from typing import Sequence
-
 import keras
 import numpy as np
 from keras import ops
@@ -22,110 +19,14 @@ from keras import ops
 from keras_progdist import losses, parameterizations, samplers
 from keras_progdist._keras_compat import (pack_jax_train_state, scale_loss_for_distribution,
                                           unpack_jax_train_state)
+from keras_progdist.compilation import compile_with_variables
+# `guided_denoise` is imported from here by guided distillation and the tests.
+from keras_progdist.denoising import diffuse, guided_denoise, network_denoise  # noqa: F401
 from keras_progdist.networks.unet import UNet
 from keras_progdist.random_utils import TensorSeed, fold_in, replica_id
-from keras_progdist.schedules import Schedule, alpha_sigma, get_schedule
+from keras_progdist.schedules import get_schedule
 
 SAMPLERS = ("ddim", "ancestral")
-
-
-def network_denoise(network, z, t, schedule: Schedule, parameterization: str,
-                    label=None, training: bool = False, clip: bool = False,
-                    guidance=None):
-    """`(x_hat, eps_hat)` of a network at `(z, t)` under a parameterization.
-
-    `guidance` is the guidance strength `w` (`x_hat_w = (1 + w) x_hat(z, c) -
-    w x_hat(z, null)`, so `w = 0` is the conditional model). What it does depends on
-    the network:
-
-    * a `guidance_conditioned` network takes `w` as its input (`guidance` required);
-    * any other network with `guidance` given is guided classifier-free
-      (`guided_denoise`: one call on the doubled batch; needs `null_class`);
-    * otherwise `guidance` must be None and the network is called once as it is.
-
-    Args:
-        network: a `UNet` (or any model taking `[z, t]`, `[z, t, label]` or
-            `[z, t, label, w]`).
-        z: `[B, H, W, C]`; t: `[B]` in [0, 1]; label: `[B]` int or None.
-        schedule: the `Schedule` giving `logsnr(t)`.
-        parameterization: one of `parameterizations.PARAMETERIZATIONS`.
-        training: passed to the network (dropout).
-        clip: clip `x_hat` to [-1, 1] and recompute `eps_hat = (z - alpha x_hat) / sigma`
-            from it (`parameterizations.clip_x_hat`).
-        guidance: `w`, a scalar or `[B]`, or None.
-
-    Returns:
-        `(x_hat, eps_hat)`, float32 `[B, H, W, C]` each.
-    """
-    z = ops.convert_to_tensor(z, "float32")
-    t = ops.convert_to_tensor(t, "float32")
-    w_input = getattr(network, "guidance_conditioned", False)
-    if guidance is not None and not w_input:
-        return guided_denoise(network, z, t, label, guidance, schedule, parameterization,
-                              training=training, clip=clip)
-    inputs = [z, t] if label is None else [z, t, ops.convert_to_tensor(label, "int32")]
-    if w_input:
-        if guidance is None:
-            raise ValueError("This network is guidance-conditioned: pass guidance "
-                             "(the strength w).")
-        inputs.append(samplers._per_example(guidance, z))
-    output = network(inputs, training=training)
-    x_hat, eps_hat, _ = parameterizations.predict(
-        output, z, schedule.logsnr(t), parameterization, clip_x=clip)
-    return x_hat, eps_hat
-
-
-def guided_denoise(network, z, t, label, w, schedule: Schedule, parameterization: str,
-                   training: bool = False, clip: bool = False):
-    """Classifier-free guidance: `x_hat_w = (1 + w) x_hat(z, c) - w x_hat(z, null)`.
-
-    `w = 0` is the conditional model. One network call on the doubled batch
-    `[z; z]`, `[t; t]`, `[c; null]` (`null = network.num_classes`, the row a
-    `null_class` U-Net reserves) gives both predictions; they are combined in x-space
-    and `eps_hat` follows from `x_hat_w` and `z` (`parameterizations.guide`).
-
-    Args:
-        network: a class-conditional `UNet` with `null_class=True`.
-        z: `[B, H, W, C]`; t: `[B]`; label: `[B]` int (the condition `c`).
-        w: guidance strength, a scalar or `[B]`.
-        schedule, parameterization, training, clip: as in `network_denoise`.
-
-    Returns:
-        `(x_hat_w, eps_hat_w)`, float32 `[B, H, W, C]` each.
-    """
-    if not getattr(network, "null_class", False):
-        raise ValueError("Classifier-free guidance needs a network with a null class "
-                         "(UNet(null_class=True)), trained with label dropout.")
-    if label is None:
-        raise ValueError("Classifier-free guidance needs a label.")
-    z = ops.convert_to_tensor(z, "float32")
-    t = ops.convert_to_tensor(t, "float32")
-    label = ops.convert_to_tensor(label, "int32")
-    null = ops.full_like(label, network.num_classes)
-    output = network([ops.concatenate([z, z], axis=0), ops.concatenate([t, t], axis=0),
-                      ops.concatenate([label, null], axis=0)], training=training)
-    logsnr = schedule.logsnr(t)
-    x_hat, eps_hat, _ = parameterizations.predict(
-        output, ops.concatenate([z, z], axis=0), ops.concatenate([logsnr, logsnr], axis=0),
-        parameterization)
-    x_hat_cond, x_hat_null = ops.split(x_hat, 2, axis=0)
-    eps_hat_cond, eps_hat_null = ops.split(eps_hat, 2, axis=0)
-    return parameterizations.guide(x_hat_cond, eps_hat_cond, x_hat_null, eps_hat_null, z,
-                                   logsnr, w, parameterization, clip_x=clip)
-
-
-def diffuse(x, eps, logsnr):
-    """`z = alpha x + sigma eps` for per-example `logsnr` `[B]`.
-
-    Args:
-        x: clean images `[B, H, W, C]`; eps: noise, same shape; logsnr: `[B]`.
-
-    Returns:
-        `z`, `[B, H, W, C]`.
-    """
-    alpha, sigma = alpha_sigma(logsnr)
-    return parameterizations.expand_to(alpha, x) * x + \
-        parameterizations.expand_to(sigma, x) * eps
 
 
 def training_seed(seed_generator):
@@ -362,6 +263,32 @@ class DiffusionModel(keras.Model):
                 batch of 0 images or above `max_batch`, or noise of the wrong shape;
                 the limits are checked before any noise is drawn or anything compiled.
         """
+        num_steps, batch = self._check_sample_request(noise, num_steps, batch_size, sampler)
+        if noise is None:
+            noise = keras.random.normal((batch,) + self.image_shape, seed=seed)
+        noise = ops.convert_to_tensor(noise, "float32")
+        if self.num_classes:
+            if label is None:
+                raise ValueError("This model is class-conditional: pass label.")
+            label = ops.convert_to_tensor(label, "int32")
+        guidance = self._guidance_vector(guidance, batch)
+        key = (num_steps, sampler, bool(clip), variance, bool(use_ema), label is not None,
+               guidance is not None)
+        if key not in self._compiled_samplers:
+            self._compiled_samplers[key] = self._make_sampler(*key)
+        seed_tensor = ops.convert_to_tensor([seed, 0], "int32")
+        args = (noise, seed_tensor) + ((label,) if label is not None else ()) + \
+            ((guidance,) if guidance is not None else ())
+        return ops.convert_to_numpy(self._compiled_samplers[key](*args))
+
+    def _check_sample_request(self, noise, num_steps, batch_size, sampler):
+        """Checks `sample`'s sampler, step count and batch against this model's limits,
+        before any noise is drawn or anything compiled.
+
+        Returns:
+            `(num_steps, batch)`: the step count (the model's own for None) and the
+            number of images.
+        """
         if sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}.")
         num_steps = self.num_steps if num_steps is None else int(num_steps)
@@ -385,22 +312,7 @@ class DiffusionModel(keras.Model):
         if self.max_batch is not None and batch > self.max_batch:
             raise ValueError(f"A batch of {batch} images is above this model's "
                              f"max_batch={self.max_batch}.")
-        if noise is None:
-            noise = keras.random.normal((batch,) + self.image_shape, seed=seed)
-        noise = ops.convert_to_tensor(noise, "float32")
-        if self.num_classes:
-            if label is None:
-                raise ValueError("This model is class-conditional: pass label.")
-            label = ops.convert_to_tensor(label, "int32")
-        guidance = self._guidance_vector(guidance, batch)
-        key = (num_steps, sampler, bool(clip), variance, bool(use_ema), label is not None,
-               guidance is not None)
-        if key not in self._compiled_samplers:
-            self._compiled_samplers[key] = self._make_sampler(*key)
-        seed_tensor = ops.convert_to_tensor([seed, 0], "int32")
-        args = (noise, seed_tensor) + ((label,) if label is not None else ()) + \
-            ((guidance,) if guidance is not None else ())
-        return ops.convert_to_numpy(self._compiled_samplers[key](*args))
+        return num_steps, batch
 
     def _guidance_vector(self, guidance, batch):
         """`guidance` as float32 `[B]`, after checking the model can be guided."""
@@ -509,46 +421,3 @@ def copy_weights(source, target) -> None:
     """
     weights = source.get_weights()
     target.set_weights([w.copy() for w in weights])
-
-
-class _RetracingWarningFilter(logging.Filter):
-    """Drops TensorFlow's "N out of the last N calls ... triggered tf.function
-    retracing" warning for our samplers: every model (each stage, each evaluated step
-    count) compiles its own sampler over its own variables by design, which TensorFlow
-    counts as retracing one function."""
-
-    def filter(self, record):
-        message = record.getMessage()
-        return not ("triggered tf.function retracing" in message
-                    and "_make_sampler" in message)
-
-
-def _quiet_retracing_warning(tf) -> None:
-    logger = tf.get_logger()
-    if not any(isinstance(f, _RetracingWarningFilter) for f in logger.filters):
-        logger.addFilter(_RetracingWarningFilter())
-
-
-def compile_with_variables(fn, variables: Sequence):
-    """Compiles `fn` (XLA) so it reads `variables`' *current* values at every call.
-
-    TensorFlow: `tf.function(jit_compile=True)` captures the variables by reference.
-    JAX: a jitted function of the variables' values, run under a `StatelessScope`,
-    so weights updated after compilation are not baked in as constants.
-    """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-        _quiet_retracing_warning(tf)
-        return tf.function(fn, jit_compile=True, reduce_retracing=True)
-    if backend == "jax":
-        import jax
-        variables = list(variables)
-
-        @jax.jit
-        def run(values, *args):
-            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                return fn(*args)
-
-        return lambda *args: run([v.value for v in variables], *args)
-    return fn

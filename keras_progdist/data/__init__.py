@@ -46,7 +46,8 @@ Example:
 Modules (this package re-exports the public names; import from `keras_progdist.data`):
 
 * `registry`: `DatasetSpec`, `DATASETS`, `dataset_info`, the argument checks.
-* `embedded`, `idx`, `image_folder`: the readers of the three local sources.
+* `embedded`, `idx`, `image_folder`: the readers of the three local sources;
+  `image_file` opens one image of a folder as untrusted input.
 * `tfds_source`: tfds builders, prepared from `manual_dir` without downloading.
 * `tf_pipeline`: the tf.data graph (imports TensorFlow; imported only when used).
 * `numpy_pipeline`: `ArrayBatches` and the numpy preprocessing (no TensorFlow).

@@ -1,8 +1,10 @@
 """The public entry points: `make_dataset` (the gin configurable `dataset`),
 `load_images`, `batch_spec`, `fit_input`, and the choice of pipeline.
 
-Arguments are checked here, against the registry, before any pipeline is built;
-the tf.data pipeline (and with it TensorFlow) is imported only when it is chosen.
+Everything that can be checked up front is, before any pipeline is built: the
+arguments (against the registry), then the files (an image folder's every image), then
+that there is at least one example (`EmptyDatasetError` rather than nan losses later).
+The tf.data pipeline (and with it TensorFlow) is imported only when it is chosen.
 """
 
 import importlib.util
@@ -16,6 +18,11 @@ from keras_progdist.data.numpy_pipeline import ArrayBatches, array_images, numpy
 from keras_progdist.data.registry import DATASETS, folder_spec, validate
 from keras_progdist.errors import KerasProgdistError
 
+# The values of `make_dataset(pipeline=...)`: "tf.data"; "numpy" (the in-memory datasets
+# and image folders without TensorFlow: an `ArrayBatches` whose `stream()` feeds
+# `model.fit`; on JAX with several processes each process reads its shard,
+# `jax.process_index()`, in batches of `batch_size // jax.process_count()`); "auto"
+# (tf.data when TensorFlow is installed, else numpy).
 PIPELINES = ("auto", "tf.data", "numpy")
 # Upper bounds of `dataset.batch_size` and `dataset.image_size`, checked before any
 # data is read: beyond them a typo (1e9 for 1e3) would only show as an out-of-memory
@@ -34,6 +41,11 @@ def _as_library_error(error: Exception) -> Exception:
     return DataSettingError(str(error))
 
 
+def _is_int(value) -> bool:
+    """Whether `value` is a Python or numpy integer (bool, an int subclass, is not)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_sizes(batch_size, image_size) -> None:
     """Checks `batch_size` (an int in [1, MAX_BATCH_SIZE]) and `image_size` (None or
     an int in [1, MAX_IMAGE_SIZE]).
@@ -45,8 +57,7 @@ def check_sizes(batch_size, image_size) -> None:
                                          ("image_size", image_size, True, MAX_IMAGE_SIZE)):
         if optional and value is None:
             continue
-        if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                or not 1 <= value <= bound):
+        if not _is_int(value) or not 1 <= value <= bound:
             raise DataSettingError(f"dataset.{name}={value!r}: must be an integer in "
                                    f"[1, {bound}].")
 
@@ -74,96 +85,83 @@ def _choose_pipeline(spec, pipeline, input_context):
     return pipeline
 
 
-# The module of the gin selector stays `keras_progdist.data` (as before the split),
-# so saved operative configs and full selectors keep naming it.
+# The gin selector keeps the module `keras_progdist.data` that it had before the data
+# package was split: saved operative configs and full selectors name it.
 @gin.configurable("dataset", module="keras_progdist.data")
-def make_dataset(
-    name="mnist_embedded",
-    split="train",
-    batch_size=32,
-    image_size=None,
-    data_dir=None,
-    manual_dir=None,
-    shuffle=True,
-    seed=0,
-    repeat=True,
-    with_labels=False,
-    random_flip=False,
-    resize="bilinear",
-    input_context=None,
-    drop_remainder=True,
-    pipeline="auto",
-    channels=None,
-    max_image_pixels=MAX_IMAGE_PIXELS,
-):
+def make_dataset(name="mnist_embedded", split="train", batch_size=32, image_size=None,
+                 data_dir=None, manual_dir=None, shuffle=True, seed=0, repeat=True,
+                 with_labels=False, random_flip=False, resize="bilinear",
+                 input_context=None, drop_remainder=True, pipeline="auto", channels=None,
+                 max_image_pixels=MAX_IMAGE_PIXELS):
     """Batches of float32 images in [-1, 1], NHWC: a `tf.data.Dataset` or numpy.
 
     Order of operations: read (sharded by `input_context`), shuffle, repeat,
     crop/resize/pad, scale to [-1, 1], optional random horizontal flip, batch,
-    prefetch. For a given `seed` the stream is the same on every run.
-
-    Everything that can be checked up front is, before any pipeline is built:
-    arguments, then the files (an image folder's every image), then that there
-    is at least one example (`EmptyDatasetError` rather than nan losses later).
+    prefetch. For a given `seed` the stream is the same on every run. Arguments,
+    files and the example count are checked before any pipeline is built.
 
     Args:
-        name: a key of `DATASETS` (default `"mnist_embedded"`); `"image_folder"`
-            reads your own PNG/JPEG files from `data_dir` (see
-            `scan_image_folder` for the layout: class subfolders give labels).
+        name: a key of `DATASETS`; `"image_folder"` reads your own PNG/JPEG files
+            from `data_dir` (layout, labels from class subfolders: `scan_image_folder`).
         split: a split of that dataset (`dataset_info(name)["splits"]`); tfds
             sources also take tfds slicing such as `"train[:1000]"`.
         batch_size: global batch size; with `input_context` each pipeline
             yields `input_context.get_per_replica_batch_size(batch_size)`.
-        image_size: output side (square); None keeps the dataset's default
-            (`dataset_info(name)["image_shape"]`); required for `image_folder`,
-            whose images are center-cropped to a square and resized to it.
-        data_dir: folder with the data: the idx files for `fashion_mnist`
-            (default `/usr/share/datasets/fashion-mnist`), the tfds data dir for
-            tfds datasets (default tfds' own, `~/tensorflow_datasets`), the
-            image folder for `image_folder` (required). Unused by
-            `mnist_embedded`.
-        manual_dir: for tfds datasets not yet prepared, a folder holding the
-            original archives; they are prepared from it into `data_dir`.
-        shuffle: shuffle examples (and tfds files).
-        seed: seed for shuffling and flips.
-        repeat: repeat forever.
+        image_size: output side (square); None keeps the dataset's own
+            (`dataset_info`); required for `image_folder`.
+        data_dir: the data's folder (unused by `mnist_embedded`): `fashion_mnist`'s
+            idx files (default `FASHION_MNIST_DEFAULT_DIR`), the tfds data dir
+            (default tfds' own, `~/tensorflow_datasets`), the image folder (required).
+        manual_dir: tfds only: the original archives, to prepare an unprepared `data_dir`.
+        shuffle, seed, repeat: shuffle the examples (and tfds files) with `seed`,
+            which also seeds the flips; repeat forever.
         with_labels: yield `(x, label)` with int32 labels instead of `x`.
         random_flip: random horizontal flips (CIFAR-10 teacher training).
-        resize: `"bilinear"` (antialiased) or `"pad"` (center pad with -1,
-            lossless, e.g. 28 -> 32).
-        input_context: a `tf.distribute.InputContext`; the data is split into
-            disjoint parts by `input_pipeline_id`.
+        resize: `"bilinear"` (antialiased) or `"pad"` (center pad with -1: 28 -> 32).
+        input_context: a `tf.distribute.InputContext`: reads the disjoint part
+            `input_pipeline_id` of the data.
         drop_remainder: drop a last partial batch (static batch shape).
-        pipeline: `"tf.data"`, `"numpy"` (in-memory datasets and image
-            folders; no TensorFlow needed: an `ArrayBatches` whose `stream()`
-            feeds `model.fit`), or `"auto"` (tf.data when TensorFlow is
-            installed, else numpy). On JAX with several processes the numpy
-            pipeline gives each process its shard (`jax.process_index()`) and
-            `batch_size // jax.process_count()` examples per batch.
-        channels: `image_folder` only: 1 (grayscale) or 3 (RGB) to convert
-            every image to; None takes the first image's (1 if it is
-            grayscale, else 3). For other datasets None or their own count.
-        max_image_pixels: `image_folder` only: the most pixels (width × height) an
-            image may have (50 million by default); a larger one is refused by name
-            before it is decoded, since decoding takes memory in proportion to its
-            pixels however small the file (a decompression bomb).
+        pipeline: one of `PIPELINES` (see there); `"numpy"` needs no TensorFlow.
+        channels, max_image_pixels: `image_folder` only (see `scan_image_folder`):
+            1 or 3 to convert every image to (None: the first image's), and the
+            pixel cap. Other datasets take `channels` None or their own count.
 
     Returns:
         `tf.data.Dataset` or `ArrayBatches` of `x` `(B, H, W, C)` float32, or
         `(x, label)`. `batch_spec` and `fit_input` treat both alike.
 
     Raises:
-        DataSettingError (a ValueError): unknown name, split, resize method,
-            pipeline or channels, image_size or batch_size not an integer in
-            [1, MAX_IMAGE_SIZE] / [1, MAX_BATCH_SIZE], padding to a smaller size,
-            labels asked of unlabelled data (or of an image folder without class
-            subfolders), a tfds dataset on the numpy pipeline.
-        DataFileError (a FileNotFoundError): data folder or files missing, tfds
-            data not prepared.
+        DataSettingError (a ValueError): a bad argument (a size beyond `check_sizes`'
+            bounds, padding to a smaller size, labels of unlabelled data...).
+        DataFileError (a FileNotFoundError): data missing, tfds data not prepared.
         EmptyDatasetError: the dataset (or this pipeline's shard) has no examples.
         CorruptImageError: an image folder's file is not a readable PNG/JPEG.
     """
     check_sizes(batch_size, image_size)
+    spec, size, pipeline, folder = _checked_source(
+        name, split, image_size, resize, with_labels, channels, pipeline, input_context,
+        data_dir, max_image_pixels)
+    try:
+        return _pipeline(spec, split, data_dir, manual_dir, folder, size, resize,
+                         pipeline, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                         repeat=repeat, with_labels=with_labels, random_flip=random_flip,
+                         input_context=input_context, drop_remainder=drop_remainder)
+    except (FileNotFoundError, NotADirectoryError) as e:  # the data files themselves
+        raise _as_library_error(e) from None
+
+
+def _checked_source(name, split, image_size, resize, with_labels, channels, pipeline,
+                    input_context, data_dir, max_image_pixels):
+    """`make_dataset`'s arguments checked against the registry, and its image folder
+    listed and checked, before any pipeline is built.
+
+    Returns:
+        `(spec, size, pipeline, folder)`: the `DatasetSpec` (an image folder's own),
+        the output side, the pipeline chosen, and the `ImageFolder` or None.
+
+    Raises:
+        DataSettingError, DataFileError: the library errors of what the checks raise.
+    """
     try:
         spec, size = validate(name, split, image_size, resize, with_labels, channels)
         pipeline = _choose_pipeline(spec, pipeline, input_context)
@@ -174,13 +172,7 @@ def make_dataset(
             spec = folder_spec(spec, folder, size)
     except (ValueError, ImportError, OSError) as e:
         raise _as_library_error(e) from None
-    try:
-        return _pipeline(spec, split, data_dir, manual_dir, folder, size, resize,
-                         pipeline, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                         repeat=repeat, with_labels=with_labels, random_flip=random_flip,
-                         input_context=input_context, drop_remainder=drop_remainder)
-    except (FileNotFoundError, NotADirectoryError) as e:  # the data files themselves
-        raise _as_library_error(e) from None
+    return spec, size, pipeline, folder
 
 
 def _pipeline(spec, split, data_dir, manual_dir, folder, size, resize, pipeline, *,
@@ -297,9 +289,7 @@ def load_images(
     ((100, 28, 28, 1), dtype('uint8'))
     """
     spec, size = validate(name, split, image_size, resize, False, channels)
-    if limit is not None and (
-        isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0
-    ):
+    if limit is not None and (not _is_int(limit) or limit < 0):
         raise ValueError(f"limit must be a non-negative int or None, got limit={limit!r}.")
     if spec.source != "tfds":
         return array_images(spec, split, data_dir, size, resize, limit, channels,

