@@ -228,7 +228,8 @@ class Pieces:
                         process.terminate()
             while pending and len(running) < self.parallel:
                 name, command, eval_piece = pending.pop(0)
-                log = open(os.path.join(self.logdir, f"{name}.log"), "a")
+                # Stays open while the piece runs (its stdout); closed when it ends.
+                log = open(os.path.join(self.logdir, f"{name}.log"), "a")  # noqa: SIM115
                 log.write(f"$ {' '.join(shlex.quote(c) for c in command)}\n")
                 log.flush()
                 began = time.time()

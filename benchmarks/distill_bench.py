@@ -38,7 +38,7 @@ def stage_curve(experiment, num_samples):
     noise = keras.random.normal((num_samples,) + experiment.image_shape, seed=99)
     reference = teacher.sample(noise=noise, num_steps=teacher_steps)
     rows = []
-    for stage, n, model in models[1:]:
+    for _stage, n, model in models[1:]:
         distilled = model.sample(noise=noise, num_steps=n)
         undistilled = teacher.sample(noise=noise, num_steps=n)
         rows.append({
@@ -62,7 +62,7 @@ def step_times(experiment, steps=40, repeats=3):
     distiller.compile(optimizer=make_optimizer(1e-4, decay_to_zero_steps=10_000),
                       jit_compile=True, steps_per_execution=10)
     times = {"teacher": [], "distill": []}
-    for name, model in (("teacher", teacher), ("distill", distiller)):
+    for model in (teacher, distiller):
         model.fit(experiment.dataset, steps_per_epoch=10, verbose=0)  # compile
     for _ in range(repeats):
         for name, model in (("teacher", teacher), ("distill", distiller)):

@@ -40,7 +40,7 @@ def summarize(results: dict, recorded: dict | None) -> dict:
     arms = {}
     # Undistilled DDIM is the teacher's: scored (and sampled) in one arm per teacher.
     shared_ddim, shared_ddim_rmse = {}, {}
-    for name, arm in results["arms"].items():
+    for arm in results["arms"].values():
         for (kind, n), r in _scores(arm).items():
             if kind == "ddim":
                 shared_ddim.setdefault(arm["teacher"], {})[n] = r
@@ -250,7 +250,8 @@ def main(argv=None) -> int:
     with open(out + ".md", "w") as f:
         f.write(markdown(summary, command))
     plot(summary, out + "_fid_vs_steps.png")
-    print(open(out + ".md").read())
+    with open(out + ".md") as f:
+        print(f.read())
     return 0
 
 

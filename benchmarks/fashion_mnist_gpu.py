@@ -191,7 +191,8 @@ class Log:
 
     def __init__(self, path: str):
         self.path = path
-        self.file = open(path, "a", buffering=1)
+        # The driver's log: open for the whole run, closed by `close()`.
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115
 
     def line(self, text: str) -> None:
         self.write(f"[gpu-benchmark] {time.strftime('%H:%M:%S')} {text}\n")

@@ -161,7 +161,7 @@ def build(results_files: list) -> dict:
         with open(path) as f:
             results = json.load(f)
         arms.update(results.get("arms", {}))
-        for name, arm in results.get("arms", {}).items():
+        for arm in results.get("arms", {}).values():
             metrics = arm.get("metrics") or {}
             for r in metrics.get("results", []):
                 if r["kind"] == "teacher":

@@ -99,7 +99,7 @@ def _main(argv):
     from keras_progdist.errors import Interrupted
     from keras_progdist.training import config
 
-    assert MODES == tuple(config.MODES) and STRATEGIES == tuple(distribute.STRATEGIES), \
+    assert tuple(config.MODES) == MODES and tuple(distribute.STRATEGIES) == STRATEGIES, \
         "bin/run.py's MODES/STRATEGIES differ from the library's"
     for folder in include_folders:  # includes next to their file, then in gin/
         gin.add_config_file_search_path(folder)

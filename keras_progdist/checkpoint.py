@@ -12,6 +12,7 @@ numpy, identical on every backend.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -87,10 +88,8 @@ def _remove_unreferenced(directory: str, name: str, keep: str | None) -> None:
     two runs apart; this keeps a stray one from breaking the other)."""
     for path in _weights_files(directory, name):
         if os.path.basename(path) != keep:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-            except FileNotFoundError:
-                pass
     fileio.remove_stale_temps(directory, f"{name}*.npz")
 
 
@@ -104,10 +103,8 @@ def remove(directory: str, name: str) -> None:
     """Deletes checkpoint `name` (its JSON first, so a kill leaves no record of
     missing weights), then its weights files."""
     json_path = os.path.join(directory, f"{name}.json")
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(json_path)
-    except FileNotFoundError:
-        pass
     _remove_unreferenced(directory, name, keep=None)
 
 

@@ -395,7 +395,8 @@ def test_guided_signatures_take_label_and_guidance(tmp_path, kind):
                     steps=np.int32(2), label=np.array([0], np.int32),
                     guidance=np.array([np.nan], np.float32))
 
-    metadata = json.load(open(os.path.join(record["saved_model"], export.METADATA_FILE)))
+    with open(os.path.join(record["saved_model"], export.METADATA_FILE)) as f:
+        metadata = json.load(f)
     assert metadata["guided"] is True
     from tensorflow_serving.apis import prediction_log_pb2
     path = os.path.join(record["saved_model"], "assets.extra", "tf_serving_warmup_requests")

@@ -61,7 +61,7 @@ def test_tf_data_and_numpy_pipelines_serve_the_same_pixels_and_labels(classes):
     # TensorFlow resizes the same Pillow-decoded bytes on both paths (exact); on
     # JAX keras.ops resizes with jax.image (about 2e-6 here).
     np.testing.assert_allclose(x_np, x_tf, atol=1e-5)
-    assert -1.0 <= x_np.min() and x_np.max() <= 1.0 and x_np.std() > 0.3
+    assert x_np.min() >= -1.0 and x_np.max() <= 1.0 and x_np.std() > 0.3
     # Sorted subfolders are the classes; files sorted within each, nested included.
     np.testing.assert_array_equal(y_tf, [0, 0, 0, 0, 1, 1, 1, 1])
     np.testing.assert_array_equal(y_np, y_tf)
@@ -439,7 +439,7 @@ def test_a_fifo_named_png_is_refused_by_name_not_waited_on(tmp_path, where):
     for pipeline in (["tf.data"] if importlib.util.find_spec("tensorflow") else []) + [
             "numpy"]:
         with pytest.raises(data.CorruptImageError, match=r"b\.png: a FIFO, not a regular"):
-            _finishes_within(20, lambda: data.make_dataset(
+            _finishes_within(20, lambda pipeline=pipeline: data.make_dataset(
                 "image_folder", data_dir=root, image_size=8, batch_size=1,
                 pipeline=pipeline), fifo)
     # A file replaced by a FIFO after the scan: both pipelines decode with this.
