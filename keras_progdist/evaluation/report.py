@@ -29,7 +29,7 @@ import numpy as np
 from keras_progdist.errors import KerasProgdistError
 from keras_progdist import data, fileio, images
 from keras_progdist.distribute import describe_device
-from keras_progdist.evaluation import comparisons, metrics
+from keras_progdist.evaluation import comparisons, metrics, reference_cache
 from keras_progdist.evaluation import samples as sample_files
 from keras_progdist.workdir import WorkDir, WorkDirError
 
@@ -111,7 +111,7 @@ def reference_features(fid_model, cfg: dict, dataset: dict,
     """FID features of the real images, cached by `reference_key`.
 
     A cache entry that cannot be read (truncated, bad checksum, not a zip) is rebuilt
-    with a `metrics.ReferenceStatsRebuiltWarning`.
+    with a `reference_cache.ReferenceStatsRebuiltWarning`.
 
     Args:
         fid_model: from `evaluation.load_fid_network()` (None: loaded when needed).
@@ -141,9 +141,9 @@ def reference_features(fid_model, cfg: dict, dataset: dict,
         return evaluation.compute_features(model, real, batch_size=cfg["batch_size"],
                                            verbose=verbose == 1)
 
-    stats = metrics.cached_reference_stats(readable, f"{cfg['split']}-n{cfg['num_reference']}",
-                                           build, key=reference_key(cfg, b),
-                                           cache_dir=cfg["cache_dir"])
+    stats = reference_cache.cached_reference_stats(
+        readable, f"{cfg['split']}-n{cfg['num_reference']}", build,
+        key=reference_key(cfg, b), cache_dir=cfg["cache_dir"])
     if verbose >= 2 and stats["built"]:
         print(f"[eval] reference statistics cached in {stats['path']}", flush=True)
     return stats["features"]
