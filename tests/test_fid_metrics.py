@@ -1,5 +1,6 @@
 """FID / KID maths on synthetic features with known answers (numpy only, fast)."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -175,16 +176,17 @@ def _build_counter(features):
 
 
 def test_reference_stats_of_two_data_dirs_are_two_cache_entries(tmp_path):
-    from keras_progdist.evaluation import report
+    from keras_progdist.evaluation import reference
+    from keras_progdist.settings import EvaluateSettings
 
-    cfg = dict(split="train", num_reference=100)
-    keys = [report.reference_key(cfg, {"name": "fashion_mnist", "data_dir": d,
-                                       "image_size": 16})
+    cfg = EvaluateSettings(split="train", num_reference=100)
+    keys = [reference.reference_key(cfg, {"name": "fashion_mnist", "data_dir": d,
+                                          "image_size": 16})
             for d in (str(tmp_path / "a"), str(tmp_path / "b"))]
     # The folder is resolved: a relative or symlinked spelling of one folder is one key.
     os.symlink(tmp_path / "a", tmp_path / "link")
-    assert report.reference_key(cfg, {"name": "fashion_mnist", "image_size": 16,
-                                      "data_dir": str(tmp_path / "link")}) == keys[0]
+    assert reference.reference_key(cfg, {"name": "fashion_mnist", "image_size": 16,
+                                         "data_dir": str(tmp_path / "link")}) == keys[0]
     assert keys[0]["data_dir"] == os.path.realpath(str(tmp_path / "a"))
     assert keys[0] != keys[1]
     rng = np.random.default_rng(10)
@@ -208,12 +210,12 @@ def test_reference_stats_of_two_data_dirs_are_two_cache_entries(tmp_path):
     variants = [{"image_size": 32}, {"resize": "nearest"}, {"name": "mnist_embedded"},
                 {"manual_dir": str(tmp_path)}]
     for variant in variants:
-        assert report.reference_key(cfg, {**base, **variant}) != \
-            report.reference_key(cfg, base), variant
-    assert report.reference_key({**cfg, "num_reference": 50}, base) != \
-        report.reference_key(cfg, base)
-    assert report.reference_key({**cfg, "split": "test"}, base) != \
-        report.reference_key(cfg, base)
+        assert reference.reference_key(cfg, {**base, **variant}) != \
+            reference.reference_key(cfg, base), variant
+    assert reference.reference_key(dataclasses.replace(cfg, num_reference=50), base) != \
+        reference.reference_key(cfg, base)
+    assert reference.reference_key(dataclasses.replace(cfg, split="test"), base) != \
+        reference.reference_key(cfg, base)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "checksum", "empty"])
