@@ -132,7 +132,7 @@ def test_the_command_line_reads_the_workdir_and_the_gin_file(tmp_path):
                           image_shape=(32, 32, 1))
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
-        [sys.executable, "-m", "keras_progdist.evaluation.digits", "--gin_file=tiny.gin",
+        [sys.executable, os.path.join(ROOT, "bin", "digits.py"), "--gin_file=tiny.gin",
          "--gin_param=dataset.resize='pad'", f"--workdir={tmp_path / 'work'}",
          "--steps=2", "--num_samples=8"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)

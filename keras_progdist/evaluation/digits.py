@@ -22,9 +22,10 @@ dataset settings give the resize) from the same noise and writes the work direct
 `EvalDir.digits("json")` (and `digits("md")`), keyed by the models' weights and the
 settings, so a re-run with nothing new reads the scores back and trains nothing.
 Nothing is pickled or saved besides those files: the classifier is retrained (seconds)
-whenever something is scored.
+whenever something is scored. From the command line (gin files give the dataset
+settings):
 
-    python -m keras_progdist.evaluation.digits --gin_file=tiny.gin --workdir=runs/tiny
+    python bin/digits.py --gin_file=tiny.gin --workdir=runs/tiny
 
 Everything runs on `keras.ops`, on any backend.
 """
@@ -324,29 +325,3 @@ def markdown(record: dict) -> str:
         lines.append(f"| {name} | {steps} | {r['mean_confidence']:.3f} | "
                      f"{100 * r['frac_confident']:.0f}% | {r['class_entropy_bits']:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def main(argv=None):
-    import argparse
-
-    from keras_progdist.training import config
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gin_file", action="append", default=[])
-    parser.add_argument("--gin_param", action="append", default=[])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--num_samples", type=int, default=256)
-    args = parser.parse_args(argv)
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "gin")
-    files = [f if os.path.exists(f) else os.path.join(root, f) for f in args.gin_file]
-    # The gin files give the dataset settings; the models come from the work directory.
-    config.parse_gin(files, args.gin_param)
-    record = evaluate_workdir(args.workdir, config.dataset_settings(), steps=args.steps,
-                              num_samples=args.num_samples)
-    print(markdown(record), flush=True)
-
-
-if __name__ == "__main__":
-    main()
