@@ -298,11 +298,13 @@ def score_key(wd, entry: dict, w: float, cfg, dataset: dict, probe: dict) -> dic
     """Everything a score depends on: the model's weights, w, the sampling protocol,
     the reference statistics, the backend and the classifier (`classifier_identity`)."""
     from keras_progdist.evaluation import reference
+    from keras_progdist.settings import as_record
 
+    record = as_record(cfg)
     return {"weights_sha256": wd.final_sha256(entry["stage"]), "w": w,
             "num_steps": entry["num_steps"], "backend": _backend(),
             "reference": reference.reference_key(cfg, dataset),
-            "protocol": {k: getattr(cfg, k) for k in ("num_samples", "batch_size", "seed")},
+            "protocol": {k: record[k] for k in ("num_samples", "batch_size", "seed")},
             "classifier": probe}
 
 

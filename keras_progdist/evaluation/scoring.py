@@ -29,7 +29,7 @@ from keras_progdist.distribute import describe_device
 from keras_progdist.errors import Interrupted
 from keras_progdist.evaluation import comparisons, metrics, reference, sample_files
 from keras_progdist.evaluation.samples import generate_range
-from keras_progdist.settings import EvaluateSettings
+from keras_progdist.settings import EvaluateSettings, as_record
 from keras_progdist.workdir import EvalDir
 
 # Samples per model in its grid.
@@ -68,8 +68,9 @@ class ScoreJob:
 def score_protocol(cfg: EvaluateSettings, dataset: dict) -> dict:
     """What a score depends on besides the weights (and the sample files, when used):
     the base of every score's key."""
-    protocol = {k: getattr(cfg, k) for k in ("num_samples", "num_reference", "split",
-                                             "seed", "bootstrap")}
+    record = as_record(cfg)
+    protocol = {k: record[k] for k in ("num_samples", "num_reference", "split", "seed",
+                                       "bootstrap")}
     protocol["noise_batch_size"] = cfg.batch_size
     protocol["dataset"] = reference.dataset_label(dataset)[1]
     protocol["reference"] = reference.reference_digest(cfg, dataset)
