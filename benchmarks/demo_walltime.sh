@@ -48,7 +48,7 @@ run_demo "$TMP/run2.log" "$@"
 # (read back when the main job's evaluation already wrote them), timed on their own.
 echo "[walltime] digit scores" >&2
 DIGITS_START=$EPOCHREALTIME
-( cd "$TMP/repo" && .venv/bin/python -m keras_progdist.evaluation.digits \
+( cd "$TMP/repo" && .venv/bin/python bin/digits.py \
     --gin_file=tiny.gin --workdir=runs/tiny ) > "$TMP/digits.log" 2>&1 || true
 echo "$EPOCHREALTIME - $DIGITS_START" | bc > "$TMP/digits_s.txt"
 kill "$SAMPLER_PID" 2>/dev/null || true

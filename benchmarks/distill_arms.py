@@ -341,7 +341,7 @@ def sample_distances(workdir: str) -> dict:
     """RMSEs between models' evaluation samples (see the module docstring)."""
     import numpy as np
 
-    from keras_progdist.evaluation import samples as sample_files
+    from keras_progdist.evaluation import sample_files
 
     sample_dir = os.path.join(workdir, "eval", "samples")
     if not os.path.isdir(sample_dir):
@@ -430,7 +430,7 @@ def pack(args, outdir: str, max_file_mb: float = 15.0, max_packs: int = 5) -> li
 
     import numpy as np
 
-    from keras_progdist.evaluation import samples as sample_files
+    from keras_progdist.evaluation import sample_files
 
     os.makedirs(outdir, exist_ok=True)
     written = [write_results(args)]

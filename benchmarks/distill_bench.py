@@ -21,10 +21,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import gin  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import gin  # noqa: E402
 from keras_progdist import pipeline  # noqa: E402
 from keras_progdist.diffusion import DiffusionModel  # noqa: E402
 from keras_progdist.distillation import Distiller  # noqa: E402

@@ -103,10 +103,10 @@ def stage_errors(teacher_net, student_net, num_steps: int, images, eps, config,
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import gin
     import keras
     import numpy as np
 
+    import gin
     from keras_progdist import data
     from keras_progdist.training import config as schema
     from keras_progdist.workdir import TEACHER, WorkDir, stage_name

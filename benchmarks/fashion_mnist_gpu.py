@@ -265,7 +265,6 @@ def plan(args) -> dict:
         `packs` (files needed), `per_pack` (samples per pack).
     """
     import gin
-
     from keras_progdist import data, pipeline
 
     gin.clear_config()
@@ -276,9 +275,9 @@ def plan(args) -> dict:
         [f"dataset.data_dir={args.data_dir!r}"] + [b.split("=", 1)[1] for b in bindings])
     cfg, dist = pipeline.evaluate(), pipeline.distill()
     teacher_steps = dist["teacher_steps"]
-    ddim = [s for s in cfg["ddim_steps"] if s < teacher_steps]
-    extra = [s for s in sorted(set(cfg["teacher_steps"]))
-             if s < teacher_steps and s not in cfg["ddim_steps"]]
+    ddim = [s for s in cfg.ddim_steps if s < teacher_steps]
+    extra = [s for s in sorted(set(cfg.teacher_steps))
+             if s < teacher_steps and s not in cfg.ddim_steps]
     models = ([f"ddim_{s:05d}" for s in ddim] + [f"teacher_{s:05d}" for s in extra]
               + [f"teacher_{teacher_steps:05d}"]
               + [f"distilled_{n:05d}" for n in dist["ladder"]])
@@ -290,19 +289,19 @@ def plan(args) -> dict:
     labelled = bool(_query(gin, "UNet.num_classes"))
     per_sample = side * side * channels
     per_pack = pack_capacity(per_sample, args.max_file_mb)
-    total = len(models) * cfg["num_samples"]
+    total = len(models) * cfg.num_samples
     packs = math.ceil(total / per_pack)
     room = args.max_files - 2
     if labelled:
         raise BenchmarkError("class-conditional models: the packs hold images only")
     if packs > room:
         raise BenchmarkError(
-            f"{len(models)} models x evaluate.num_samples={cfg['num_samples']} images of "
+            f"{len(models)} models x evaluate.num_samples={cfg.num_samples} images of "
             f"{per_sample} bytes need {packs} packs of at most {args.max_file_mb} MiB, but "
             f"OUTDIR has room for {room} beside run.log and stages.json: at most "
             f"{room * per_pack // len(models)} samples per model.")
     gin.clear_config()
-    return {"models": models, "num_samples": cfg["num_samples"],
+    return {"models": models, "num_samples": cfg.num_samples,
             "bytes_per_sample": per_sample, "packs": packs, "per_pack": per_pack}
 
 
@@ -331,7 +330,7 @@ def pack_samples(sample_dir: str, outdir: str, models: list, max_files: int,
     """
     import numpy as np
 
-    from keras_progdist.evaluation import samples as sample_files
+    from keras_progdist.evaluation import sample_files
 
     manifests = []
     for name in models:

@@ -140,7 +140,6 @@ def settings(args) -> tuple:
     """`(dataset, evaluation, guidance)` settings: the gin file's (with `--gin_param`)
     and the evaluation protocol given on the command line."""
     import gin
-
     from keras_progdist.training import config
 
     gin.clear_config()
@@ -294,15 +293,17 @@ def score_path(args, stage: str, w: float) -> str:
                         f"{stage}_w{_key_text(w)}.json")
 
 
-def score_key(wd, entry: dict, w: float, cfg: dict, dataset: dict, probe: dict) -> dict:
+def score_key(wd, entry: dict, w: float, cfg, dataset: dict, probe: dict) -> dict:
     """Everything a score depends on: the model's weights, w, the sampling protocol,
     the reference statistics, the backend and the classifier (`classifier_identity`)."""
-    from keras_progdist.evaluation import report
+    from keras_progdist.evaluation import reference
+    from keras_progdist.settings import as_record
 
+    record = as_record(cfg)
     return {"weights_sha256": wd.final_sha256(entry["stage"]), "w": w,
             "num_steps": entry["num_steps"], "backend": _backend(),
-            "reference": report.reference_key(cfg, dataset),
-            "protocol": {k: cfg[k] for k in ("num_samples", "batch_size", "seed")},
+            "reference": reference.reference_key(cfg, dataset),
+            "protocol": {k: record[k] for k in ("num_samples", "batch_size", "seed")},
             "classifier": probe}
 
 
@@ -326,7 +327,7 @@ def evaluate(args, deadline) -> int:
     import numpy as np
 
     from keras_progdist import evaluation, fileio, images
-    from keras_progdist.evaluation import digits, metrics, report, samples
+    from keras_progdist.evaluation import digits, metrics, reference, samples, scoring
     from keras_progdist.workdir import WorkDir
 
     dataset, cfg, _ = settings(args)
@@ -337,8 +338,8 @@ def evaluate(args, deadline) -> int:
     probe, probe_info = classifier(args, dataset, train=True)  # trained once
     identity = classifier_identity(args, dataset)
     todo = [(e, w) for e in entries for w in args.ws
-            if report.cached_result(score_path(args, e["stage"], w),
-                                    score_key(wd, e, w, cfg, dataset, identity)) is None]
+            if scoring.cached_result(score_path(args, e["stage"], w),
+                                     score_key(wd, e, w, cfg, dataset, identity)) is None]
     # The goal's cells first (teacher and goal student at the goal's w, then the rest
     # of those two models), so a run cut short by its budget still answers the goal.
     todo.sort(key=lambda item: score_order(item[0], item[1]))
@@ -349,9 +350,9 @@ def evaluate(args, deadline) -> int:
     if _spent(deadline):
         return BUDGET_EXIT
     fid_model = evaluation.load_fid_network()
-    real = report.reference_features(fid_model, cfg, dataset, verbose=2)
+    real = reference.reference_features(fid_model, cfg, dataset, verbose=2)
     config, models = wd.require_config(), {}
-    labels = samples.labels_for(0, cfg["num_samples"], 10)
+    labels = samples.labels_for(0, cfg.num_samples, 10)
     for entry, w in todo:
         if _spent(deadline):
             return BUDGET_EXIT
@@ -360,12 +361,12 @@ def evaluate(args, deadline) -> int:
             models[stage] = wd.stage_model(stage, config)
         start = time.time()
         x = samples.generate_range(models[stage], entry["num_steps"], 0,
-                                   cfg["num_samples"], cfg["num_samples"],
-                                   cfg["batch_size"], cfg["seed"], 10, guidance=w)
+                                   cfg.num_samples, cfg.num_samples,
+                                   cfg.batch_size, cfg.seed, 10, guidance=w)
         sample_seconds = time.time() - start
         images.save_grid(x[:100], os.path.join(guided_dir(args), "grids", _backend(),
                                               f"{stage}_w{_key_text(w)}.png"), columns=10)
-        scores = metrics.fid_and_kid(real, report.fake_features(fid_model, x, cfg))
+        scores = metrics.fid_and_kid(real, scoring.fake_features(fid_model, x, cfg))
         predicted = np.argmax(digits.predict_probs(probe, x), -1)
         result = {"model": entry["name"], "stage": stage, "w": w,
                   "num_steps": entry["num_steps"],
@@ -374,7 +375,7 @@ def evaluate(args, deadline) -> int:
                   "kid": float(scores["kid"]), "kid_std_err": float(scores["kid_std_err"]),
                   "class_accuracy": float(np.mean(predicted == labels)),
                   "classifier_test_accuracy": probe_info["test_accuracy"],
-                  "num_samples": cfg["num_samples"], "num_reference": scores["num_real"],
+                  "num_samples": cfg.num_samples, "num_reference": scores["num_real"],
                   "backend": _backend(),
                   "sample_seconds": round(sample_seconds, 1),
                   "seconds": round(time.time() - start, 1)}
@@ -428,7 +429,7 @@ def collect(args) -> list:
     """The scores of this call's selection (`--ws`, `--steps`) whose keys match the
     current weights, protocol, classifier and backend, in table order: a stale score
     (older weights, other settings) is never shown."""
-    from keras_progdist.evaluation import report
+    from keras_progdist.evaluation import scoring
     from keras_progdist.workdir import WorkDir
 
     dataset, cfg, _ = settings(args)
@@ -437,8 +438,8 @@ def collect(args) -> list:
     out = []
     for entry in guided_models(args.workdir, args.steps):
         for w in args.ws:
-            result = report.cached_result(score_path(args, entry["stage"], w),
-                                          score_key(wd, entry, w, cfg, dataset, identity))
+            result = scoring.cached_result(score_path(args, entry["stage"], w),
+                                           score_key(wd, entry, w, cfg, dataset, identity))
             if result is not None:
                 out.append(result)
     return out

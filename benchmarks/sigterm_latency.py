@@ -74,10 +74,10 @@ def direct(config: str, kills: int, data_dir: str | None) -> dict:
 
 def estimate(config: str, probe_batch: int) -> dict:
     """One train step at `probe_batch`, scaled to the config's batch and chunk."""
-    import gin
     import keras
     import numpy as np
 
+    import gin
     from keras_progdist import checkpoint, data, parameterizations, pipeline
     from keras_progdist.diffusion import DiffusionModel
     from keras_progdist.optimizers import make_optimizer

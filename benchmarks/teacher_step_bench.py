@@ -46,12 +46,12 @@ if not GPU_MODE:
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 from keras_progdist.data import make_dataset  # noqa: E402
-from keras_progdist.distribute import describe_device  # noqa: E402
 from keras_progdist.diffusion import DiffusionModel  # noqa: E402
+from keras_progdist.distribute import describe_device  # noqa: E402
 from keras_progdist.networks import UNet  # noqa: E402
 from keras_progdist.optimizers import make_optimizer  # noqa: E402
 

@@ -94,7 +94,6 @@ def _main(argv):
     # SavedModel export logs every renamed input at INFO; keep the console readable.
     logging.set_verbosity(logging.WARNING)
     import gin
-
     from keras_progdist import distribute, pipeline
     from keras_progdist.errors import Interrupted
     from keras_progdist.training import config

@@ -6,8 +6,7 @@ learning-rate schedules), so `keras.saving.load_model("stage.keras")` needs no
 a package for a file it loads, so `import keras_progdist` must come first.
 """
 
-from keras_progdist import (diffusion, distillation,  # noqa: F401
-                            guided_distillation, optimizers, schedules)
+from keras_progdist import diffusion, distillation, guided_distillation, optimizers, schedules  # noqa: F401
 from keras_progdist.diffusion import DiffusionModel  # noqa: F401
 from keras_progdist.distillation import Distiller  # noqa: F401
 from keras_progdist.guided_distillation import GuidanceDistiller  # noqa: F401

@@ -25,8 +25,8 @@ a release that changes one fails there, loudly, instead of somewhere in training
 from __future__ import annotations
 
 import keras
-from keras.src.backend import random_seed_dtype as _random_seed_dtype
 from keras import ops
+from keras.src.backend import random_seed_dtype as _random_seed_dtype
 from keras.src.losses.loss import scale_loss_for_distribution as _scale_loss
 
 JAX_STATE_FIELDS = ("trainable_variables", "non_trainable_variables",

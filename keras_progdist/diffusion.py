@@ -17,9 +17,13 @@ import numpy as np
 from keras import ops
 
 from keras_progdist import losses, parameterizations, samplers
-from keras_progdist._keras_compat import (pack_jax_train_state, scale_loss_for_distribution,
-                                          unpack_jax_train_state)
+from keras_progdist._keras_compat import (
+    pack_jax_train_state,
+    scale_loss_for_distribution,
+    unpack_jax_train_state,
+)
 from keras_progdist.compilation import compile_with_variables
+
 # `guided_denoise` is imported from here by guided distillation and the tests.
 from keras_progdist.denoising import diffuse, guided_denoise, network_denoise  # noqa: F401
 from keras_progdist.networks.unet import UNet

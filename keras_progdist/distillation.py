@@ -28,15 +28,20 @@ from keras import ops
 
 from keras_progdist import losses, parameterizations
 from keras_progdist._keras_compat import scale_loss_for_distribution
-from keras_progdist.diffusion import (DiffusionModel, copy_weights, diffuse,
-                                      network_denoise, training_seed)
+from keras_progdist.diffusion import (
+    DiffusionModel,
+    copy_weights,
+    diffuse,
+    network_denoise,
+    training_seed,
+)
 from keras_progdist.guided_distillation import check_guidance_range, sample_guidance
 from keras_progdist.networks.unet import UNet
 from keras_progdist.optimizers import make_optimizer, reset_optimizer
-from keras_progdist.random_utils import TensorSeed, fold_in
-from keras_progdist.sampling_model import sampling_model
 from keras_progdist.parameterizations import expand_to
+from keras_progdist.random_utils import TensorSeed, fold_in
 from keras_progdist.samplers import ddim_step
+from keras_progdist.sampling_model import sampling_model
 from keras_progdist.schedules import Schedule, alpha_sigma, get_schedule, log_sigma_ratio
 
 

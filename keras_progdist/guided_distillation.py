@@ -22,8 +22,14 @@ from keras import ops
 
 from keras_progdist import losses, parameterizations
 from keras_progdist._keras_compat import scale_loss_for_distribution
-from keras_progdist.diffusion import (DiffusionModel, copy_weights, diffuse,
-                                      guided_denoise, network_denoise, training_seed)
+from keras_progdist.diffusion import (
+    DiffusionModel,
+    copy_weights,
+    diffuse,
+    guided_denoise,
+    network_denoise,
+    training_seed,
+)
 from keras_progdist.networks.unet import UNet
 from keras_progdist.random_utils import TensorSeed, fold_in
 from keras_progdist.sampling_model import sampling_model

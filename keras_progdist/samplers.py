@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from keras import ops
-
 import keras
+from keras import ops
 
 from keras_progdist import parameterizations
 from keras_progdist.parameterizations import expand_to

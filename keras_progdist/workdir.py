@@ -92,8 +92,7 @@ class WorkDir:
     def _path(self, *parts) -> str:
         return os.path.join(self.root, *parts)
 
-    # TEMPORARY: until evaluation and training ask for artefacts by name.
-    path = _path
+
 
     def exists(self) -> bool:
         return os.path.isdir(self.root)

@@ -16,7 +16,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers.pipeline_runs import ROOT, SMALL, env
 
 RUN = os.path.join(ROOT, "bin", "run.py")
@@ -211,6 +210,7 @@ def test_damaged_checkpoint_record_is_one_library_error(tmp_path, field, value):
     import json
 
     from helpers.finished_workdir import make_finished_workdir
+
     from keras_progdist.checkpoint import CheckpointError
     from keras_progdist.errors import KerasProgdistError
     from keras_progdist.workdir import WorkDir
@@ -238,6 +238,7 @@ def test_weights_rewritten_with_a_matching_sha256_are_one_library_error(tmp_path
     import json
 
     from helpers.finished_workdir import make_finished_workdir
+
     from keras_progdist.checkpoint import CheckpointError
     from keras_progdist.workdir import WorkDir
 

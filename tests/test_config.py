@@ -3,10 +3,11 @@ checks, the dataset settings handed to evaluation, and gin parsing for entry poi
 
 import os
 
-import gin
 import pytest
 
+import gin
 from keras_progdist import validation
+from keras_progdist.settings import EvaluateSettings, as_record
 from keras_progdist.training import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,8 +20,10 @@ def clean_gin():
     gin.clear_config()
 
 
-def test_evaluate_defaults_are_a_plain_dict():
-    assert config.evaluate() == {
+def test_evaluate_defaults_are_evaluate_settings():
+    cfg = config.evaluate()
+    assert isinstance(cfg, EvaluateSettings) and cfg == EvaluateSettings()
+    assert as_record(cfg) == {
         "num_samples": 1000, "num_reference": 5000, "ddim_steps": (1, 2, 4, 8),
         "teacher_steps": (), "batch_size": 100, "split": "train", "seed": 2024,
         "cache_dir": None, "max_file_mb": 256.0, "bootstrap": 50}
@@ -32,10 +35,10 @@ def test_gin_bindings_reach_evaluate_and_the_old_selector_still_works():
                       # The full selector of saved operative configs (before the move).
                       "keras_progdist.evaluation.report.evaluate.seed = 7"])
     cfg = config.evaluate()
-    assert cfg["num_samples"] == 128 and cfg["num_reference"] == 512
-    assert cfg["batch_size"] == 64 and cfg["ddim_steps"] == (1, 2, 4, 8)
-    assert cfg["teacher_steps"] == (16, 3) and cfg["seed"] == 7
-    assert cfg["max_file_mb"] == 16.0 and isinstance(cfg["max_file_mb"], float)
+    assert cfg.num_samples == 128 and cfg.num_reference == 512
+    assert cfg.batch_size == 64 and cfg.ddim_steps == (1, 2, 4, 8)
+    assert cfg.teacher_steps == (16, 3) and cfg.seed == 7
+    assert cfg.max_file_mb == 16.0 and isinstance(cfg.max_file_mb, float)
 
 
 @pytest.mark.parametrize("binding,message", [

@@ -5,12 +5,12 @@ import gzip
 import os
 import struct
 
-import gin
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import gin
 from keras_progdist import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

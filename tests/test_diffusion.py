@@ -7,13 +7,13 @@ One module-scoped model is trained once (two `fit` calls) and shared, because ev
 new model's train step and sampler are XLA-compiled again.
 """
 
+import keras
 import numpy as np
 import pytest
-import keras
 from keras import ops
 
-from keras_progdist.data import make_dataset
 from keras_progdist import parameterizations
+from keras_progdist.data import make_dataset
 from keras_progdist.diffusion import DiffusionModel, copy_weights, diffuse
 from keras_progdist.networks import UNet
 from keras_progdist.optimizers import make_optimizer

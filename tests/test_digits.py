@@ -117,7 +117,7 @@ def test_evaluate_workdir_scores_the_stages_of_a_workdir(trained, tmp_path):
         want = digits.digit_scores(classifier, fake)
         assert r["mean_confidence"] == pytest.approx(want["mean_confidence"], rel=1e-6)
         assert r["class_counts"] == want["class_counts"]
-    with open(wd.path("eval", "digits.json")) as f:
+    with open(wd.eval.digits("json")) as f:
         assert json.load(f)["key"] == record["key"]
     # Nothing new: the scores are read back, no classifier is trained.
     again = digits.evaluate_workdir(str(tmp_path), {"resize": "pad"}, steps=2,
@@ -132,13 +132,13 @@ def test_the_command_line_reads_the_workdir_and_the_gin_file(tmp_path):
                           image_shape=(32, 32, 1))
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
-        [sys.executable, "-m", "keras_progdist.evaluation.digits", "--gin_file=tiny.gin",
+        [sys.executable, os.path.join(ROOT, "bin", "digits.py"), "--gin_file=tiny.gin",
          "--gin_param=dataset.resize='pad'", f"--workdir={tmp_path / 'work'}",
          "--steps=2", "--num_samples=8"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| distilled | 2 |" in result.stdout and "| ddim | 2 |" in result.stdout
-    with open(tmp_path / "work" / "eval" / "digits.json") as f:
+    with open(WorkDir(str(tmp_path / "work")).eval.digits("json")) as f:
         record = json.load(f)
     assert record["key"]["resize"] == "pad" and record["key"]["num_samples"] == 8
     assert record["key"]["image_size"] == 32

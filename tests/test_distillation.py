@@ -9,8 +9,7 @@ from keras import ops
 
 from keras_progdist import data
 from keras_progdist.diffusion import DiffusionModel, network_denoise
-from keras_progdist.distillation import (Distiller, distillation_target,
-                                         teacher_two_steps)
+from keras_progdist.distillation import Distiller, distillation_target, teacher_two_steps
 from keras_progdist.networks import UNet
 from keras_progdist.optimizers import make_optimizer, reset_optimizer
 from keras_progdist.samplers import ddim_sample, ddim_step

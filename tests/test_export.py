@@ -17,17 +17,17 @@ import sys
 import textwrap
 import time
 
-import gin
 import keras
 import numpy as np
 import pytest
 
+import gin
 import keras_progdist
 from keras_progdist import export, fileio, pipeline
-from keras_progdist.export import stages as export_stages
-from keras_progdist.export import versions as export_versions
-from keras_progdist.export import subprocess_export
 from keras_progdist.diffusion import DiffusionModel
+from keras_progdist.export import stages as export_stages
+from keras_progdist.export import subprocess_export
+from keras_progdist.export import versions as export_versions
 from keras_progdist.networks.unet import UNet
 
 pytestmark = pytest.mark.tensorflow_only

@@ -1,11 +1,12 @@
 """FID / KID maths on synthetic features with known answers (numpy only, fast)."""
 
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 
-from keras_progdist.evaluation import metrics
+from keras_progdist.evaluation import metrics, reference_cache
 
 
 def _random_spd(rng, dim):
@@ -145,20 +146,22 @@ def test_reference_stats_round_trip_keyed_by_dataset_split_and_protocol(tmp_path
     rng = np.random.default_rng(9)
     features = rng.normal(size=(50, 8))
     mu, sigma = metrics.feature_statistics(features)
-    path = metrics.save_reference_stats(
+    path = reference_cache.save_reference_stats(
         "cifar10", "train", mu, sigma, len(features), cache_dir=str(tmp_path), features=features
     )
-    loaded = metrics.load_reference_stats("cifar10", "train", cache_dir=str(tmp_path))
+    loaded = reference_cache.load_reference_stats("cifar10", "train", cache_dir=str(tmp_path))
     np.testing.assert_array_equal(loaded["mu"], mu)
     np.testing.assert_array_equal(loaded["sigma"], sigma)
     assert loaded["num_samples"] == 50 and loaded["protocol"] == metrics.FID_PROTOCOL
     assert loaded["features"].shape == (50, 8)
     assert path.startswith(str(tmp_path))
 
-    with pytest.raises(metrics.ReferenceStatsNotFoundError, match="save_reference_stats"):
-        metrics.load_reference_stats("cifar10", "test", cache_dir=str(tmp_path))
-    with pytest.raises(metrics.ReferenceStatsNotFoundError, match="protocol='other'"):
-        metrics.load_reference_stats("cifar10", "train", protocol="other", cache_dir=str(tmp_path))
+    with pytest.raises(reference_cache.ReferenceStatsNotFoundError,
+                       match="save_reference_stats"):
+        reference_cache.load_reference_stats("cifar10", "test", cache_dir=str(tmp_path))
+    with pytest.raises(reference_cache.ReferenceStatsNotFoundError, match="protocol='other'"):
+        reference_cache.load_reference_stats("cifar10", "train", protocol="other",
+                                             cache_dir=str(tmp_path))
 
 
 # -- the reference-statistics cache -----------------------------------------------------
@@ -173,23 +176,24 @@ def _build_counter(features):
 
 
 def test_reference_stats_of_two_data_dirs_are_two_cache_entries(tmp_path):
-    from keras_progdist.evaluation import report
+    from keras_progdist.evaluation import reference
+    from keras_progdist.settings import EvaluateSettings
 
-    cfg = dict(split="train", num_reference=100)
-    keys = [report.reference_key(cfg, {"name": "fashion_mnist", "data_dir": d,
-                                       "image_size": 16})
+    cfg = EvaluateSettings(split="train", num_reference=100)
+    keys = [reference.reference_key(cfg, {"name": "fashion_mnist", "data_dir": d,
+                                          "image_size": 16})
             for d in (str(tmp_path / "a"), str(tmp_path / "b"))]
     # The folder is resolved: a relative or symlinked spelling of one folder is one key.
     os.symlink(tmp_path / "a", tmp_path / "link")
-    assert report.reference_key(cfg, {"name": "fashion_mnist", "image_size": 16,
-                                      "data_dir": str(tmp_path / "link")}) == keys[0]
+    assert reference.reference_key(cfg, {"name": "fashion_mnist", "image_size": 16,
+                                         "data_dir": str(tmp_path / "link")}) == keys[0]
     assert keys[0]["data_dir"] == os.path.realpath(str(tmp_path / "a"))
     assert keys[0] != keys[1]
     rng = np.random.default_rng(10)
     paths = []
     for key, offset in zip(keys, (0.0, 1.0)):
         build, calls = _build_counter(rng.normal(size=(20, 4)) + offset)
-        stats = metrics.cached_reference_stats("fmnist", "train", build, key=key,
+        stats = reference_cache.cached_reference_stats("fmnist", "train", build, key=key,
                                                cache_dir=str(tmp_path))
         assert stats["built"] and calls == [1]
         paths.append(stats["path"])
@@ -197,7 +201,7 @@ def test_reference_stats_of_two_data_dirs_are_two_cache_entries(tmp_path):
     assert len(os.listdir(os.path.dirname(paths[0]))) == 2
     for key, path, offset in zip(keys, paths, (0.0, 1.0)):
         build, calls = _build_counter(None)
-        stats = metrics.cached_reference_stats("fmnist", "train", build, key=key,
+        stats = reference_cache.cached_reference_stats("fmnist", "train", build, key=key,
                                                cache_dir=str(tmp_path))
         assert not stats["built"] and calls == [] and stats["path"] == path
         assert abs(stats["mu"].mean() - offset) < 0.5
@@ -206,12 +210,12 @@ def test_reference_stats_of_two_data_dirs_are_two_cache_entries(tmp_path):
     variants = [{"image_size": 32}, {"resize": "nearest"}, {"name": "mnist_embedded"},
                 {"manual_dir": str(tmp_path)}]
     for variant in variants:
-        assert report.reference_key(cfg, {**base, **variant}) != \
-            report.reference_key(cfg, base), variant
-    assert report.reference_key({**cfg, "num_reference": 50}, base) != \
-        report.reference_key(cfg, base)
-    assert report.reference_key({**cfg, "split": "test"}, base) != \
-        report.reference_key(cfg, base)
+        assert reference.reference_key(cfg, {**base, **variant}) != \
+            reference.reference_key(cfg, base), variant
+    assert reference.reference_key(dataclasses.replace(cfg, num_reference=50), base) != \
+        reference.reference_key(cfg, base)
+    assert reference.reference_key(dataclasses.replace(cfg, split="test"), base) != \
+        reference.reference_key(cfg, base)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "checksum", "empty"])
@@ -220,7 +224,7 @@ def test_unreadable_reference_stats_are_rebuilt_with_a_warning(tmp_path, damage)
     features = rng.normal(size=(40, 6)).astype(np.float32)
     key = {"data_dir": "/x", "num_reference": 40}
     build, calls = _build_counter(features)
-    first = metrics.cached_reference_stats("ds", "train", build, key=key,
+    first = reference_cache.cached_reference_stats("ds", "train", build, key=key,
                                            cache_dir=str(tmp_path))
     path = first["path"]
     if damage == "truncate":
@@ -236,15 +240,16 @@ def test_unreadable_reference_stats_are_rebuilt_with_a_warning(tmp_path, damage)
             arrays = {name: data[name] for name in data.files}
         arrays["mu"] = arrays["mu"] + 1.0
         np.savez(path[:-4], **arrays)
-    with pytest.raises(metrics.CorruptReferenceStatsError):
-        metrics.load_reference_stats("ds", "train", cache_dir=str(tmp_path), key=key)
-    with pytest.warns(metrics.ReferenceStatsRebuiltWarning):
-        again = metrics.cached_reference_stats("ds", "train", build, key=key,
+    with pytest.raises(reference_cache.CorruptReferenceStatsError):
+        reference_cache.load_reference_stats("ds", "train", cache_dir=str(tmp_path), key=key)
+    with pytest.warns(reference_cache.ReferenceStatsRebuiltWarning):
+        again = reference_cache.cached_reference_stats("ds", "train", build, key=key,
                                                cache_dir=str(tmp_path))
     assert again["built"] and len(calls) == 2
     np.testing.assert_array_equal(again["mu"], first["mu"])
     np.testing.assert_array_equal(again["sigma"], first["sigma"])
-    loaded = metrics.load_reference_stats("ds", "train", cache_dir=str(tmp_path), key=key)
+    loaded = reference_cache.load_reference_stats("ds", "train", cache_dir=str(tmp_path),
+                                                  key=key)
     np.testing.assert_array_equal(loaded["features"], features)
 
 
@@ -254,12 +259,13 @@ import os
 
 import numpy as np
 sys.path.insert(0, {root!r})
-from keras_progdist.evaluation import metrics
+from keras_progdist.evaluation import reference_cache
 features = np.full(({rows}, 256), float(sys.argv[1]), np.float32)
 mu, sigma = features.mean(0).astype(np.float64), np.eye(256)
 for _ in range({repeats}):
-    metrics.save_reference_stats("ds", "train", mu, sigma, len(features),
-                                 cache_dir={cache!r}, features=features, key={{"k": 1}})
+    reference_cache.save_reference_stats("ds", "train", mu, sigma, len(features),
+                                         cache_dir={cache!r}, features=features,
+                                         key={{"k": 1}})
 """
 
 
@@ -276,9 +282,9 @@ def test_concurrent_writers_of_one_key_never_leave_a_corrupt_file(tmp_path):
     loads, errors = 0, []
     while any(w.poll() is None for w in writers):
         try:
-            stats = metrics.load_reference_stats("ds", "train", cache_dir=str(tmp_path),
-                                                 key={"k": 1})
-        except metrics.ReferenceStatsNotFoundError:
+            stats = reference_cache.load_reference_stats(
+                "ds", "train", cache_dir=str(tmp_path), key={"k": 1})
+        except reference_cache.ReferenceStatsNotFoundError:
             continue
         except Exception as e:  # noqa: BLE001  any failure is the bug this guards
             errors.append(repr(e))
@@ -290,7 +296,8 @@ def test_concurrent_writers_of_one_key_never_leave_a_corrupt_file(tmp_path):
     assert [w.returncode for w in writers] == [0, 0], stderr
     assert not errors, errors[:3]
     assert loads > 0
-    final = metrics.load_reference_stats("ds", "train", cache_dir=str(tmp_path), key={"k": 1})
+    final = reference_cache.load_reference_stats("ds", "train", cache_dir=str(tmp_path),
+                                                 key={"k": 1})
     assert final["features"].shape == (2000, 256)
     folder = os.path.dirname(final["path"])
     assert os.listdir(folder) == [os.path.basename(final["path"])], "temporaries left"

@@ -4,9 +4,9 @@ configure (the big CIFAR/ImageNet/LSUN nets take too long to build here)."""
 import os
 import re
 
-import gin
 import pytest
 
+import gin
 from keras_progdist import parameterizations
 from keras_progdist.data import dataset_info
 from keras_progdist.networks import UNet

@@ -140,7 +140,7 @@ def test_the_whole_run_resumes_packs_and_keeps_the_output_limits(tmp_path, fake_
     models = gpu.read_packs(str(outdir))
     assert sorted(models) == sorted(MODELS)
     # The packs hold exactly the samples --mode=sample wrote.
-    from keras_progdist.evaluation import samples as sample_files
+    from keras_progdist.evaluation import sample_files
     sample_dir = str(workdir / "eval" / "samples")
     for name, images in models.items():
         manifest = sample_files.read_manifest(sample_files.manifest_path(sample_dir, name))

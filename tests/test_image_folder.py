@@ -8,11 +8,11 @@ import subprocess
 import sys
 import textwrap
 
-import gin
 import numpy as np
 import pytest
 from PIL import Image
 
+import gin
 from keras_progdist import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -26,9 +26,11 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from keras_progdist.evaluation import inception  # noqa: E402
-from keras_progdist.evaluation import metrics  # noqa: E402
-from keras_progdist.evaluation import weights  # noqa: E402
+from keras_progdist.evaluation import (
+    inception,  # noqa: E402
+    metrics,  # noqa: E402
+    weights,  # noqa: E402
+)
 
 TOLERANCE = 1e-3
 

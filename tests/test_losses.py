@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_progdist import losses, parameterizations as P
+from keras_progdist import losses
+from keras_progdist import parameterizations as P
 
 B, H, W, C = 32, 5, 5, 2
 

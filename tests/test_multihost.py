@@ -24,6 +24,7 @@ from keras_progdist import checkpoint, distribute
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
 import cluster_runs  # noqa: E402
+
 # 40 updates, checkpoints every 20, chunks of 5: a stop early in the run lands mid-epoch.
 # Numpy batches (what a JAX host without TensorFlow reads): a resumed stream is the
 # uninterrupted one, so a resume must be bit-exact (a resumed tf.data pipeline is not:

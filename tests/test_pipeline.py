@@ -10,16 +10,15 @@ import subprocess
 import sys
 import time
 
-import gin
 import numpy as np
 import pytest
 
+import gin
 from keras_progdist import checkpoint, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
-from pipeline_runs import (GRIDS, GUIDED, SMALL, command, env,  # noqa: E402
-                           in_process, ladder, run)
+from pipeline_runs import GRIDS, GUIDED, SMALL, command, env, in_process, ladder, run  # noqa: E402
 
 EXPECTED_LADDER = [("teacher", 8, 40), ("student_00004", 4, 20),
                    ("student_00002", 2, 20), ("student_00001", 1, 20)]

@@ -7,9 +7,10 @@ import json
 import os
 import sys
 
-import gin
 import numpy as np
 import pytest
+
+import gin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))

@@ -7,6 +7,7 @@ tests check the report's bookkeeping with real samples and real KID numbers in
 seconds; `tests/test_samples.py` and `tests/test_pipeline.py` run the real network.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -15,8 +16,9 @@ import time
 import numpy as np
 import pytest
 
-from keras_progdist import data, evaluation, images, pipeline
-from keras_progdist.evaluation import bootstrap, metrics, report, samples
+from keras_progdist import data, errors, evaluation, images, pipeline
+from keras_progdist.evaluation import bootstrap, inputs, metrics, reference, report, samples
+from keras_progdist.settings import EvaluateSettings, as_record
 from keras_progdist.workdir import WorkDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,9 +29,9 @@ DATASET = {"name": "mnist_embedded", "image_size": 8, "batch_size": 16}
 
 
 def _settings(tmp_path, **overrides):
-    return {**pipeline.evaluate(), "num_samples": 8, "num_reference": 20,
-            "ddim_steps": (1,), "batch_size": 4, "cache_dir": str(tmp_path / "cache"),
-            **overrides}
+    return dataclasses.replace(pipeline.evaluate(), **{
+        "num_samples": 8, "num_reference": 20, "ddim_steps": (1,), "batch_size": 4,
+        "cache_dir": str(tmp_path / "cache"), **overrides})
 
 
 def _features(pixels) -> np.ndarray:
@@ -69,7 +71,7 @@ def test_evaluation_runs_in_report_order_with_the_stage_weights(tmp_path):
     os.remove(tmp_path / "student_00002" / "final.json")  # not finished
     wd = WorkDir(str(tmp_path))
     cfg = _settings(tmp_path, ddim_steps=(1, 2, 8, 16), teacher_steps=(3, 2, 3))
-    runs = report.evaluation_runs(wd, cfg)
+    runs = inputs.evaluation_runs(wd, cfg)
     # DDIM below the teacher's count, extra teacher counts not already on the DDIM
     # curve (once each), the teacher's own count, then the finished students.
     assert [(r["kind"], r["num_steps"], r["stage"]) for r in runs] == [
@@ -86,16 +88,17 @@ def test_evaluation_runs_in_report_order_with_the_stage_weights(tmp_path):
 
 def test_nothing_to_evaluate_says_what_is_missing(tmp_path):
     cfg = _settings(tmp_path)
-    with pytest.raises(report.EvaluationError,
+    with pytest.raises(inputs.EvaluationError,
                        match="Nothing to evaluate in .*: .* is not a keras-progdist"):
         report.evaluate_workdir(str(tmp_path), cfg, DATASET)
     make_finished_workdir(tmp_path, students=())
     os.remove(tmp_path / "teacher" / "final.json")
-    with pytest.raises(report.EvaluationError, match="No finished teacher"):
+    with pytest.raises(inputs.EvaluationError, match="No finished teacher"):
         report.evaluate_workdir(str(tmp_path), cfg, DATASET)
-    with pytest.raises(report.EvaluationError, match=r"lack \['ddim_steps'\]"):
-        report.evaluate_workdir(str(tmp_path), {k: v for k, v in cfg.items()
-                                                if k != "ddim_steps"}, DATASET)
+    # The settings are an EvaluateSettings: a plain dict, even a complete one, is refused.
+    with pytest.raises(inputs.EvaluationError,
+                       match="must be a settings.EvaluateSettings .* got dict"):
+        report.evaluate_workdir(str(tmp_path), as_record(cfg), DATASET)
 
 
 def test_scores_are_kid_of_these_samples_against_these_images(tmp_path, fake_fid):
@@ -113,7 +116,7 @@ def test_scores_are_kid_of_these_samples_against_these_images(tmp_path, fake_fid
     assert [(r["kind"], r["num_steps"]) for r in result["results"]] == list(expected)
     for r in result["results"]:
         stage, steps = expected[(r["kind"], r["num_steps"])]
-        fake = samples.generate_range(models[stage], steps, 0, 8, 8, 4, cfg["seed"])
+        fake = samples.generate_range(models[stage], steps, 0, 8, 8, 4, cfg.seed)
         want = metrics.fid_and_kid(real_features, _features(fake))
         assert r["kid"] == pytest.approx(want["kid"], rel=1e-6, abs=1e-12)
         assert r["kid_std_err"] == pytest.approx(want["kid_std_err"], rel=1e-6)
@@ -122,7 +125,7 @@ def test_scores_are_kid_of_these_samples_against_these_images(tmp_path, fake_fid
         assert r["num_real"] == 20 and r["num_fake"] == 8
         assert r["source"] == "in-process"
         # Standard errors: the paired bootstrap of these very features.
-        counts = bootstrap.replicate_counts(8, cfg["bootstrap"], cfg["seed"])
+        counts = bootstrap.replicate_counts(8, cfg.bootstrap, cfg.seed)
         fid_reps = bootstrap.fid_replicates(real_features, _features(fake), counts)
         assert r["bootstrap"]["fid"] == pytest.approx(list(fid_reps), rel=1e-6)
         assert r["fid_se"] == pytest.approx(bootstrap.standard_error(fid_reps), rel=1e-6)
@@ -149,13 +152,13 @@ def test_scores_are_kid_of_these_samples_against_these_images(tmp_path, fake_fid
     # The side-by-side grid: teacher, then distilled and DDIM at 1 step, same noise.
     from PIL import Image
 
-    with Image.open(wd.path("eval", report.SIDE_BY_SIDE)) as grid:
+    with Image.open(wd.eval.image(report.SIDE_BY_SIDE)) as grid:
         np.testing.assert_array_equal(np.asarray(grid), images.grid(np.concatenate(
             [pixels["teacher"], pixels["distilled"], pixels["ddim"]]), columns=8))
     assert "teacher (2 steps), then distilled 1, DDIM 1" in result["side_by_side"]
 
     # metrics.json: the run as recorded in the work directory and the settings given.
-    with open(wd.path("eval", "metrics.json")) as f:
+    with open(wd.eval.metrics) as f:
         written = json.load(f)
     assert written == json.loads(json.dumps(result))
     assert written["workdir"] == wd.root and written["dataset"] == DATASET
@@ -163,9 +166,9 @@ def test_scores_are_kid_of_these_samples_against_these_images(tmp_path, fake_fid
     assert written["stages"] == wd.finished_stages()
     assert [s["stage"] for s in written["stages"]] == ["teacher", "student_00001"]
     assert written["plot"] == "fid_vs_steps.png"
-    for name in ("report.md", "fid_vs_steps.png", "ddim_00001steps.png",
-                 "runs/distilled_00001.json"):
-        assert os.path.exists(wd.path("eval", name)), name
+    for path in (wd.eval.report, wd.eval.image("fid_vs_steps"),
+                 wd.eval.image("ddim_00001steps"), wd.eval.run_record("distilled_00001")):
+        assert os.path.exists(path), path
     assert fake_fid["load"] == 1
 
 
@@ -185,11 +188,10 @@ def test_saved_scores_are_reused_until_the_weights_or_settings_change(tmp_path,
     for name in os.listdir(tmp_path / "other" / "student_00001"):
         os.replace(tmp_path / "other" / "student_00001" / name,
                    tmp_path / "work" / "student_00001" / name)
-    before = {f: os.path.getmtime(wd.path("eval", "runs", f))
-              for f in os.listdir(wd.path("eval", "runs"))}
+    runs = wd.eval.runs_dir()
+    before = {f: os.path.getmtime(os.path.join(runs, f)) for f in os.listdir(runs)}
     second = report.evaluate_workdir(wd, cfg, DATASET, verbose=0)
-    changed = {f for f, t in before.items()
-               if os.path.getmtime(wd.path("eval", "runs", f)) != t}
+    changed = {f for f, t in before.items() if os.path.getmtime(os.path.join(runs, f)) != t}
     assert changed == {"distilled_00001.json", "distilled_00001.npz"}  # score, probe
     assert second["results"][:2] == first["results"][:2]
     assert second["results"][2]["kid"] != first["results"][2]["kid"]
@@ -198,7 +200,7 @@ def test_saved_scores_are_reused_until_the_weights_or_settings_change(tmp_path,
     calls = dict(fake_fid)
     report.evaluate_workdir(wd, cfg, {**DATASET, "data_dir": str(tmp_path)}, verbose=0)
     assert fake_fid["load"] == calls["load"] + 1
-    assert all(os.path.getmtime(wd.path("eval", "runs", f)) > t for f, t in before.items())
+    assert all(os.path.getmtime(os.path.join(runs, f)) > t for f, t in before.items())
 
 
 def test_a_passed_deadline_starts_no_new_model_and_keeps_the_scores(tmp_path, fake_fid):
@@ -206,20 +208,20 @@ def test_a_passed_deadline_starts_no_new_model_and_keeps_the_scores(tmp_path, fa
     wd = WorkDir(str(tmp_path / "work"))
     cfg = _settings(tmp_path)
     report.evaluate_workdir(wd, cfg, DATASET, verbose=0)
-    os.remove(wd.path("eval", "runs", "distilled_00001.json"))
-    with pytest.raises(report.EvaluationInterrupted,
+    os.remove(wd.eval.run_record("distilled_00001"))
+    with pytest.raises(errors.Interrupted,
                        match="time budget spent after 2 of 3 models"):
         report.evaluate_workdir(wd, cfg, DATASET, verbose=0, deadline=time.time() - 1)
-    scores = sorted(f for f in os.listdir(wd.path("eval", "runs")) if f.endswith(".json"))
+    scores = sorted(f for f in os.listdir(wd.eval.runs_dir()) if f.endswith(".json"))
     assert scores == ["ddim_00001.json", "teacher_00002.json"]
     samples.write_workdir_samples(wd, cfg, verbose=0)
     # Samples of another size than the run's images are refused, naming both shapes.
-    with pytest.raises(report.EvaluationError, match=r"samples of shape \(8, 8, 1\), but "
+    with pytest.raises(inputs.EvaluationError, match=r"samples of shape \(8, 8, 1\), but "
                        r"this run's images are \(16, 16, 1\)"):
-        report.score_sample_dir(wd.path("eval", "samples"), cfg,
+        report.score_sample_dir(wd.eval.samples, cfg,
                                 {**DATASET, "image_size": 16}, str(tmp_path / "other"))
-    with pytest.raises(report.EvaluationInterrupted, match="after 0 of 3 models"):
-        report.score_sample_dir(wd.path("eval", "samples"), cfg, DATASET,
+    with pytest.raises(errors.Interrupted, match="after 0 of 3 models"):
+        report.score_sample_dir(wd.eval.samples, cfg, DATASET,
                                 str(tmp_path / "scored"), deadline=time.time() - 1)
 
 
@@ -230,15 +232,14 @@ def test_sample_files_stand_in_for_sampling_and_score_alike(tmp_path, fake_fid):
     in_process = report.evaluate_workdir(wd, cfg, DATASET, verbose=0, sample_dir="")
     samples.write_workdir_samples(wd, cfg, verbose=0)
     from_files = report.evaluate_workdir(wd, cfg, DATASET, verbose=0)
-    elsewhere = report.score_sample_dir(wd.path("eval", "samples"), cfg, DATASET,
+    elsewhere = report.score_sample_dir(wd.eval.samples, cfg, DATASET,
                                         str(tmp_path / "scored"), verbose=0)
     for want, have, far in zip(in_process["results"], from_files["results"],
                                elsewhere["results"]):
         assert have["source"] == far["source"] == "files"
         assert have["kid"] == pytest.approx(want["kid"], rel=1e-6, abs=1e-12)
         assert far["kid"] == pytest.approx(want["kid"], rel=1e-6, abs=1e-12)
-    assert elsewhere["dataset"] == DATASET and elsewhere["workdir"] == wd.path("eval",
-                                                                               "samples")
+    assert elsewhere["dataset"] == DATASET and elsewhere["workdir"] == wd.eval.samples
 
 
 def test_unusable_files_say_why(tmp_path):
@@ -246,7 +247,7 @@ def test_unusable_files_say_why(tmp_path):
     wd = WorkDir(str(tmp_path / "work"))
     cfg = _settings(tmp_path, ddim_steps=())
     sha = wd.final_sha256("teacher")
-    sample_dir = wd.path("eval", "samples")
+    sample_dir = wd.eval.samples
     assert report.usable_sample_files(sample_dir, "teacher_00002", sha, 2, cfg) == \
         (None, None)
     samples.write_workdir_samples(wd, cfg, verbose=0, num_samples=4)
@@ -258,7 +259,7 @@ def test_unusable_files_say_why(tmp_path):
     _, why = report.usable_sample_files(sample_dir, "teacher_00002", "0" * 64, 2, cfg)
     assert "weights_sha256" in why
     _, why = report.usable_sample_files(sample_dir, "teacher_00002", sha, 2,
-                                        {**cfg, "seed": cfg["seed"] + 1})
+                                        dataclasses.replace(cfg, seed=cfg.seed + 1))
     assert "seed" in why
     with open(os.path.join(sample_dir, "teacher_00002-part00000.npz"), "r+b") as f:
         f.write(b"x")
@@ -267,18 +268,18 @@ def test_unusable_files_say_why(tmp_path):
 
 
 def test_dataset_defaults_fill_in_what_is_not_given():
-    full = report.with_dataset_defaults({"name": "fashion_mnist", "image_size": 16})
+    full = reference.with_dataset_defaults({"name": "fashion_mnist", "image_size": 16})
     assert full["name"] == "fashion_mnist" and full["image_size"] == 16
     assert full["resize"] == "bilinear" and full["data_dir"] is None
     # The defaults enter the reference key: leaving one out or giving it is one key.
-    cfg = {"split": "train", "num_reference": 10}
-    assert report.reference_key(cfg, {"name": "fashion_mnist"}) == \
-        report.reference_key(cfg, {"name": "fashion_mnist", "resize": "bilinear"})
-    assert report.reference_key(cfg, {})["dataset"] == "mnist_embedded"
+    cfg = EvaluateSettings(split="train", num_reference=10)
+    assert reference.reference_key(cfg, {"name": "fashion_mnist"}) == \
+        reference.reference_key(cfg, {"name": "fashion_mnist", "resize": "bilinear"})
+    assert reference.reference_key(cfg, {})["dataset"] == "mnist_embedded"
 
 
 def test_plot_is_named_by_its_metric():
     kid_only = [{"kind": "teacher", "num_steps": 8, "fid": None, "kid": 0.1}]
     with_fid = [{"kind": "teacher", "num_steps": 8, "fid": 12.0, "kid": 0.1}]
-    assert report.plot_filename(kid_only) == "kid_vs_steps.png"
-    assert report.plot_filename(with_fid) == "fid_vs_steps.png"
+    assert report.plot_name(kid_only) == "kid_vs_steps"
+    assert report.plot_name(with_fid) == "fid_vs_steps"

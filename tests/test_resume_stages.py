@@ -19,11 +19,11 @@ import sys
 import keras
 import numpy as np
 import pytest
+from helpers.pipeline_runs import ROOT, SMALL, env, in_process
 
 from keras_progdist import checkpoint
 from keras_progdist.distillation import Distiller
 from keras_progdist.networks.unet import UNet
-from helpers.pipeline_runs import ROOT, SMALL, env, in_process
 
 # A 10-update teacher and the ladder 2 -> 1 at 10 updates a stage, checkpoints every 5:
 # the smallest ladder with a stage that follows another one.

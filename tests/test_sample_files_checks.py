@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from keras_progdist.evaluation import report, samples
-from keras_progdist.evaluation.samples import SampleFilesError
+from keras_progdist.evaluation import report, sample_files
+from keras_progdist.evaluation.sample_files import SampleFilesError
 
 SHAPE = (16, 16, 1)
 
@@ -28,20 +28,20 @@ def _write_model(folder, model="teacher_00002", kind="teacher", num_steps=2, cou
     os.makedirs(folder, exist_ok=True)
     files, start = [], 0
     for index, count in enumerate(counts):
-        name = samples.part_name(model, index)
+        name = sample_files.part_name(model, index)
         path = os.path.join(folder, name)
         pixels = np.full((count,) + SHAPE, index * 40 + 7, np.uint8)
         np.savez(path, **(arrays if arrays is not None else {"arr_0": pixels}))
         files.append({"index": index, "name": name, "start": start, "count": count,
                       "bytes": os.path.getsize(path), "sha256": _sha(path)})
         start += count
-    manifest = {"format": samples.FORMAT, "model": model, "kind": kind,
+    manifest = {"format": sample_files.FORMAT, "model": model, "kind": kind,
                 "num_steps": num_steps, "stage": "teacher", "weights_sha256": "ab" * 32,
                 "protocol": {"num_samples": start, "seed": 0, "noise_batch_size": 4,
                              "num_steps": num_steps, "image_shape": list(SHAPE),
                              "num_classes": None},
                 "samples_per_file": 3, "complete": True, "files": files}
-    path = samples.manifest_path(folder, model)
+    path = sample_files.manifest_path(folder, model)
     with open(path, "w") as f:
         json.dump(manifest, f)
     return path, manifest
@@ -57,12 +57,12 @@ def _rewrite(path, edit):
 
 def test_valid_folder_reads_back(tmp_path):
     path, _ = _write_model(str(tmp_path))
-    manifest = samples.read_manifest(path)
-    samples.check_complete(manifest, str(tmp_path))
-    pixels = samples.load_samples(manifest, str(tmp_path))
+    manifest = sample_files.read_manifest(path)
+    sample_files.check_complete(manifest, str(tmp_path))
+    pixels = sample_files.load_samples(manifest, str(tmp_path))
     assert pixels.shape == (5,) + SHAPE and pixels.dtype == np.uint8
-    assert [len(b) for b in samples.iter_batches(manifest, str(tmp_path), 4)] == [4, 1]
-    assert [m["model"] for m in samples.find_manifests(str(tmp_path))] == ["teacher_00002"]
+    assert [len(b) for b in sample_files.iter_batches(manifest, str(tmp_path), 4)] == [4, 1]
+    assert [m["model"] for m in sample_files.find_manifests(str(tmp_path))] == ["teacher_00002"]
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -88,14 +88,14 @@ def test_manifest_names_outside_the_folder_are_refused(tmp_path, field, value, m
             manifest[field] = value
     _rewrite(path, edit)
     with pytest.raises(SampleFilesError, match=match):
-        samples.read_manifest(path)
+        sample_files.read_manifest(path)
     with pytest.raises(SampleFilesError, match=match):  # what score_sample_dir lists
-        samples.find_manifests(str(folder))
+        sample_files.find_manifests(str(folder))
     with open(path) as f:
         manifest = json.load(f)
-    for reader in (lambda: samples.check_complete(manifest, str(folder)),
-                   lambda: samples.load_samples(manifest, str(folder)),
-                   lambda: list(samples.iter_batches(manifest, str(folder), 4))):
+    for reader in (lambda: sample_files.check_complete(manifest, str(folder)),
+                   lambda: sample_files.load_samples(manifest, str(folder)),
+                   lambda: list(sample_files.iter_batches(manifest, str(folder), 4))):
         with pytest.raises(SampleFilesError, match=match):
             reader()
 
@@ -123,7 +123,7 @@ def test_a_part_that_is_a_link_is_refused(tmp_path):
     os.replace(part, tmp_path / "elsewhere.npz")
     os.symlink(tmp_path / "elsewhere.npz", part)
     with pytest.raises(SampleFilesError, match="not a regular file in the folder"):
-        samples.check_complete(samples.read_manifest(path), str(folder))
+        sample_files.check_complete(sample_files.read_manifest(path), str(folder))
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -141,7 +141,7 @@ def test_damaged_manifest_fields_are_named_not_tracebacks(tmp_path, edit, match)
     path, _ = _write_model(str(tmp_path))
     _rewrite(path, edit)
     with pytest.raises(SampleFilesError, match=match):
-        samples.read_manifest(path)
+        sample_files.read_manifest(path)
 
 
 @pytest.mark.parametrize("arrays, match", [
@@ -159,12 +159,12 @@ def test_damaged_manifest_fields_are_named_not_tracebacks(tmp_path, edit, match)
 def test_npz_contents_must_be_uint8_nhwc_of_the_manifests_shape_and_count(
         tmp_path, arrays, match):
     path, _ = _write_model(str(tmp_path), counts=(3,), arrays=arrays)
-    manifest = samples.read_manifest(path)  # the manifest itself is in order
-    samples.check_complete(manifest, str(tmp_path))  # and matches the files' sha256
+    manifest = sample_files.read_manifest(path)  # the manifest itself is in order
+    sample_files.check_complete(manifest, str(tmp_path))  # and matches the files' sha256
     with pytest.raises(SampleFilesError, match=match):
-        samples.load_samples(manifest, str(tmp_path))
+        sample_files.load_samples(manifest, str(tmp_path))
     with pytest.raises(SampleFilesError, match=match):
-        list(samples.iter_batches(manifest, str(tmp_path), 2))
+        list(sample_files.iter_batches(manifest, str(tmp_path), 2))
 
 
 def test_a_file_that_is_not_an_npz_is_named(tmp_path):
@@ -172,13 +172,13 @@ def test_a_file_that_is_not_an_npz_is_named(tmp_path):
     part = tmp_path / manifest["files"][0]["name"]
     part.write_bytes(b"not a zip file")
     with pytest.raises(SampleFilesError, match="not a readable npz file"):
-        samples.load_samples(samples.read_manifest(path), str(tmp_path))
+        sample_files.load_samples(sample_files.read_manifest(path), str(tmp_path))
 
 
 def test_samples_of_another_image_shape_than_the_runs_are_refused(tmp_path):
     path, _ = _write_model(str(tmp_path))
-    manifest = samples.read_manifest(path)
-    samples.check_image_shape(manifest, SHAPE)
+    manifest = sample_files.read_manifest(path)
+    sample_files.check_image_shape(manifest, SHAPE)
     with pytest.raises(SampleFilesError, match=r"samples of shape \(16, 16, 1\), but "
                                                r"this run's images are \(32, 32, 3\)"):
-        samples.check_image_shape(manifest, (32, 32, 3))
+        sample_files.check_image_shape(manifest, (32, 32, 3))

@@ -3,6 +3,7 @@ manifests, resume, scoring them instead of sampling in process (same scores), sc
 folder without models, quiet logs, labels, and the upscaled grids."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -10,17 +11,19 @@ import subprocess
 import sys
 import textwrap
 
-import gin
 import numpy as np
 import pytest
 
-from keras_progdist import images, pipeline
-from keras_progdist.evaluation import report, samples
+import gin
+from keras_progdist import fileio, images, pipeline
+from keras_progdist.evaluation import inputs, report, sample_files, samples
+from keras_progdist.settings import as_record
 from keras_progdist.workdir import WorkDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
 from finished_workdir import make_finished_workdir  # noqa: E402
+
 # Two noise batches of 4; (a short last batch is covered by the slicing test below, and
 # each extra batch shape costs a compilation per model).
 NUM_SAMPLES, BATCH = 8, 4
@@ -37,7 +40,7 @@ def _eval_bindings(cache_dir):
 
 @contextlib.contextmanager
 def _config(bindings=()):
-    """The gin config in force; yields the plain evaluation and dataset settings."""
+    """The gin config in force; yields the evaluation and dataset settings."""
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")],
@@ -66,7 +69,7 @@ def _copy(finished, tmp_path, name):
 
 
 def _by_model(results):
-    return {samples.model_name(r["kind"], r["num_steps"]): r for r in results}
+    return {sample_files.model_name(r["kind"], r["num_steps"]): r for r in results}
 
 
 @pytest.mark.slow
@@ -85,14 +88,14 @@ def test_file_scores_equal_in_process_scores(finished, tmp_path, capsys):
     capsys.readouterr()
     got = report.evaluate_workdir(wd, cfg, dataset, verbose=2)
     out = capsys.readouterr().out
-    sample_dir = wd.path("eval", "samples")
+    sample_dir = wd.eval.samples
     elsewhere = report.score_sample_dir(sample_dir, cfg, dataset, str(tmp_path / "scored"),
                                         verbose=0)
 
     # The files: ADM's arr_0 uint8 NHWC, chunks under the size limit, a manifest each.
     assert [os.path.basename(p) for p in paths] == [f"{m}.json" for m in MODELS]
     for model in MODELS:
-        with open(os.path.join(sample_dir, f"{model}.json")) as f:
+        with open(sample_files.manifest_path(sample_dir, model)) as f:
             manifest = json.load(f)
         assert manifest["complete"] and manifest["num_files"] == 3
         assert manifest["protocol"]["num_samples"] == NUM_SAMPLES
@@ -104,7 +107,7 @@ def test_file_scores_equal_in_process_scores(finished, tmp_path, capsys):
         counts = []
         for entry in manifest["files"]:
             path = os.path.join(sample_dir, entry["name"])
-            assert entry["name"] == samples.part_name(model, entry["index"])
+            assert entry["name"] == sample_files.part_name(model, entry["index"])
             assert os.path.getsize(path) <= THREE_PER_FILE_MB * 2 ** 20
             with np.load(path) as data:
                 assert data.files == ["arr_0"]
@@ -130,8 +133,9 @@ def test_file_scores_equal_in_process_scores(finished, tmp_path, capsys):
                for line in out.splitlines()) == len(MODELS)
     # The plot is named by what it plots (KID: fewer than 2048 samples).
     for workdir in (in_process, from_files):
-        names = os.listdir(os.path.join(workdir, "eval"))
-        assert "kid_vs_steps.png" in names and "fid_vs_steps.png" not in names
+        out = WorkDir(workdir).eval
+        assert os.path.exists(out.image("kid_vs_steps"))
+        assert not os.path.exists(out.image("fid_vs_steps"))
     assert got["plot"] == "kid_vs_steps.png"
 
 
@@ -143,11 +147,11 @@ def test_sampling_resumes_and_remakes_only_missing_or_damaged_chunks(finished, t
             cfg, _):
         wd = WorkDir(workdir)
         samples.write_workdir_samples(wd, cfg, max_file_mb=THREE_PER_FILE_MB, verbose=0)
-        sample_dir = wd.path("eval", "samples")
+        sample_dir = wd.eval.samples
         parts = sorted(f for f in os.listdir(sample_dir) if f.endswith(".npz"))
         assert len(parts) == 3 * 3
         before = {f: (os.path.getmtime(os.path.join(sample_dir, f)),
-                      samples.fileio.sha256_file(os.path.join(sample_dir, f)))
+                      fileio.sha256_file(os.path.join(sample_dir, f)))
                   for f in parts}
         os.remove(os.path.join(sample_dir, "teacher_00004-part00001.npz"))
         damaged = os.path.join(sample_dir, "distilled_00001-part00002.npz")
@@ -165,7 +169,7 @@ def test_sampling_resumes_and_remakes_only_missing_or_damaged_chunks(finished, t
     for f, (mtime, digest) in before.items():
         path = os.path.join(sample_dir, f)
         # Deterministic sampling: the remade chunks equal the originals byte for byte.
-        assert samples.fileio.sha256_file(path) == digest
+        assert fileio.sha256_file(path) == digest
         if f not in ("teacher_00004-part00001.npz", "distilled_00001-part00002.npz"):
             assert os.path.getmtime(path) == mtime, f"{f} was rewritten"
     assert "\x1b" not in out and "\b" not in out
@@ -194,10 +198,10 @@ def test_sampling_runs_on_jax_without_tensorflow(finished, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "WROTE 4" in result.stdout
     for model in MODELS:
-        manifest = samples.read_manifest(os.path.join(out_dir, f"{model}.json"))
+        manifest = sample_files.read_manifest(sample_files.manifest_path(out_dir, model))
         assert manifest["complete"] and manifest["protocol"]["backend"] == "jax"
-        samples.check_complete(manifest, out_dir)
-        assert samples.load_samples(manifest, out_dir).shape == (5, 16, 16, 1)
+        sample_files.check_complete(manifest, out_dir)
+        assert sample_files.load_samples(manifest, out_dir).shape == (5, 16, 16, 1)
 
 
 def test_generate_range_is_a_slice_of_the_whole_run():
@@ -244,7 +248,7 @@ def test_grids_are_upscaled_with_nearest_neighbour(tmp_path):
 
 
 def _settings(**overrides):
-    return {**pipeline.evaluate(), **overrides}
+    return dataclasses.replace(pipeline.evaluate(), **overrides)
 
 
 def test_labels_and_samples_of_a_class_conditional_workdir(tmp_path):
@@ -255,13 +259,13 @@ def test_labels_and_samples_of_a_class_conditional_workdir(tmp_path):
     wd = WorkDir(str(tmp_path / "work"))
     cfg = _settings(num_samples=5, batch_size=2, ddim_steps=(1,), seed=11)
     paths = samples.write_workdir_samples(wd, cfg, verbose=0)
-    sample_dir = wd.path("eval", "samples")
-    assert paths == [os.path.join(sample_dir, f"{m}.json")
+    sample_dir = wd.eval.samples
+    assert paths == [sample_files.manifest_path(sample_dir, m)
                      for m in ("ddim_00001", "teacher_00002", "distilled_00001")]
     models = {stage: model for stage, _, model in wd.stage_models()}
     for path, (stage, steps) in zip(paths, [("teacher", 1), ("teacher", 2),
                                             ("student_00001", 1)]):
-        manifest = samples.read_manifest(path)
+        manifest = sample_files.read_manifest(path)
         assert manifest["stage"] == stage and manifest["num_steps"] == steps
         assert manifest["weights_sha256"] == wd.final_sha256(stage)
         assert manifest["protocol"]["num_classes"] == 3
@@ -270,15 +274,15 @@ def test_labels_and_samples_of_a_class_conditional_workdir(tmp_path):
             want = samples.generate_range(models[stage], steps, 0, 5, 5, 2, 11, 3)
             np.testing.assert_array_equal(data["arr_0"], images.to_uint8(want))
     # The student's samples are not the teacher's (the files follow the weights).
-    teacher, student = (samples.load_samples(samples.read_manifest(p), sample_dir)
+    teacher, student = (sample_files.load_samples(sample_files.read_manifest(p), sample_dir)
                         for p in paths[1:])
     assert np.abs(teacher.astype(int) - student.astype(int)).mean() > 1
 
 
-def test_settings_come_in_as_a_plain_checked_dict(tmp_path):
+def test_settings_come_in_as_evaluate_settings(tmp_path):
     make_finished_workdir(tmp_path, students=())
-    with pytest.raises(report.EvaluationError, match=r"lack \['seed'"):
-        samples.write_workdir_samples(str(tmp_path), {k: v for k, v in _settings().items()
-                                                      if k != "seed"})
-    with pytest.raises(report.EvaluationError, match="Nothing to evaluate .* is not a"):
+    with pytest.raises(inputs.EvaluationError,
+                       match="must be a settings.EvaluateSettings .* got dict"):
+        samples.write_workdir_samples(str(tmp_path), as_record(_settings()))
+    with pytest.raises(inputs.EvaluationError, match="Nothing to evaluate .* is not a"):
         samples.write_workdir_samples(str(tmp_path / "empty"), _settings())

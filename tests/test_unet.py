@@ -1,9 +1,9 @@
 """The U-Net backbone: shapes, serialization round trips, input validation, and the
 parameter count of the paper's CIFAR-10 network."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 from keras import ops
 
 from keras_progdist.networks import AttentionBlock, ResBlock, TimeEmbedding, UNet

@@ -56,18 +56,23 @@ Modules (this package re-exports the public names; import from `keras_progdist.d
   `ImageTooLargeError`.
 """
 
-from keras_progdist.data.api import (PIPELINES, batch_spec, fit_input, load_images,
-                                     make_dataset)
-from keras_progdist.data.errors import (CorruptImageError, EmptyDatasetError,
-                                        IdxFormatError, ImageTooLargeError)
-from keras_progdist.data.idx import (FASHION_MNIST_DEFAULT_DIR,  # noqa: F401
-                                     IDX_MAX_BYTES, read_idx)
-from keras_progdist.data.image_folder import (CHANNELS,  # noqa: F401
-                                              IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS,
-                                              ImageFolder, scan_image_folder)
+from keras_progdist.data.api import PIPELINES, batch_spec, fit_input, load_images, make_dataset
+from keras_progdist.data.errors import (
+                                     CorruptImageError,
+                                     EmptyDatasetError,
+                                     IdxFormatError,
+                                     ImageTooLargeError,
+)
+from keras_progdist.data.idx import FASHION_MNIST_DEFAULT_DIR, IDX_MAX_BYTES, read_idx  # noqa: F401
+from keras_progdist.data.image_folder import (  # noqa: F401
+                                     CHANNELS,
+                                     IMAGE_EXTENSIONS,
+                                     MAX_IMAGE_PIXELS,
+                                     ImageFolder,
+                                     scan_image_folder,
+)
 from keras_progdist.data.numpy_pipeline import ArrayBatches
-from keras_progdist.data.registry import (DATASETS, RESIZE_METHODS,  # noqa: F401
-                                          DatasetSpec, dataset_info)
+from keras_progdist.data.registry import DATASETS, RESIZE_METHODS, DatasetSpec, dataset_info  # noqa: F401
 
 __all__ = [
     "DATASETS",

@@ -9,9 +9,9 @@ The tf.data pipeline (and with it TensorFlow) is imported only when it is chosen
 
 import importlib.util
 
-import gin
 import numpy as np
 
+import gin
 from keras_progdist.data.errors import DataFileError, DataSettingError
 from keras_progdist.data.image_folder import MAX_IMAGE_PIXELS, scan_image_folder
 from keras_progdist.data.numpy_pipeline import ArrayBatches, array_images, numpy_batches

@@ -19,9 +19,15 @@ import os
 import numpy as np
 
 from keras_progdist.data.errors import EmptyDatasetError
-from keras_progdist.data.image_file import (MAX_IMAGE_PIXELS, check_max_pixels_value,
-                                            check_regular, open_image, pillow_errors,
-                                            probe_image, unreadable_error)
+from keras_progdist.data.image_file import (
+    MAX_IMAGE_PIXELS,
+    check_max_pixels_value,
+    check_regular,
+    open_image,
+    pillow_errors,
+    probe_image,
+    unreadable_error,
+)
 
 CHANNELS = (1, 3)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")

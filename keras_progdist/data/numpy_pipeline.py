@@ -27,8 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from keras_progdist.data.errors import EmptyDatasetError
-from keras_progdist.data.image_folder import (MAX_IMAGE_PIXELS, decode_square,
-                                              scan_image_folder)
+from keras_progdist.data.image_folder import MAX_IMAGE_PIXELS, decode_square, scan_image_folder
 from keras_progdist.data.registry import check_not_empty, in_memory_source
 
 

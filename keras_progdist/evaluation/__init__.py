@@ -1,7 +1,8 @@
 """Sample-quality evaluation: the FID Inception network, FID and KID.
 
-The metrics (`metrics`) are numpy only and import eagerly; the network
-(`inception`, `weights`) imports Keras, so those names load on first use.
+The metrics (`metrics`) and the reference-statistics cache (`reference_cache`) are
+numpy only and import eagerly; the network (`inception`, `weights`) imports Keras, so
+those names load on first use.
 
 Example:
     >>> from keras_progdist import evaluation
@@ -13,17 +14,21 @@ Example:
 
 import importlib
 
-from keras_progdist.evaluation.metrics import FEATURE_DIM
-from keras_progdist.evaluation.metrics import FID_PROTOCOL
-from keras_progdist.evaluation.metrics import ReferenceStatsNotFoundError
-from keras_progdist.evaluation.metrics import default_cache_dir
-from keras_progdist.evaluation.metrics import feature_statistics
-from keras_progdist.evaluation.metrics import fid_and_kid
-from keras_progdist.evaluation.metrics import frechet_distance
-from keras_progdist.evaluation.metrics import kid
-from keras_progdist.evaluation.metrics import load_reference_stats
-from keras_progdist.evaluation.metrics import reference_stats_path
-from keras_progdist.evaluation.metrics import save_reference_stats
+from keras_progdist.evaluation.caches import default_cache_dir
+from keras_progdist.evaluation.metrics import (
+    FEATURE_DIM,
+    FID_PROTOCOL,
+    feature_statistics,
+    fid_and_kid,
+    frechet_distance,
+    kid,
+)
+from keras_progdist.evaluation.reference_cache import (
+    ReferenceStatsNotFoundError,
+    load_reference_stats,
+    reference_stats_path,
+    save_reference_stats,
+)
 
 _LAZY = {
     "load_fid_network": "weights",

@@ -24,7 +24,7 @@ import numpy as np
 
 from keras_progdist.evaluation import bootstrap
 
-# Samples per model kept for the RMSE comparisons (uint8, in eval/runs/<model>.npz).
+# Samples per model kept for the RMSE comparisons (uint8, in `EvalDir.run_probe`).
 PROBE_SAMPLES = 512
 
 

@@ -18,13 +18,14 @@ max-softmax instead of an arbitrary confident class (outlier exposure).
 
 `evaluate_workdir` scores the teacher, the `steps`-step student and undistilled DDIM at
 `steps` of a finished pipeline work directory (a `WorkDir`, read without gin; the
-dataset settings give the resize) from the same noise and writes
-`<workdir>/eval/digits.json` (and `digits.md`), keyed by the models' weights and the
+dataset settings give the resize) from the same noise and writes the work directory's
+`EvalDir.digits("json")` (and `digits("md")`), keyed by the models' weights and the
 settings, so a re-run with nothing new reads the scores back and trains nothing.
 Nothing is pickled or saved besides those files: the classifier is retrained (seconds)
-whenever something is scored.
+whenever something is scored. From the command line (gin files give the dataset
+settings):
 
-    python -m keras_progdist.evaluation.digits --gin_file=tiny.gin --workdir=runs/tiny
+    python bin/digits.py --gin_file=tiny.gin --workdir=runs/tiny
 
 Everything runs on `keras.ops`, on any backend.
 """
@@ -39,6 +40,11 @@ import time
 import keras
 import numpy as np
 from keras import layers, ops
+
+from keras_progdist import fileio
+from keras_progdist.evaluation import inputs
+from keras_progdist.evaluation.samples import generate_range
+from keras_progdist.workdir import EvalDir
 
 NUM_CLASSES = 10
 CONFIDENT = 0.9
@@ -221,17 +227,13 @@ def evaluate_workdir(workdir, dataset: dict, steps: int = 4, num_samples: int = 
         num_samples, batch_size, seed: the samples.
         classifier, info: a trained classifier and its info (default: trained here at
             the models' image size).
-        write: write `<workdir>/eval/digits.json` and `digits.md`.
+        write: write the work directory's `EvalDir.digits("json")` and `digits("md")`.
         verbose: 0 quiet, 1 one line per model.
 
     Returns:
         The dict written to `digits.json`.
     """
-    from keras_progdist import fileio
-    from keras_progdist.evaluation import report
-    from keras_progdist.evaluation import samples as sample_files
-
-    wd = report.as_workdir(workdir)
+    wd = inputs.as_workdir(workdir)
     resize = dataset.get("resize", "bilinear")
     stages = {stage: (n, model) for stage, n, model in wd.stage_models()}
     teacher_steps, teacher = stages["teacher"]
@@ -243,52 +245,71 @@ def evaluate_workdir(workdir, dataset: dict, steps: int = 4, num_samples: int = 
            "backend": keras.backend.backend(),
            "weights_sha256": {s: wd.final_sha256(s)
                               for s in ("teacher", student) if s is not None}}
-    out = wd.path("eval")
-    path = os.path.join(out, "digits.json")
-    if write and classifier is None and os.path.exists(path):
-        try:
-            with open(path) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            record = {}
-        if record.get("key") == key:  # the same weights and settings: scored earlier
+    if write and classifier is None:
+        saved = _saved_record(wd.eval.digits("json"), key)
+        if saved is not None:  # the same weights and settings: scored earlier
             if verbose:
                 print("[digits] scores saved earlier (same weights and settings)",
                       flush=True)
-            return record
+            return saved
     if classifier is None:
         classifier, info = train_classifier(side, resize)
     if verbose:
         print(f"[digits] classifier: held-out accuracy {info['accuracy']:.3f} on "
               f"{info['num_heldout']} real digits ({info['seconds']:.0f} s)", flush=True)
-    num_classes = teacher.num_classes
     runs = [("teacher", teacher_steps, teacher), ("ddim", steps, teacher)]
     if student is not None:
         runs.append(("distilled", steps, stages[student][1]))
-    results = []
-    for kind, n, model in runs:
-        start = time.time()
-        fake = sample_files.generate_range(model, n, 0, num_samples, num_samples,
-                                           batch_size, seed, num_classes)
-        result = {"kind": kind, "num_steps": n, **digit_scores(classifier, fake),
-                  "seconds": time.time() - start}
-        results.append(result)
-        if verbose:
-            print(f"[digits] {kind} {n} steps: mean confidence "
-                  f"{result['mean_confidence']:.3f}, {100 * result['frac_confident']:.0f}% "
-                  f"> {CONFIDENT}, class entropy {result['class_entropy_bits']:.2f} bits",
-                  flush=True)
-    real_x, real_y = load_digits(side, info.get("resize", "bilinear"))
-    _, held = split_holdout(real_y, 0.1, info.get("seed", 0))
+    results = [_score_model(classifier, kind, n, model, num_samples, batch_size, seed,
+                            verbose) for kind, n, model in runs]
     record = {"key": key, "workdir": wd.root, "classifier": info,
-              "real_heldout": digit_scores(classifier, real_x[held]),
+              "real_heldout": _real_heldout(classifier, side, info),
               "seed": seed, "results": results}
     if write:
-        os.makedirs(out, exist_ok=True)
-        fileio.atomic_write_text(path,
-                                 json.dumps(record, indent=1))
-        fileio.atomic_write_text(os.path.join(out, "digits.md"), markdown(record))
+        _write(record, wd.eval)
     return record
+
+
+def _real_heldout(classifier, image_size: int, info: dict) -> dict:
+    """The digit scores of the real digits the classifier was not trained on."""
+    real_x, real_y = load_digits(image_size, info.get("resize", "bilinear"))
+    _, held = split_holdout(real_y, 0.1, info.get("seed", 0))
+    return digit_scores(classifier, real_x[held])
+
+
+def _saved_record(path: str, key: dict) -> dict | None:
+    """The record at `path` when its key is `key`; None otherwise (none, another key,
+    or a torn or foreign file)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if record.get("key") == key else None
+
+
+def _score_model(classifier, kind: str, num_steps: int, model, num_samples: int,
+                 batch_size: int, seed: int, verbose: int) -> dict:
+    """One model's digit scores on the evaluation's fixed noise, and the seconds."""
+    start = time.time()
+    fake = generate_range(model, num_steps, 0, num_samples, num_samples, batch_size,
+                          seed, model.num_classes)
+    result = {"kind": kind, "num_steps": num_steps, **digit_scores(classifier, fake),
+              "seconds": time.time() - start}
+    if verbose:
+        print(f"[digits] {kind} {num_steps} steps: mean confidence "
+              f"{result['mean_confidence']:.3f}, {100 * result['frac_confident']:.0f}% "
+              f"> {CONFIDENT}, class entropy {result['class_entropy_bits']:.2f} bits",
+              flush=True)
+    return result
+
+
+def _write(record: dict, out: EvalDir) -> None:
+    os.makedirs(out.root, exist_ok=True)
+    fileio.atomic_write_text(out.digits("json"), json.dumps(record, indent=1))
+    fileio.atomic_write_text(out.digits("md"), markdown(record))
 
 
 def markdown(record: dict) -> str:
@@ -304,29 +325,3 @@ def markdown(record: dict) -> str:
         lines.append(f"| {name} | {steps} | {r['mean_confidence']:.3f} | "
                      f"{100 * r['frac_confident']:.0f}% | {r['class_entropy_bits']:.2f} |")
     return "\n".join(lines) + "\n"
-
-
-def main(argv=None):
-    import argparse
-
-    from keras_progdist.training import config
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gin_file", action="append", default=[])
-    parser.add_argument("--gin_param", action="append", default=[])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--num_samples", type=int, default=256)
-    args = parser.parse_args(argv)
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "gin")
-    files = [f if os.path.exists(f) else os.path.join(root, f) for f in args.gin_file]
-    # The gin files give the dataset settings; the models come from the work directory.
-    config.parse_gin(files, args.gin_param)
-    record = evaluate_workdir(args.workdir, config.dataset_settings(), steps=args.steps,
-                              num_samples=args.num_samples)
-    print(markdown(record), flush=True)
-
-
-if __name__ == "__main__":
-    main()

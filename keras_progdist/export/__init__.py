@@ -40,10 +40,8 @@ from __future__ import annotations
 
 from keras_progdist.export.cli import main
 from keras_progdist.export.errors import ExportError, ExportExistsError
-from keras_progdist.export.metadata import (METADATA_FILE, read_version_metadata,
-                                            stage_metadata)
-from keras_progdist.export.settings import (ExportOptions, check_name, default_name,
-                                            serving_limits)
+from keras_progdist.export.metadata import METADATA_FILE, read_version_metadata, stage_metadata
+from keras_progdist.export.settings import ExportOptions, check_name, default_name, serving_limits
 from keras_progdist.export.stages import export_stage, export_stages
 from keras_progdist.export.versions import existing_versions, stage_paths
 from keras_progdist.export.workdir_export import export_workdir, load_workdir_stages

@@ -10,10 +10,14 @@ import sys
 import keras
 
 from keras_progdist.export.errors import ExportError, ExportExistsError
-from keras_progdist.export.settings import (DEFAULT_MAX_BATCH, DEFAULT_MAX_STEPS,
-                                            DEFAULT_VERSION, SERVING_ROOT, ExportOptions)
-from keras_progdist.export.subprocess_export import (ERROR_EXIT_CODE, EXISTS_EXIT_CODE,
-                                                     RESULT_PREFIX)
+from keras_progdist.export.settings import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_STEPS,
+    DEFAULT_VERSION,
+    SERVING_ROOT,
+    ExportOptions,
+)
+from keras_progdist.export.subprocess_export import ERROR_EXIT_CODE, EXISTS_EXIT_CODE, RESULT_PREFIX
 from keras_progdist.export.workdir_export import export_workdir
 
 

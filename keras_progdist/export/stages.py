@@ -17,15 +17,33 @@ import warnings
 from keras_progdist import fileio
 from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.export.errors import ExportError
-from keras_progdist.export.metadata import (KERAS_METADATA_SUFFIX, read_json, same_export,
-                                            stage_metadata)
+from keras_progdist.export.metadata import (
+    KERAS_METADATA_SUFFIX,
+    read_json,
+    same_export,
+    stage_metadata,
+)
+from keras_progdist.export.settings import (
+    DEFAULT_VERSION,
+    SERVING_ROOT,
+    ExportOptions,
+    check_name,
+    check_version,
+    serving_limits,
+)
+from keras_progdist.export.tf_serving import (
+    serving_apis,
+    write_models_config,
+    write_warmup_requests,
+)
+from keras_progdist.export.versions import (
+    BUILD_PREFIX,
+    claim_version,
+    plan_version,
+    remove_stale_root_temps,
+    stage_paths,
+)
 from keras_progdist.sampling_model import sampling_copy
-from keras_progdist.export.settings import (DEFAULT_VERSION, SERVING_ROOT, ExportOptions,
-                                            check_name, check_version, serving_limits)
-from keras_progdist.export.tf_serving import (serving_apis, write_models_config,
-                                              write_warmup_requests)
-from keras_progdist.export.versions import (BUILD_PREFIX, claim_version, plan_version,
-                                            remove_stale_root_temps, stage_paths)
 
 
 def _write_version(model, paths, num_steps, limits, metadata, plan, explicit,

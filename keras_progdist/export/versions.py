@@ -19,8 +19,12 @@ import shutil
 
 from keras_progdist import fileio
 from keras_progdist.export.errors import ExportExistsError
-from keras_progdist.export.metadata import (KERAS_METADATA_SUFFIX, METADATA_FILE,
-                                            read_version_metadata, same_export)
+from keras_progdist.export.metadata import (
+    KERAS_METADATA_SUFFIX,
+    METADATA_FILE,
+    read_version_metadata,
+    same_export,
+)
 from keras_progdist.export.settings import DEFAULT_VERSION, model_name
 
 # Temporaries: `.version.tmp-<pid>-<hex>/` (a version being built) and `.replaced-<v>.tmp-

@@ -21,8 +21,13 @@ import keras
 from keras import layers
 
 from keras_progdist import validation
-from keras_progdist.networks.blocks import (PACKAGE, AttentionBlock, ResBlock,
-                                            TimeEmbedding, norm_groups)
+from keras_progdist.networks.blocks import (
+    PACKAGE,
+    AttentionBlock,
+    ResBlock,
+    TimeEmbedding,
+    norm_groups,
+)
 from keras_progdist.validation import ConfigError
 
 

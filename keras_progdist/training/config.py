@@ -14,15 +14,20 @@ import inspect
 import re
 
 import gin
-
 from keras_progdist import losses, parameterizations, validation
 from keras_progdist.errors import KerasProgdistError
-from keras_progdist.settings import (LEARNING_RATE_SCHEDULES, DiffusionSettings,
-                                     DistillSettings, GuidanceSettings, SampleGridSettings,
-                                     TeacherSettings)
-from keras_progdist.evaluation.samples import DEFAULT_MAX_FILE_MB
 from keras_progdist.networks.unet import UNet
 from keras_progdist.schedules import Schedule
+from keras_progdist.settings import (
+    DEFAULT_MAX_FILE_MB,
+    LEARNING_RATE_SCHEDULES,
+    DiffusionSettings,
+    DistillSettings,
+    EvaluateSettings,
+    GuidanceSettings,
+    SampleGridSettings,
+    TeacherSettings,
+)
 
 # UNet takes **kwargs (Keras' name/dtype/...), so without an allowlist gin would accept a
 # misspelled binding such as `UNet.chanels` and silently ignore it. The guidance input
@@ -166,7 +171,8 @@ def _stage_updates(ladder: list, updates_per_stage: int, overrides, checkpoint_e
 def evaluate(num_samples: int = 1000, num_reference: int = 5000,
              ddim_steps=(1, 2, 4, 8), teacher_steps=None, batch_size: int = 100,
              split: str = "train", seed: int = 2024, cache_dir: str | None = None,
-             max_file_mb: float = DEFAULT_MAX_FILE_MB, bootstrap: int = 50) -> dict:
+             max_file_mb: float = DEFAULT_MAX_FILE_MB,
+             bootstrap: int = 50) -> EvaluateSettings:
     """Evaluation settings (`--mode=eval` and `--mode=sample`).
 
     Args:
@@ -179,15 +185,15 @@ def evaluate(num_samples: int = 1000, num_reference: int = 5000,
         split: the real split the statistics come from (the paper: training set).
         seed: first seed of the generated noise (all models see the same noise).
         cache_dir: root of the reference-statistics cache (default
-            `evaluation.metrics.default_cache_dir()`).
+            `evaluation.caches.default_cache_dir()`).
         max_file_mb: the largest sample file `--mode=sample` writes, in MiB.
         bootstrap: paired-bootstrap replicates behind every standard error and
             comparison (`evaluation.bootstrap`); 0 reports none. 50 replicates put
             the standard error itself within about ±10%.
 
     Returns:
-        The settings as a plain dict (what `evaluation.report` and
-        `evaluation.samples` take).
+        The checked settings (what `evaluation.report` and `evaluation.samples`
+        take).
     """
     for name, value in (("num_samples", num_samples), ("num_reference", num_reference),
                         ("batch_size", batch_size)):
@@ -211,10 +217,11 @@ def evaluate(num_samples: int = 1000, num_reference: int = 5000,
     bootstrap = validation.nonnegative_int("evaluate.bootstrap", bootstrap)
     if bootstrap == 1:
         raise PipelineError("evaluate.bootstrap must be 0 (none) or at least 2 replicates.")
-    return dict(num_samples=num_samples, num_reference=num_reference,
-                ddim_steps=steps["ddim_steps"], teacher_steps=steps["teacher_steps"],
-                batch_size=batch_size, split=split, seed=seed,
-                cache_dir=cache_dir, max_file_mb=max_file_mb, bootstrap=bootstrap)
+    return EvaluateSettings(num_samples=num_samples, num_reference=num_reference,
+                            ddim_steps=steps["ddim_steps"],
+                            teacher_steps=steps["teacher_steps"], batch_size=batch_size,
+                            split=split, seed=seed, cache_dir=cache_dir,
+                            max_file_mb=max_file_mb, bootstrap=bootstrap)
 
 
 def parse_gin(files, bindings=()) -> None:

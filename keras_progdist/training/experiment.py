@@ -15,10 +15,10 @@ import contextlib
 import os
 import time
 
-import gin
 import keras
 import numpy as np
 
+import gin
 from keras_progdist import data, distribute, images, parameterizations, tensorboard_log
 from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.distillation import Distiller
@@ -28,11 +28,22 @@ from keras_progdist.networks.unet import UNet
 from keras_progdist.optimizers import make_optimizer
 from keras_progdist.sampling_model import sampling_model
 from keras_progdist.settings import as_record
-from keras_progdist.training.config import (PipelineError, ScheduleConfigurable,
-                                            UNetConfigurable, diffusion, distill, guidance,
-                                            sample_grid, teacher)
-from keras_progdist.training.preemption import (PreemptionGuard, StepCheckpoint, last_loss,
-                                                resumable_fit)
+from keras_progdist.training.config import (
+    PipelineError,
+    ScheduleConfigurable,
+    UNetConfigurable,
+    diffusion,
+    distill,
+    guidance,
+    sample_grid,
+    teacher,
+)
+from keras_progdist.training.preemption import (
+    PreemptionGuard,
+    StepCheckpoint,
+    last_loss,
+    resumable_fit,
+)
 from keras_progdist.workdir import GUIDANCE, TEACHER, WorkDir, stage_name
 
 SAMPLE_SEED = 1234

@@ -18,6 +18,7 @@ import keras
 from keras_progdist import checkpoint, data
 from keras_progdist.errors import Interrupted, KerasProgdistError
 
+
 class TrainingDivergedError(KerasProgdistError, RuntimeError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 

@@ -17,9 +17,17 @@ import keras
 
 from keras_progdist import cluster, data, distribute, tensorboard_log, validation
 from keras_progdist.evaluation import report, samples
-from keras_progdist.training.config import (MODES, PipelineError, dataset_settings,
-                                            diffusion, distill, evaluate, guidance,
-                                            sample_grid, teacher)
+from keras_progdist.training.config import (
+    MODES,
+    PipelineError,
+    dataset_settings,
+    diffusion,
+    distill,
+    evaluate,
+    guidance,
+    sample_grid,
+    teacher,
+)
 from keras_progdist.training.experiment import Experiment
 from keras_progdist.training.preemption import PreemptionGuard
 from keras_progdist.workdir import WorkDir
@@ -101,17 +109,14 @@ def _sample_and_score(wd: WorkDir, mode: str, settings, verbose: int, deadline) 
     """`--mode=sample` writes the sample files; `eval` and `all` score every model.
 
     SIGTERM or Ctrl-C here ends the process as usual: each result is written
-    atomically as it is made, and a re-run reuses them."""
-    try:  # TEMPORARY until evaluation raises Interrupted itself
-        if mode == "sample":
-            samples.write_workdir_samples(wd, settings, verbose=verbose, deadline=deadline)
-        if mode in ("eval", "all"):
-            scores = report.evaluate_workdir(wd, settings, dataset_settings(),
-                                             verbose=verbose, deadline=deadline)
-            tensorboard_log.write_eval_scores(wd.log_dir("eval"), scores["results"])
-    except report.EvaluationInterrupted as e:
-        from keras_progdist.errors import Interrupted
-        raise Interrupted(str(e)) from None
+    atomically as it is made, and a re-run reuses them. A spent time budget stops
+    them before the next model (`errors.Interrupted`)."""
+    if mode == "sample":
+        samples.write_workdir_samples(wd, settings, verbose=verbose, deadline=deadline)
+    if mode in ("eval", "all"):
+        scores = report.evaluate_workdir(wd, settings, dataset_settings(),
+                                         verbose=verbose, deadline=deadline)
+        tensorboard_log.write_eval_scores(wd.log_dir("eval"), scores["results"])
 
 
 def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved_models",

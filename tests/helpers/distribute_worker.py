@@ -72,6 +72,7 @@ class _Common:
     def __init__(self, steps: int, batch: int):
         import keras
         import tensorflow as tf
+
         from keras_progdist import data
 
         self.steps, self.batch = steps, batch
@@ -96,6 +97,7 @@ def run_tensorflow(steps: int, batch: int) -> dict:
     """
     import keras
     import tensorflow as tf
+
     from keras_progdist import diffusion, distribute
     from keras_progdist.diffusion import DiffusionModel, training_seed
     from keras_progdist.distillation import Distiller
@@ -267,6 +269,7 @@ def run_jax(steps: int, batch: int) -> dict:
     """
     import jax
     import keras
+
     from keras_progdist import distribute
     from keras_progdist.diffusion import DiffusionModel
     from keras_progdist.distillation import Distiller

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import gin
-
 from keras_progdist import checkpoint, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
