@@ -25,7 +25,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import gin  # noqa: E402
-from keras_progdist import pipeline  # noqa: E402
+from keras_progdist import training  # noqa: E402
 from keras_progdist.diffusion import DiffusionModel  # noqa: E402
 from keras_progdist.distillation import Distiller  # noqa: E402
 from keras_progdist.optimizers import make_optimizer  # noqa: E402
@@ -81,10 +81,10 @@ def main():
     parser.add_argument("--samples", type=int, default=256)
     args = parser.parse_args()
     gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")], [])
-    experiment = pipeline.Experiment(args.workdir)
+    experiment = training.Experiment(args.workdir)
     if not os.path.exists(os.path.join(args.workdir, "student_00001", "final.json")):
-        pipeline.run(args.workdir, "train_teacher", verbose=2)
-        pipeline.run(args.workdir, "distill", verbose=2)
+        training.run(args.workdir, "train_teacher", verbose=2)
+        training.run(args.workdir, "distill", verbose=2)
     teacher_steps, rows = stage_curve(experiment, args.samples)
     timing = step_times(experiment)
     print(json.dumps({"what": "step_time_ratio", **{k: v for k, v in timing.items()

@@ -265,7 +265,7 @@ def plan(args) -> dict:
         `packs` (files needed), `per_pack` (samples per pack).
     """
     import gin
-    from keras_progdist import data, pipeline
+    from keras_progdist import data, training
 
     gin.clear_config()
     bindings = [b for b in args.passthrough if b.startswith("--gin_param=")]
@@ -273,14 +273,14 @@ def plan(args) -> dict:
         [args.gin_path] + [resolve_gin_file(f.split("=", 1)[1]) for f in args.passthrough
                            if f.startswith("--gin_file=")],
         [f"dataset.data_dir={args.data_dir!r}"] + [b.split("=", 1)[1] for b in bindings])
-    cfg, dist = pipeline.evaluate(), pipeline.distill()
-    teacher_steps = dist["teacher_steps"]
+    cfg, dist = training.evaluate(), training.distill()
+    teacher_steps = dist.teacher_steps
     ddim = [s for s in cfg.ddim_steps if s < teacher_steps]
     extra = [s for s in sorted(set(cfg.teacher_steps))
              if s < teacher_steps and s not in cfg.ddim_steps]
     models = ([f"ddim_{s:05d}" for s in ddim] + [f"teacher_{s:05d}" for s in extra]
               + [f"teacher_{teacher_steps:05d}"]
-              + [f"distilled_{n:05d}" for n in dist["ladder"]])
+              + [f"distilled_{n:05d}" for n in dist.ladder])
     name = gin.query_parameter("dataset.name")
     if name != "fashion_mnist":
         raise BenchmarkError(f"dataset.name is {name!r}: this benchmark is for fashion_mnist")

@@ -78,7 +78,7 @@ def estimate(config: str, probe_batch: int) -> dict:
     import numpy as np
 
     import gin
-    from keras_progdist import checkpoint, data, parameterizations, pipeline
+    from keras_progdist import checkpoint, data, parameterizations, training
     from keras_progdist.diffusion import DiffusionModel
     from keras_progdist.optimizers import make_optimizer
     from keras_progdist.settings import as_record
@@ -92,10 +92,10 @@ def estimate(config: str, probe_batch: int) -> dict:
     except ValueError:  # not bound: the dataset's own size
         size = spec.image_shape[0]
     shape = (size, size, spec.channels)
-    diff = pipeline.diffusion()
-    cfg = pipeline.teacher()
+    diff = training.diffusion()
+    cfg = training.teacher()
     out = parameterizations.output_channels(diff.parameterization, shape[-1])
-    network = pipeline.UNetConfigurable(image_shape=shape, output_channels=out)
+    network = training.UNetConfigurable(image_shape=shape, output_channels=out)
     labels = spec.num_classes if network.num_classes else None
     model = DiffusionModel(network, num_steps=8, **as_record(diff))
     model.compile(optimizer=make_optimizer(1e-4), jit_compile=True, steps_per_execution=1)

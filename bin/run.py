@@ -94,7 +94,7 @@ def _main(argv):
     # SavedModel export logs every renamed input at INFO; keep the console readable.
     logging.set_verbosity(logging.WARNING)
     import gin
-    from keras_progdist import distribute, pipeline
+    from keras_progdist import distribute, training
     from keras_progdist.errors import Interrupted
     from keras_progdist.training import config
 
@@ -114,7 +114,7 @@ def _main(argv):
     except distribute.StrategyError as e:
         raise CommandLineError(str(e)) from None
     try:
-        pipeline.run(workdir, FLAGS.mode, strategy=strategy, export_dir=FLAGS.export_dir,
+        training.run(workdir, FLAGS.mode, strategy=strategy, export_dir=FLAGS.export_dir,
                      overwrite=FLAGS.overwrite, experiment_name=name,
                      verbose=FLAGS.verbose, time_budget_s=FLAGS.time_budget_s)
     except Interrupted as e:

@@ -1,7 +1,7 @@
 """Export for serving: TF Serving SavedModels and `.keras` files of every stage.
 
 A finished work directory (a 4-step teacher and its 2-step student, random weights) is
-written once and exported through `pipeline.run(mode="export")`.
+written once and exported through `training.run(mode="export")`.
 Each SavedModel is then checked in a fresh Python process, as a server would load it:
 every signature, determinism per seed, `generate` against the in-memory model's DDIM,
 a DDIM loop written here over the `denoise` signature, the warm-up records, the `.keras`
@@ -23,7 +23,7 @@ import pytest
 
 import gin
 import keras_progdist
-from keras_progdist import export, fileio, pipeline
+from keras_progdist import export, fileio, training
 from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.export import stages as export_stages
 from keras_progdist.export import subprocess_export
@@ -33,8 +33,7 @@ from keras_progdist.networks.unet import UNet
 pytestmark = pytest.mark.tensorflow_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
-from finished_workdir import make_finished_workdir  # noqa: E402
+from helpers.finished_workdir import make_finished_workdir
 
 # The network of `make_finished_workdir` (16x16 digits), and the ladder of its work
 # directory: a 4-step teacher and its 2-step student.
@@ -66,7 +65,7 @@ def exported(tmp_path_factory):
     make_finished_workdir(workdir, teacher_steps=4, students=(2,), image_shape=(16, 16, 1))
     _parse_gin()
     try:
-        stages = pipeline.run(workdir, "export", export_dir=export_dir,
+        stages = training.run(workdir, "export", export_dir=export_dir,
                               experiment_name=NAME, verbose=0).stage_models(
                                   with_guidance=True)
     finally:
@@ -488,7 +487,7 @@ def test_rerunning_the_finished_job_exports_nothing(exported, capsys):
     before = _snapshot(exported["export_dir"])
     _parse_gin()
     try:  # the main job's export again: today's code refused with ExportExistsError
-        pipeline.run(exported["workdir"], "export", export_dir=exported["export_dir"],
+        training.run(exported["workdir"], "export", export_dir=exported["export_dir"],
                      experiment_name=NAME, verbose=0)
     finally:
         gin.clear_config()
@@ -799,7 +798,7 @@ def test_export_needs_no_training_data(exported, tmp_path):
         gin.parse_config_files_and_bindings(
             [os.path.join(ROOT, "gin", "fashion_mnist_cpu.gin")],
             [f"dataset.data_dir = '{missing}'"])
-        pipeline.run(exported["workdir"], "export", export_dir=export_dir,
+        training.run(exported["workdir"], "export", export_dir=export_dir,
                      experiment_name=NAME, verbose=0)
     finally:
         gin.clear_config()
@@ -816,13 +815,13 @@ JAX_EXPORT = textwrap.dedent(r"""
     import gin, keras
     assert keras.backend.backend() == "jax"
     import keras_progdist.training.config  # noqa: F401  registers `evaluate`
-    from keras_progdist import pipeline
+    from keras_progdist import training
     workdir, export_dir, bindings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     gin.parse_config_files_and_bindings(["gin/tiny.gin"], bindings)
-    pipeline.run(workdir, "export", export_dir=export_dir, experiment_name="tiny",
+    training.run(workdir, "export", export_dir=export_dir, experiment_name="tiny",
                  verbose=0)
     print("AGAIN")  # the same job again: every stage up to date, nothing written
-    pipeline.run(workdir, "export", export_dir=export_dir, experiment_name="tiny",
+    training.run(workdir, "export", export_dir=export_dir, experiment_name="tiny",
                  verbose=0)
 """)
 

@@ -13,7 +13,6 @@ cluster specs Keras sees is tested below as a unit."""
 import os
 import re
 import signal
-import sys
 import time
 
 import numpy as np
@@ -22,8 +21,7 @@ import pytest
 from keras_progdist import checkpoint, distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
-import cluster_runs  # noqa: E402
+from helpers import cluster_runs
 
 # 40 updates, checkpoints every 20, chunks of 5: a stop early in the run lands mid-epoch.
 # Numpy batches (what a JAX host without TensorFlow reads): a resumed stream is the

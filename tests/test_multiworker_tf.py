@@ -27,7 +27,6 @@ Under MultiWorkerMirroredStrategy Keras runs one step per call
 import os
 import re
 import signal
-import sys
 import time
 
 import numpy as np
@@ -36,8 +35,7 @@ import pytest
 from keras_progdist import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
-import cluster_runs  # noqa: E402
+from helpers import cluster_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.tensorflow_only]
 HELPERS = os.path.join(ROOT, "tests", "helpers")

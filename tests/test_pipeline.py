@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 
 import gin
-from keras_progdist import checkpoint, pipeline
+from keras_progdist import checkpoint, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
-from pipeline_runs import GRIDS, GUIDED, SMALL, command, env, in_process, ladder, run  # noqa: E402
+from helpers.pipeline_runs import GRIDS, GUIDED, SMALL, command, env, in_process, ladder, run
 
 EXPECTED_LADDER = [("teacher", 8, 40), ("student_00004", 4, 20),
                    ("student_00002", 2, 20), ("student_00001", 1, 20)]
@@ -59,24 +58,24 @@ BAD_INPUTS = [
     ("EMA decay out of range", ["diffusion.ema_decay=1.5"], "train_teacher",
      ValueError, "diffusion.ema_decay must be a number in [0, 1), got 1.5"),
     ("teacher steps not a power of two", ["distill.teacher_steps=100"], "distill",
-     pipeline.PipelineError, "teacher_steps must be a power of two, got 100"),
+     training.PipelineError, "teacher_steps must be a power of two, got 100"),
     ("min steps not a power of two", ["distill.min_steps=3"], "distill",
-     pipeline.PipelineError, "min_steps must be a power of two, got 3"),
+     training.PipelineError, "min_steps must be a power of two, got 3"),
     ("min steps above the start", ["distill.min_steps=16"], "distill",
-     pipeline.PipelineError, "min_steps (16) must be below distill.teacher_steps (8)"),
+     training.PipelineError, "min_steps (16) must be below distill.teacher_steps (8)"),
     ("override names no stage", ["distill.updates_overrides={3: 10}"], "distill",
-     pipeline.PipelineError, "names step counts [3] that are not stages"),
+     training.PipelineError, "names step counts [3] that are not stages"),
     ("stage length vs checkpoint interval", ["distill.updates_per_stage=15"], "distill",
-     pipeline.PipelineError, "not a multiple of distill.checkpoint_every (10)"),
+     training.PipelineError, "not a multiple of distill.checkpoint_every (10)"),
     ("checkpoint interval vs execution chunk", ["distill.checkpoint_every=5",
                                                  "distill.steps_per_execution=10",
                                                  "distill.updates_per_stage=10"],
-     "distill", pipeline.PipelineError,
+     "distill", training.PipelineError,
      "distill.checkpoint_every (5) must be a multiple of distill.steps_per_execution (10)"),
     ("zero teacher steps", ["teacher.train_steps=0"], "train_teacher",
      ValueError, "teacher.train_steps must be a positive integer, got 0"),
     ("teacher steps vs checkpoint interval", ["teacher.train_steps=55"], "train_teacher",
-     pipeline.PipelineError, "must be a multiple of teacher.checkpoint_every (10)"),
+     training.PipelineError, "must be a multiple of teacher.checkpoint_every (10)"),
     ("attention at a missing resolution", ["UNet.attention_resolutions=(3,)"],
      "train_teacher", ValueError, "attention_resolutions [3] never occur"),
     ("image size vs downsampling", ["dataset.image_size=14"], "train_teacher",
@@ -110,10 +109,10 @@ BAD_INPUTS = [
     ("odd image size", ["dataset.image_size=17", "UNet.channel_mult=(1, 2)"],
      "train_teacher", ValueError, "not divisible by the downsampling factor 2"),
     ("class-conditional net, unlabelled data", ["UNet.num_classes=10"], "train_teacher",
-     pipeline.PipelineError, "needs labelled data: set dataset.with_labels = True"),
+     training.PipelineError, "needs labelled data: set dataset.with_labels = True"),
     ("labelled data, unconditional net", ["dataset.with_labels=True"], "train_teacher",
-     pipeline.PipelineError, "the UNet is unconditional: set UNet.num_classes"),
-    ("unknown mode", [], "train", pipeline.PipelineError,
+     training.PipelineError, "the UNet is unconditional: set UNet.num_classes"),
+    ("unknown mode", [], "train", training.PipelineError,
      "Unknown mode 'train'; allowed: train_teacher, distill, sample, export, eval, all"),
     ("distillation without a teacher", [], "distill", ValueError,
      "does not exist: nothing has been trained there"),
@@ -138,17 +137,17 @@ BAD_INPUTS = [
     ("label dropout out of range", ["diffusion.label_dropout=1.0"], "train_teacher",
      ValueError, "diffusion.label_dropout must be a number in [0, 1), got 1.0"),
     ("guidance without a guided teacher", ["guidance.enabled=True"], "train_teacher",
-     pipeline.PipelineError, "guidance.enabled distills a classifier-free guided teacher"),
+     training.PipelineError, "guidance.enabled distills a classifier-free guided teacher"),
     ("guidance range reversed", ["guidance.w_min=5.0"], "train_teacher",
-     pipeline.PipelineError, "guidance.w_min (5.0) must not be above guidance.w_max"),
-    ("guided run evaluated", GUIDED, "all", pipeline.PipelineError,
+     training.PipelineError, "guidance.w_min (5.0) must not be above guidance.w_max"),
+    ("guided run evaluated", GUIDED, "all", training.PipelineError,
      "--mode=all is not available for guided distillation"),
-    ("guided run sampled", GUIDED, "sample", pipeline.PipelineError,
+    ("guided run sampled", GUIDED, "sample", training.PipelineError,
      "--mode=sample is not available for guided distillation"),
     ("label dropout without a null class", ["diffusion.label_dropout=0.1",
                                             "UNet.num_classes=10",
                                             "dataset.with_labels=True"],
-     "train_teacher", pipeline.PipelineError,
+     "train_teacher", training.PipelineError,
      "set UNet.num_classes and UNet.null_class = True"),
 ]
 
@@ -162,7 +161,7 @@ def test_bad_input_fails_before_training(tmp_path, case, bindings, mode, error, 
                                             SMALL + bindings)
         start = time.time()
         with pytest.raises(error) as info:
-            pipeline.run(str(tmp_path / "work"), mode, verbose=0)
+            training.run(str(tmp_path / "work"), mode, verbose=0)
         print(f"| {case} | `{'; '.join(bindings) or mode}` | {type(info.value).__name__}: "
               f"{str(info.value).splitlines()[0][:160]} |")
         assert message in str(info.value)
@@ -183,7 +182,7 @@ def test_run_arguments_are_checked_before_training(tmp_path, kwargs, message):
     try:
         gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")], SMALL)
         with pytest.raises(ValueError, match=re.escape(message)):
-            pipeline.run(str(tmp_path / "work"), "all", verbose=0, **kwargs)
+            training.run(str(tmp_path / "work"), "all", verbose=0, **kwargs)
         assert not os.path.exists(str(tmp_path / "work" / "teacher"))
     finally:
         gin.clear_config()
@@ -227,7 +226,7 @@ EVAL_SMALL = ["evaluate.num_samples=16", "evaluate.num_reference=32",
 
 @pytest.mark.slow
 def test_mismatched_network_config_is_refused(trained_workdir):
-    with pytest.raises(pipeline.PipelineError, match="network config .* does not match"):
+    with pytest.raises(training.PipelineError, match="network config .* does not match"):
         in_process(trained_workdir, "distill", ["UNet.channels=16"])
 
 
@@ -394,7 +393,7 @@ def test_a_workdir_recorded_before_label_dropout_existed_still_matches(tmp_path)
         Experiment(str(workdir)).check_workdir(write=False)
         record["diffusion"]["label_dropout"] = 0.1
         path.write_text(json.dumps(record))
-        with pytest.raises(pipeline.PipelineError, match="label_dropout"):
+        with pytest.raises(training.PipelineError, match="label_dropout"):
             Experiment(str(workdir)).check_workdir(write=False)
     finally:
         gin.clear_config()

@@ -5,7 +5,6 @@ exact maths are tested in-process in test_guidance.py.)"""
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ import pytest
 import gin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
-from pipeline_runs import GUIDED, SMALL, ladder, run  # noqa: E402
+from helpers.pipeline_runs import GUIDED, SMALL, ladder, run
 
 GUIDED_LADDER = [("teacher", 8, 40), ("guidance", 8, 20), ("student_00004", 4, 20)]
 

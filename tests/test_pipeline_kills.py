@@ -5,7 +5,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -13,8 +12,7 @@ import pytest
 from keras_progdist import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
-from pipeline_runs import all_checkpoints_verify, command, env, ladder, run  # noqa: E402
+from helpers.pipeline_runs import all_checkpoints_verify, command, env, ladder, run
 
 # Longer stages than the other pipeline tests, so kills land mid-stage and restarts
 # must resume; two distillation stages are enough to kill one between stages.

@@ -10,26 +10,24 @@ seconds; `tests/test_samples.py` and `tests/test_pipeline.py` run the real netwo
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from keras_progdist import data, errors, evaluation, images, pipeline
+from keras_progdist import data, errors, evaluation, images, training
 from keras_progdist.evaluation import bootstrap, inputs, metrics, reference, report, samples
 from keras_progdist.settings import EvaluateSettings, as_record
 from keras_progdist.workdir import WorkDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
-from finished_workdir import make_finished_workdir  # noqa: E402
+from helpers.finished_workdir import make_finished_workdir
 
 DATASET = {"name": "mnist_embedded", "image_size": 8, "batch_size": 16}
 
 
 def _settings(tmp_path, **overrides):
-    return dataclasses.replace(pipeline.evaluate(), **{
+    return dataclasses.replace(training.evaluate(), **{
         "num_samples": 8, "num_reference": 20, "ddim_steps": (1,), "batch_size": 4,
         "cache_dir": str(tmp_path / "cache"), **overrides})
 

@@ -104,11 +104,11 @@ def test_scoring_a_folder_with_an_escaping_manifest_fails_before_any_work(tmp_pa
     folder = tmp_path / "samples"
     path, _ = _write_model(str(folder))
     _rewrite(path, lambda m: m.update(model="../../escape", kind="../../../x"))
-    from keras_progdist import pipeline
+    from keras_progdist import training
 
-    cfg = pipeline.evaluate()  # the defaults; nothing is scored
+    cfg = training.evaluate()  # the defaults; nothing is scored
     with pytest.raises(SampleFilesError, match="model='../../escape'"):
-        report.score_sample_dir(str(folder), cfg, pipeline.dataset_settings(),
+        report.score_sample_dir(str(folder), cfg, training.dataset_settings(),
                                 out_dir=str(tmp_path / "out"), verbose=0)
     written = {os.path.relpath(os.path.join(d, f), tmp_path)
                for d, _, names in os.walk(tmp_path) for f in names}

@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 
 import gin
-from keras_progdist import fileio, images, pipeline
+from keras_progdist import fileio, images, training
 from keras_progdist.evaluation import inputs, report, sample_files, samples
 from keras_progdist.settings import as_record
 from keras_progdist.workdir import WorkDir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
-from finished_workdir import make_finished_workdir  # noqa: E402
+from helpers.finished_workdir import make_finished_workdir
 
 # Two noise batches of 4; (a short last batch is covered by the slicing test below, and
 # each extra batch shape costs a compilation per model).
@@ -45,7 +44,7 @@ def _config(bindings=()):
     try:
         gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")],
                                             list(bindings))
-        yield pipeline.evaluate(), pipeline.dataset_settings()
+        yield training.evaluate(), training.dataset_settings()
     finally:
         gin.clear_config()
 
@@ -248,7 +247,7 @@ def test_grids_are_upscaled_with_nearest_neighbour(tmp_path):
 
 
 def _settings(**overrides):
-    return dataclasses.replace(pipeline.evaluate(), **overrides)
+    return dataclasses.replace(training.evaluate(), **overrides)
 
 
 def test_labels_and_samples_of_a_class_conditional_workdir(tmp_path):

@@ -13,8 +13,7 @@ from keras_progdist import workdir as workdir_lib
 from keras_progdist.workdir import WorkDir, WorkDirBusyError, WorkDirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
-from finished_workdir import make_finished_workdir  # noqa: E402
+from helpers.finished_workdir import make_finished_workdir
 
 
 def test_stage_names_round_trip():

@@ -247,13 +247,13 @@ def run_tensorflow(steps: int, batch: int) -> dict:
     import tempfile
 
     import gin
-    from keras_progdist import pipeline
+    from keras_progdist import training
     gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")], [
         f"dataset.batch_size = {batch}", "UNet.channels = 8", "UNet.channel_mult = (1,)",
         "UNet.attention_resolutions = ()", "UNet.num_groups = 4", "teacher.train_steps = 2",
         "teacher.checkpoint_every = 2", "teacher.steps_per_execution = 2",
         "distill.teacher_steps = 2"])
-    out["pipeline_error"] = error(lambda: pipeline.run(
+    out["pipeline_error"] = error(lambda: training.run(
         tempfile.mkdtemp(), "train_teacher", strategy=strategy, verbose=0))
     # Last: connecting to a (missing) local TPU changes TensorFlow's global context.
     out["tpu_local_error"] = error(lambda: distribute.get_strategy("tpu", "local"))

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import gin
-from keras_progdist import checkpoint, pipeline
+from keras_progdist import checkpoint, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = [
@@ -59,12 +59,12 @@ def run(workdir, mode, extra=(), check=True, flags=()):
 
 
 def in_process(workdir, mode, bindings=(), time_budget_s=None):
-    """`pipeline.run` in this process, with `tiny.gin`, SMALL and `bindings`."""
+    """`training.run` in this process, with `tiny.gin`, SMALL and `bindings`."""
     gin.clear_config()
     try:
         gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin", "tiny.gin")],
                                             SMALL + list(bindings))
-        return pipeline.run(workdir, mode, verbose=0, time_budget_s=time_budget_s)
+        return training.run(workdir, mode, verbose=0, time_budget_s=time_budget_s)
     finally:
         gin.clear_config()
 
