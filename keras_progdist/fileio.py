@@ -77,6 +77,22 @@ def atomic_write_json(path: str, value, indent: int | None = 1) -> None:
     atomic_write_text(path, json.dumps(value, indent=indent, sort_keys=True) + "\n")
 
 
+def read_keyed_json(path: str, key) -> dict | None:
+    """The JSON record at `path` when its `"key"` equals `key`; None otherwise (no file,
+    another key, or a torn or foreign file: the caller computes the record again).
+
+    Cached results (scores, probes) are saved as `{"key": ..., ...}` with everything
+    their value depends on in the key, so a changed setting never reuses one."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("key") == key else None
+
+
 def sha256_file(path: str) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()

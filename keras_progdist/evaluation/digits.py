@@ -246,7 +246,7 @@ def evaluate_workdir(workdir, dataset: dict, steps: int = 4, num_samples: int = 
            "weights_sha256": {s: wd.final_sha256(s)
                               for s in ("teacher", student) if s is not None}}
     if write and classifier is None:
-        saved = _saved_record(wd.eval.digits("json"), key)
+        saved = fileio.read_keyed_json(wd.eval.digits("json"), key)
         if saved is not None:  # the same weights and settings: scored earlier
             if verbose:
                 print("[digits] scores saved earlier (same weights and settings)",
@@ -275,19 +275,6 @@ def _real_heldout(classifier, image_size: int, info: dict) -> dict:
     real_x, real_y = load_digits(image_size, info.get("resize", "bilinear"))
     _, held = split_holdout(real_y, 0.1, info.get("seed", 0))
     return digit_scores(classifier, real_x[held])
-
-
-def _saved_record(path: str, key: dict) -> dict | None:
-    """The record at `path` when its key is `key`; None otherwise (none, another key,
-    or a torn or foreign file)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if record.get("key") == key else None
 
 
 def _score_model(classifier, kind: str, num_steps: int, model, num_samples: int,

@@ -17,7 +17,6 @@ Scoring a model writes, into the evaluation's folder (an `EvalDir`): its score
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -80,14 +79,8 @@ def score_protocol(cfg: EvaluateSettings, dataset: dict) -> dict:
 def cached_result(path: str, key: dict):
     """The `result` of a `{key, result}` score file whose key equals `key`, else None
     (no file, another key, or a torn or foreign file: score again)."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None  # a torn or foreign file: evaluate again
-    return record.get("result") if record.get("key") == key else None
+    record = fileio.read_keyed_json(path, key)
+    return None if record is None else record.get("result")
 
 
 def score_models(jobs: list, out: EvalDir, dataset: dict, verbose: int = 1,
