@@ -329,9 +329,20 @@ class WorkDir:
         name = f"teacher_{num_steps:05d}steps" if stage == TEACHER else stage
         return self._path("samples", f"{name}.png")
 
-    def log_dir(self, name: str) -> str:
-        """TensorBoard's folder for `name`: a stage, `samples` or `eval`."""
-        return self._path("logs", name)
+    def log_dir(self, stage: str) -> str:
+        """TensorBoard's folder of a stage's training."""
+        parse_stage(stage)  # raises on a name that is no stage
+        return self._path("logs", stage)
+
+    @property
+    def grid_log_dir(self) -> str:
+        """TensorBoard's folder of the stages' sample grids."""
+        return self._path("logs", "samples")
+
+    @property
+    def eval_log_dir(self) -> str:
+        """TensorBoard's folder of the evaluation's scores."""
+        return self._path("logs", "eval")
 
     @property
     def eval(self) -> "EvalDir":

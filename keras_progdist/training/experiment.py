@@ -224,7 +224,7 @@ class Experiment:
         grid = self.wd.grid_path(stage, num_steps)
         if self.grid_count and not os.path.exists(grid):
             self.sample_grid(sampler, num_steps, grid)
-            tensorboard_log.write_image(self.wd.log_dir("samples"), stage, grid,
+            tensorboard_log.write_image(self.wd.grid_log_dir, stage, grid,
                                         step=num_steps)
         self.wd.write_stages(self.finished_stages())
         return sampler

@@ -116,7 +116,7 @@ def _sample_and_score(wd: WorkDir, mode: str, settings, verbose: int, deadline) 
     if mode in ("eval", "all"):
         scores = report.evaluate_workdir(wd, settings, dataset_settings(),
                                          verbose=verbose, deadline=deadline)
-        tensorboard_log.write_eval_scores(wd.log_dir("eval"), scores["results"])
+        tensorboard_log.write_eval_scores(wd.eval_log_dir, scores["results"])
 
 
 def run(workdir: str, mode: str = "all", strategy=None, export_dir: str = "saved_models",
