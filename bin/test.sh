@@ -15,7 +15,7 @@ if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
 fi
 export JAX_COMPILATION_CACHE_DIR
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:-0.1}"
-echo "== Lint (ruff: unused and undefined names, syntax)"
+echo "== Lint (ruff: the rules in ruff.toml)"
 "$VENV/bin/ruff" check --quiet .
 # Two test processes at a time (pytest-xdist): most of a test's time is single-threaded
 # tracing and compiling, so two of them fill the two cores a CI machine has. A test file
