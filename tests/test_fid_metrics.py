@@ -109,6 +109,18 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_a_shift():
     assert abs(self_kid_big) < 0.4 * abs(self_kid)
 
 
+def test_kid_from_whole_kernel_matrices_equals_the_per_subset_products(monkeypatch):
+    # Sets small enough take their subsets' kernels from whole kernel matrices; large
+    # ones compute each subset's. Both must be the same estimator on the same draws.
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(size=(60, 16)), rng.normal(0.2, 1.0, size=(40, 16))
+    whole = metrics.kid(a, b, num_subsets=7, subset_size=25, seed=3)
+    monkeypatch.setattr(metrics, "_KID_FULL_KERNEL_MAX", 0)
+    per_subset = metrics.kid(a, b, num_subsets=7, subset_size=25, seed=3)
+    assert whole[0] != 0.0
+    np.testing.assert_allclose(whole, per_subset, rtol=1e-12)
+
+
 def test_kid_clips_the_subset_size_to_the_smaller_set():
     rng = np.random.default_rng(6)
     a, b = rng.normal(size=(30, 8)), rng.normal(size=(50, 8)) + 1.0
