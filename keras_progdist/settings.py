@@ -101,7 +101,9 @@ class EvaluateSettings:
     The noise of generated sample `i` is drawn in batch `i // batch_size` from `seed`,
     so `batch_size` and `seed` are part of the protocol: every model sees the same
     noise. `bootstrap` replicates (0: none) give every score and comparison its
-    standard error."""
+    standard error. `digit_scores`: score every model's samples with the digit
+    classifier too, where the data are the embedded digits
+    (`evaluation.digits.score_probes`)."""
 
     num_samples: int = 1000
     num_reference: int = 5000
@@ -113,6 +115,7 @@ class EvaluateSettings:
     cache_dir: str | None = None
     max_file_mb: float = DEFAULT_MAX_FILE_MB
     bootstrap: int = 50
+    digit_scores: bool = True
 
 
 def as_record(settings) -> dict:

@@ -421,5 +421,11 @@ class EvalDir:
         return self._path(self.RUNS)
 
     def digits(self, ext: str) -> str:
-        """`digits.json` or `digits.md`: the digit-classifier probe."""
+        """`digits.json` or `digits.md`: the digit-classifier probe of `bin/digits.py`."""
         return self._path(f"digits.{ext}")
+
+    @property
+    def probe_digits(self) -> str:
+        """`runs/digits.json`: the report's digit scores of every model's probe,
+        reused while the probes are unchanged."""
+        return self._path(self.RUNS, "digits.json")

@@ -26,7 +26,7 @@ def test_evaluate_defaults_are_evaluate_settings():
     assert as_record(cfg) == {
         "num_samples": 1000, "num_reference": 5000, "ddim_steps": (1, 2, 4, 8),
         "teacher_steps": (), "batch_size": 100, "split": "train", "seed": 2024,
-        "cache_dir": None, "max_file_mb": 256.0, "bootstrap": 50}
+        "cache_dir": None, "max_file_mb": 256.0, "bootstrap": 50, "digit_scores": True}
 
 
 def test_gin_bindings_reach_evaluate_and_the_old_selector_still_works():

@@ -141,3 +141,43 @@ def test_the_command_line_reads_the_workdir_and_the_gin_file(tmp_path):
         record = json.load(f)
     assert record["key"]["resize"] == "pad" and record["key"]["num_samples"] == 8
     assert record["key"]["image_size"] == 32
+
+
+def test_score_probes_pairs_the_student_with_ddim_at_every_n(trained, tmp_path):
+    classifier, info = trained
+    x, y = digits.load_digits(16)
+    _, held = digits.split_holdout(y, 0.1, info["seed"])
+    real = np.round((x[held[:64]] + 1.0) * 127.5).astype(np.uint8)
+    noise = np.random.RandomState(5).randint(0, 256, real.shape).astype(np.uint8)
+    mixed = np.concatenate([real[:40], noise[40:]])
+    probes = {("teacher", 4): real, ("distilled", 2): real, ("ddim", 2): mixed,
+              ("distilled", 1): mixed, ("ddim", 1): mixed}
+    path = str(tmp_path / "runs" / "digits.json")
+    os.makedirs(os.path.dirname(path))
+    record = digits.score_probes(probes, {"name": "mnist_embedded"}, path, verbose=0)
+
+    confident = {k: digits.predict_probs(classifier, p).max(-1) > digits.CONFIDENT
+                 for k, p in probes.items()}
+    two, one = record["comparisons"]
+    diff = confident[("distilled", 2)].astype(float) - confident[("ddim", 2)]
+    assert two["num_steps"] == 2 and two["num_samples"] == 64
+    assert two["distilled"] == pytest.approx(confident[("distilled", 2)].mean())
+    assert two["difference"] == pytest.approx(diff.mean())
+    assert two["difference_se"] == pytest.approx(diff.std(ddof=1) / 8.0)
+    # Real digits against a set with 24 noise images in place of digits: the student
+    # is ahead by about that share, far beyond the paired error.
+    assert two["difference"] > 0.25 and two["difference"] > 4 * two["difference_se"]
+    # The same samples: no difference and no error.
+    assert one["difference"] == 0.0 and one["difference_se"] == 0.0
+    assert [(r["kind"], r["num_steps"]) for r in record["results"]] == sorted(probes)
+    lines = digits.probe_markdown(record)
+    assert any(line.startswith("| 2 | ") and f"{100 * two['difference']:+.1f}" in line
+               for line in lines)
+
+    # Unchanged probes: read back, nothing retrained or rewritten.
+    mtime = os.stat(path).st_mtime_ns
+    assert digits.score_probes(probes, {"name": "mnist_embedded"}, path, 0) == \
+        json.loads(json.dumps(record))
+    assert os.stat(path).st_mtime_ns == mtime
+    # Another data set: no digit scores at all.
+    assert digits.score_probes(probes, {"name": "fashion_mnist"}, path, 0) is None

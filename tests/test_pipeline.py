@@ -124,6 +124,8 @@ BAD_INPUTS = [
      "got 'cosine'"),
     ("evaluation sample count not a number", ["evaluate.num_samples='x'"], "all",
      ValueError, "evaluate.num_samples must be an integer >= 2, got 'x'"),
+    ("digit scores as a number", ["evaluate.digit_scores=1"], "all", ValueError,
+     "evaluate.digit_scores must be True or False, got 1"),
     ("negative grid size", ["sample_grid.count=-1"], "train_teacher", ValueError,
      "sample_grid.count must be an integer >= 0, got -1"),
     ("learning rate as a word", ["teacher.learning_rate='fast'"], "train_teacher",
@@ -221,6 +223,7 @@ def test_missing_gin_file_lists_the_available_ones(tmp_path):
 
 
 EVAL_SMALL = ["evaluate.num_samples=16", "evaluate.num_reference=32",
+              "evaluate.digit_scores=False",
               "evaluate.ddim_steps=(1, 2)", "evaluate.batch_size=16"]
 
 

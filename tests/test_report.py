@@ -29,7 +29,7 @@ DATASET = {"name": "mnist_embedded", "image_size": 8, "batch_size": 16}
 def _settings(tmp_path, **overrides):
     return dataclasses.replace(training.evaluate(), **{
         "num_samples": 8, "num_reference": 20, "ddim_steps": (1,), "batch_size": 4,
-        "cache_dir": str(tmp_path / "cache"), **overrides})
+        "cache_dir": str(tmp_path / "cache"), "digit_scores": False, **overrides})
 
 
 def _features(pixels) -> np.ndarray:
@@ -143,6 +143,9 @@ def test_scores_are_kid_of_these_samples_against_these_images(tmp_path, fake_fid
     assert compared["delta_se"] == pytest.approx(np.std(reps["s"] - reps["t"], ddof=1))
     assert compared["ddim_gap_share_se"] == pytest.approx(np.std(
         1 - (reps["s"] - reps["t"]) / (reps["d"] - reps["t"]), ddof=1))
+    assert compared["vs_ddim"] == pytest.approx(student["fid"] - ddim["fid"])
+    assert compared["vs_ddim_se"] == pytest.approx(np.std(reps["s"] - reps["d"], ddof=1))
+    assert ddim["vs_teacher"]["vs_ddim"] is None
     diff = (pixels["distilled"].astype(np.float64) - pixels["teacher"]) / 127.5
     assert compared["rmse_to_teacher"] == pytest.approx(np.sqrt(np.mean(diff ** 2)))
     assert compared["rmse_to_2n_teacher"] == compared["rmse_to_teacher"]  # 2 -> 1 steps

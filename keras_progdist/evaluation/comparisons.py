@@ -7,6 +7,8 @@ student at N steps this module reports, each with a paired-bootstrap standard er
 
 - ΔFID = FID_N − FID_T, and the ratio FID_N / FID_T (the paper's figure of merit; a
   ratio flatters a weak teacher, so ΔFID is reported beside it);
+- the difference to undistilled DDIM at the same N, `FID_N − FID_DDIM,N` (negative:
+  the student is better than running the teacher's sampler with N steps);
 - the share of undistilled DDIM's gap that distillation removes at the same N,
   `1 − (FID_N − FID_T) / (FID_DDIM,N − FID_T)`: 1 is a student as good as the teacher,
   0 no better than running the teacher's sampler with N steps;
@@ -100,8 +102,9 @@ def compare(results: list, probes: dict | None = None) -> list:
     Returns:
         One dict per `distilled` and `ddim` result, in the results' order: `kind`,
         `num_steps`, `metric` ("fid", or "kid" where any model lacks FID), `delta`,
-        `delta_se`, `ratio`, `ratio_se`, `ddim_gap_share`, `ddim_gap_share_se`
-        (students with a DDIM model at the same N), `rmse_to_2n_teacher`,
+        `delta_se`, `ratio`, `ratio_se`, `vs_ddim`, `vs_ddim_se`, `ddim_gap_share`,
+        `ddim_gap_share_se` (students with a DDIM model at the same N; else None),
+        `rmse_to_2n_teacher`,
         `rmse_to_teacher`.
     """
     probes = probes or {}
@@ -122,7 +125,10 @@ def compare(results: list, probes: dict | None = None) -> list:
         entry["delta"], entry["delta_se"] = _with_se(lambda s, t: s - t, [r, teacher], metric)
         entry["ratio"], entry["ratio_se"] = _with_se(lambda s, t: s / t, [r, teacher], metric)
         entry["ddim_gap_share"] = entry["ddim_gap_share_se"] = None
+        entry["vs_ddim"] = entry["vs_ddim_se"] = None
         if r["kind"] == "distilled" and n in ddim:
+            entry["vs_ddim"], entry["vs_ddim_se"] = _with_se(
+                lambda s, d: s - d, [r, ddim[n]], metric)
             entry["ddim_gap_share"], entry["ddim_gap_share_se"] = _with_se(
                 lambda s, t, d: 1.0 - (s - t) / (d - t), [r, teacher, ddim[n]], metric)
         probe = probes.get((r["kind"], n))
@@ -167,16 +173,18 @@ def markdown(results: list, comparisons: list) -> list:
              "± is one standard error (paired bootstrap over the generated samples). "
              "Share of DDIM's gap removed: 1 = as good as the teacher, 0 = no better than "
              "DDIM at the same steps.", "",
-             f"| steps | distilled {label} | DDIM {label} | Δ to teacher | ratio to teacher "
+             f"| steps | distilled {label} | DDIM {label} | distilled − DDIM "
+             "| Δ to teacher | ratio to teacher "
              "| share of DDIM's gap removed | RMSE to 2N teacher | RMSE to teacher "
              "| DDIM RMSE to teacher |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in steps:
         student, plain = by_model.get(("distilled", n)), by_model.get(("ddim", n))
         c, d = cmp.get(("distilled", n), {}), cmp.get(("ddim", n), {})
         lines.append(
             f"| {n} | {_score_cell(student, metric, scale)} "
             f"| {_score_cell(plain, metric, scale)} "
+            f"| {_fmt(c.get('vs_ddim'), c.get('vs_ddim_se'), scale=scale)} "
             f"| {_fmt(c.get('delta'), c.get('delta_se'), scale=scale)} "
             f"| {_fmt(c.get('ratio'), c.get('ratio_se'), 3)} "
             f"| {_fmt(c.get('ddim_gap_share'), c.get('ddim_gap_share_se'), 3)} "

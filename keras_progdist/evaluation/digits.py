@@ -16,6 +16,9 @@ max-softmax instead of an arbitrary confident class (outlier exposure).
   3.32 when every digit is equally frequent; low means mode collapse),
 * `class_counts`.
 
+`score_probes` scores every model of an evaluation from the samples the report keeps
+(`EvalDir.run_probe`, the same noise for every model), with the distilled − DDIM
+difference at every N and its paired standard error: the report's digit table.
 `evaluate_workdir` scores the teacher, the `steps`-step student and undistilled DDIM at
 `steps` of a finished pipeline work directory (a `WorkDir`, read without gin; the
 dataset settings give the resize) from the same noise and writes the work directory's
@@ -32,6 +35,7 @@ Everything runs on `keras.ops`, on any backend.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -312,3 +316,95 @@ def markdown(record: dict) -> str:
         lines.append(f"| {name} | {steps} | {r['mean_confidence']:.3f} | "
                      f"{100 * r['frac_confident']:.0f}% | {r['class_entropy_bits']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def score_probes(probes: dict, dataset: dict, path: str, verbose: int = 1) -> dict | None:
+    """Digit scores of every model of an evaluation, from its probes.
+
+    The probes are each model's first samples from the evaluation's fixed noise, so
+    sample `i` of the student and of DDIM start from the same `z_1`. The difference of
+    their confident fractions, `mean_i(c_i^student - c_i^DDIM)` with
+    `c_i = [max softmax_i > 0.9]`, then has the paired standard error
+    `std_i(c_i^student - c_i^DDIM) / sqrt(n)`, much smaller than either fraction's own
+    when the two agree on most samples.
+
+    Args:
+        probes: `{(kind, num_steps): uint8 [n, S, S, 1]}` (`scoring.load_probes`).
+        dataset: the dataset settings; only `mnist_embedded` digits are scored.
+        path: the keyed JSON record (`EvalDir.probe_digits`): reused while the probes,
+            the classifier version and the backend are the same.
+        verbose: 0 quiet, else one line when the classifier is trained.
+
+    Returns:
+        `{"key", "classifier", "real_heldout", "results": [...], "comparisons":
+        [{"num_steps", "distilled", "ddim", "difference", "difference_se"}]}`, or None
+        when the data are not the embedded digits or there are no probes.
+    """
+    if not probes:
+        return None
+    shape = next(iter(probes.values())).shape[1:]
+    scorer = scorer_for(dataset, shape)
+    if scorer is None:
+        return None
+    key = {"version": PROBE_VERSION, "image_size": scorer.image_size,
+           "resize": scorer.resize, "backend": keras.backend.backend(),
+           "probes": {f"{kind}_{n}": _array_digest(p)
+                      for (kind, n), p in sorted(probes.items())}}
+    saved = fileio.read_keyed_json(path, key)
+    if saved is not None:
+        return saved
+    classifier, info = train_classifier(scorer.image_size, scorer.resize, scorer.seed)
+    if verbose:
+        print(f"[eval] digit classifier: held-out accuracy {info['accuracy']:.3f} "
+              f"({info['seconds']:.0f} s)", flush=True)
+    confident, results = {}, []
+    for (kind, n), pixels in sorted(probes.items()):
+        confident[(kind, n)] = predict_probs(classifier, pixels).max(-1) > CONFIDENT
+        results.append({"kind": kind, "num_steps": n, **digit_scores(classifier, pixels)})
+    pairs = []
+    for (kind, n) in sorted(confident, key=lambda k: -k[1]):
+        if kind != "distilled" or ("ddim", n) not in confident:
+            continue
+        student, plain = confident[(kind, n)], confident[("ddim", n)]
+        count = min(len(student), len(plain))
+        diff = student[:count].astype(np.float64) - plain[:count]
+        pairs.append({"num_steps": n, "distilled": float(student[:count].mean()),
+                      "ddim": float(plain[:count].mean()),
+                      "difference": float(diff.mean()),
+                      "difference_se": float(diff.std(ddof=1) / math.sqrt(count))
+                      if count > 1 else None, "num_samples": count})
+    record = {"key": key, "classifier": info,
+              "real_heldout": _real_heldout(classifier, scorer.image_size, info),
+              "results": results, "comparisons": pairs}
+    fileio.atomic_write_json(path, record)
+    return record
+
+
+def _array_digest(array: np.ndarray) -> str:
+    digest = hashlib.sha256(repr((array.dtype.str, array.shape)).encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def probe_markdown(record: dict | None) -> list:
+    """Markdown lines of `score_probes`' record: the confident share of the distilled
+    student and of DDIM at every N, and their paired difference."""
+    if not record:
+        return []
+    teacher = max((r for r in record["results"] if r["kind"] == "teacher"),
+                  key=lambda r: r["num_steps"], default=None)
+    real = record["real_heldout"]["frac_confident"]
+    lines = ["## Do the samples read as digits?", "",
+             f"Share of samples a digit classifier gives confidence > {CONFIDENT} "
+             f"(held-out accuracy {100 * record['classifier']['accuracy']:.1f}%): real "
+             f"held-out digits {100 * real:.0f}%"
+             + (f", teacher ({teacher['num_steps']} steps) "
+                f"{100 * teacher['frac_confident']:.0f}%" if teacher else "")
+             + ". ± is one standard error of the paired difference (same noise).", "",
+             "| steps | distilled | DDIM | distilled − DDIM (points) |",
+             "|---:|---:|---:|---:|"]
+    for c in record["comparisons"]:
+        se = "" if c["difference_se"] is None else f" ± {100 * c['difference_se']:.1f}"
+        lines.append(f"| {c['num_steps']} | {100 * c['distilled']:.0f}% | "
+                     f"{100 * c['ddim']:.0f}% | {100 * c['difference']:+.1f}{se} |")
+    return lines + [""]

@@ -29,7 +29,7 @@ import numpy as np
 
 from keras_progdist import fileio, images
 from keras_progdist.distribute import describe_device
-from keras_progdist.evaluation import comparisons, inputs, sample_files, scoring
+from keras_progdist.evaluation import comparisons, digits, inputs, sample_files, scoring
 from keras_progdist.evaluation.inputs import EvaluationError
 from keras_progdist.evaluation.reference import with_dataset_defaults
 from keras_progdist.settings import EvaluateSettings
@@ -90,7 +90,7 @@ def evaluate_workdir(workdir, cfg: EvaluateSettings, dataset: dict, verbose: int
         "stages": wd.finished_stages(),
         "results": results,
     }
-    return _write_report(report, out, verbose)
+    return _write_report(report, out, verbose, cfg.digit_scores)
 
 
 def _workdir_job(run: dict, cfg: EvaluateSettings, protocol: dict,
@@ -188,7 +188,7 @@ def score_sample_dir(sample_dir: str, cfg: EvaluateSettings, dataset: dict,
         "dataset": dict(dataset),
         "results": results,
     }
-    return _write_report(report, out, verbose)
+    return _write_report(report, out, verbose, cfg.digit_scores)
 
 
 def _complete_manifests(sample_dir: str, dataset: dict, verbose: int) -> list:
@@ -237,11 +237,14 @@ def _folder_job(manifest: dict, cfg: EvaluateSettings, dataset: dict,
                             record={"weights_sha256": manifest["weights_sha256"]})
 
 
-def _write_report(report: dict, out: EvalDir, verbose: int) -> dict:
-    """Adds the comparisons, side-by-side grid and plot to `report` and writes it
-    (`metrics`, `report`, the plot); returns it."""
+def _write_report(report: dict, out: EvalDir, verbose: int, digit_scores: bool) -> dict:
+    """Adds the comparisons, the digit scores (`digit_scores`, on the embedded digits),
+    side-by-side grid and plot to `report` and writes it (`metrics`, `report`, the
+    plot); returns it."""
     probes = scoring.load_probes(out, report["results"])
     report["comparisons"] = comparisons.compare(report["results"], probes)
+    report["digits"] = digits.score_probes(probes, report["dataset"], out.probe_digits,
+                                           verbose) if digit_scores else None
     report["side_by_side"] = _side_by_side(out, report["results"], probes)
     for entry in report["comparisons"]:
         # Each model's line in TensorBoard and the JSON carries its comparison too.
@@ -300,6 +303,7 @@ def markdown(report: dict) -> str:
     lines += comparisons.markdown(report["results"], report.get("comparisons") or [])
     if report.get("side_by_side"):
         lines += [f"Grid `{report['side_by_side']}`", ""]
+    lines += digits.probe_markdown(report.get("digits"))
     lines += ["## Every model", "",
               "| model | steps | FID | ± s.e. | KID ×1e3 | ± s.e. |",
               "|---|---:|---:|---:|---:|---:|"]

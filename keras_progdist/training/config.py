@@ -172,7 +172,7 @@ def evaluate(num_samples: int = 1000, num_reference: int = 5000,
              ddim_steps=(1, 2, 4, 8), teacher_steps=None, batch_size: int = 100,
              split: str = "train", seed: int = 2024, cache_dir: str | None = None,
              max_file_mb: float = DEFAULT_MAX_FILE_MB,
-             bootstrap: int = 50) -> EvaluateSettings:
+             bootstrap: int = 50, digit_scores: bool = True) -> EvaluateSettings:
     """Evaluation settings (`--mode=eval` and `--mode=sample`).
 
     Args:
@@ -190,6 +190,10 @@ def evaluate(num_samples: int = 1000, num_reference: int = 5000,
         bootstrap: paired-bootstrap replicates behind every standard error and
             comparison (`evaluation.bootstrap`); 0 reports none. 50 replicates put
             the standard error itself within about ±10%.
+        digit_scores: on the embedded digits (`dataset.name='mnist_embedded'`), also
+            score every model's first samples with a small digit classifier
+            (`evaluation.digits.score_probes`; trained in about 15 s when a score is
+            missing). Ignored on other data.
 
     Returns:
         The checked settings (what `evaluation.report` and `evaluation.samples`
@@ -217,11 +221,13 @@ def evaluate(num_samples: int = 1000, num_reference: int = 5000,
     bootstrap = validation.nonnegative_int("evaluate.bootstrap", bootstrap)
     if bootstrap == 1:
         raise PipelineError("evaluate.bootstrap must be 0 (none) or at least 2 replicates.")
+    digit_scores = validation.boolean("evaluate.digit_scores", digit_scores)
     return EvaluateSettings(num_samples=num_samples, num_reference=num_reference,
                             ddim_steps=steps["ddim_steps"],
                             teacher_steps=steps["teacher_steps"], batch_size=batch_size,
                             split=split, seed=seed, cache_dir=cache_dir,
-                            max_file_mb=max_file_mb, bootstrap=bootstrap)
+                            max_file_mb=max_file_mb, bootstrap=bootstrap,
+                            digit_scores=digit_scores)
 
 
 def parse_gin(files, bindings=()) -> None:
