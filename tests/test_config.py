@@ -71,3 +71,15 @@ def test_dataset_settings_are_the_bindings_as_given():
     # A plain copy: changing it changes nothing in gin.
     config.dataset_settings()["name"] = "cifar10"
     assert config.dataset_settings()["name"] == "fashion_mnist"
+
+
+def test_jit_compile_false_is_a_plain_graph_on_tensorflow_and_compiled_on_jax():
+    # `teacher.jit_compile = False` (tiny.gin) picks TensorFlow's plain graph over XLA;
+    # on JAX it must not make every training step run eagerly.
+    import keras
+
+    from keras_progdist import distribute
+
+    settings = distribute.fit_settings(None, False, 10)
+    assert settings == {"jit_compile": keras.backend.backend() == "jax",
+                        "steps_per_execution": 10}
