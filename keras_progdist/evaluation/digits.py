@@ -174,7 +174,11 @@ def predict_probs(classifier, samples, batch_size: int = 256) -> np.ndarray:
 
 def digit_scores(classifier, samples) -> dict:
     """How digit-like `samples` are; see the module docstring for the fields."""
-    probs = predict_probs(classifier, samples)
+    return _scores_of(predict_probs(classifier, samples))
+
+
+def _scores_of(probs: np.ndarray) -> dict:
+    """`digit_scores` of the classifier's softmax probabilities `[N, 10]`."""
     conf = probs.max(-1)
     counts = np.bincount(probs.argmax(-1), minlength=NUM_CLASSES)
     p = counts / max(1, counts.sum())
@@ -359,8 +363,9 @@ def score_probes(probes: dict, dataset: dict, path: str, verbose: int = 1) -> di
               f"({info['seconds']:.0f} s)", flush=True)
     confident, results = {}, []
     for (kind, n), pixels in sorted(probes.items()):
-        confident[(kind, n)] = predict_probs(classifier, pixels).max(-1) > CONFIDENT
-        results.append({"kind": kind, "num_steps": n, **digit_scores(classifier, pixels)})
+        probs = predict_probs(classifier, pixels)
+        confident[(kind, n)] = probs.max(-1) > CONFIDENT
+        results.append({"kind": kind, "num_steps": n, **_scores_of(probs)})
     pairs = []
     for (kind, n) in sorted(confident, key=lambda k: -k[1]):
         if kind != "distilled" or ("ddim", n) not in confident:
