@@ -366,6 +366,24 @@ def score_probes(probes: dict, dataset: dict, path: str, verbose: int = 1) -> di
         probs = predict_probs(classifier, pixels)
         confident[(kind, n)] = probs.max(-1) > CONFIDENT
         results.append({"kind": kind, "num_steps": n, **_scores_of(probs)})
+    record = {"key": key, "classifier": info,
+              "real_heldout": _real_heldout(classifier, scorer.image_size, info),
+              "results": results, "comparisons": _paired_differences(confident)}
+    fileio.atomic_write_json(path, record)
+    return record
+
+
+def _paired_differences(confident: dict) -> list:
+    """Distilled minus DDIM confident share at each N, with the paired standard error.
+
+    Args:
+        confident: `{(kind, num_steps): bool [n]}`, sample `i` of every model drawn from
+            the same noise.
+
+    Returns:
+        One `{"num_steps", "distilled", "ddim", "difference", "difference_se",
+        "num_samples"}` per N that has both a student and DDIM, most steps first.
+    """
     pairs = []
     for (kind, n) in sorted(confident, key=lambda k: -k[1]):
         if kind != "distilled" or ("ddim", n) not in confident:
@@ -378,11 +396,7 @@ def score_probes(probes: dict, dataset: dict, path: str, verbose: int = 1) -> di
                       "difference": float(diff.mean()),
                       "difference_se": float(diff.std(ddof=1) / math.sqrt(count))
                       if count > 1 else None, "num_samples": count})
-    record = {"key": key, "classifier": info,
-              "real_heldout": _real_heldout(classifier, scorer.image_size, info),
-              "results": results, "comparisons": pairs}
-    fileio.atomic_write_json(path, record)
-    return record
+    return pairs
 
 
 def _array_digest(array: np.ndarray) -> str:
