@@ -145,6 +145,7 @@ class GuidanceDistiller(keras.Model):
             "guidance_embedding_scale": self.guidance_embedding_scale})
         self.uninitialized = copy_matching_weights(network, self.student)
         self.seed_generator = keras.random.SeedGenerator(seed, name="guidance_seed")
+        self.built = True  # all variables exist (see DiffusionModel.__init__)
 
     @property
     def num_classes(self):
