@@ -156,8 +156,9 @@ BAD_BINDINGS = {
     "image_folder_missing_dir": (["dataset.name='image_folder'",
                                   "dataset.data_dir='/nonexistent/images'"],
                                  ["/nonexistent/images", "does not exist"]),
-    # tiny.gin's attention at 4x4 (SMALL turns it off): 20 -> 10 -> 5 never has it.
-    "image_size_20": (["dataset.image_size=20", "UNet.attention_resolutions=(4,)"],
+    # tiny.gin's net (SMALL has one level, no attention): 20 -> 10 -> 5 never has 4x4.
+    "image_size_20": (["dataset.image_size=20", "UNet.attention_resolutions=(4,)",
+                       "UNet.channel_mult=(1, 2, 2)"],
                       ["UNet.attention_resolutions [4] never occur", "[20, 10, 5]"]),
     "fashion_mnist_missing_idx": (["dataset.name='fashion_mnist'",
                                    "dataset.data_dir='/nonexistent/fashion'"],

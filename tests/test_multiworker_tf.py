@@ -40,6 +40,7 @@ from helpers import cluster_runs
 pytestmark = [pytest.mark.slow, pytest.mark.tensorflow_only]
 HELPERS = os.path.join(ROOT, "tests", "helpers")
 PARAMS = ["UNet.channels=8", "UNet.num_groups=4", "UNet.attention_resolutions=()",
+          "UNet.channel_mult=(1,)",  # one level: cheaper to trace (pipeline_runs.SMALL)
           "dataset.batch_size=16", "dataset.image_size=8", "teacher.train_steps=20",
           "teacher.checkpoint_every=10", "teacher.jit_compile=False",
           "distill.teacher_steps=4", "distill.min_steps=2",

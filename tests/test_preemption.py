@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # of 5: a stop after the first chunk lands mid-epoch, at step 5.
 PARAMS = [
     "UNet.channels=8", "UNet.num_groups=4", "UNet.attention_resolutions=()",
+    "UNet.channel_mult=(1,)",  # one level: cheaper to trace (helpers.pipeline_runs.SMALL)
     "dataset.batch_size=16", "dataset.image_size=8",
     "teacher.train_steps=40", "teacher.checkpoint_every=20", "teacher.steps_per_execution=5",
     "distill.teacher_steps=4", "distill.min_steps=2", "distill.updates_per_stage=40",
