@@ -183,6 +183,15 @@ def build(results_files: list) -> dict:
                                 for a, (r, reps) in sorted(ratios.items())}}
 
 
+# What changed from the plan after its commit, each with when and why it was decided.
+# The arms, their settings, the yardstick and the rule are as written there.
+DEVIATIONS = [
+    "Run order, decided after seeing lr2_u400 and lr4_u400 (both worse than u400): "
+    "u800, u1600 and u3200, the arms the rule reads, run before t1_u400, const_u800, "
+    "lr2_u800 and lr4_u800.",
+]
+
+
 def markdown(table: dict) -> str:
     lines = ["# Update / learning-rate arms on `fashion_mnist_cpu.gin` (pre-registered)", "",
              f"Plan and rule: `{table['plan']}` (committed before these runs). ± is one "
@@ -205,7 +214,8 @@ def markdown(table: dict) -> str:
             f"| {_f(r['seconds'], digits=0)} |")
     rule = table["rule"]
     lines += ["", f"**Verdict of the pre-registered rule: {rule['verdict']}** ({rule['why']}).",
-              "", f"Learning-rate lever: {json.dumps(table['learning_rate'])}.", ""]
+              "", f"Learning-rate lever: {json.dumps(table['learning_rate'])}.", "",
+              "Deviations from the plan:", ""] + [f"- {d}" for d in DEVIATIONS] + [""]
     return "\n".join(lines)
 
 
