@@ -68,7 +68,10 @@ def read_scalars(path: str) -> list:
     import tensorflow as tf
 
     points = []
-    for event in tf.compat.v1.train.summary_iterator(path):
+    # The records read as a dataset, parsed one by one: `summary_iterator` does the
+    # same but prints a deprecation warning on every call, which a user cannot act on.
+    for record in tf.data.TFRecordDataset(path):
+        event = tf.compat.v1.Event.FromString(record.numpy())
         for value in event.summary.value:
             number = (tf.make_ndarray(value.tensor) if value.HasField("tensor")
                       else value.simple_value)

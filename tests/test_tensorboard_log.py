@@ -101,3 +101,22 @@ def test_an_unreadable_scores_file_is_replaced(tmp_path):
     assert not broken.exists()
     assert len(_events_files(str(logdir))) == 1
     assert len(_tensorboard_events(str(logdir))["distilled/fid"]) == len(STEPS)
+
+
+def test_a_rerun_reads_the_scores_back_without_a_deprecation_warning(tmp_path):
+    """A re-run evaluation reads the logged scores back; doing so must not print
+    TensorFlow's deprecation warning (one a user can do nothing about). In a fresh
+    process, since TensorFlow prints each deprecation once per process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from keras_progdist import tensorboard_log as t\n"
+            "from tests.test_tensorboard_log import _results\n"
+            "assert t.write_eval_scores(sys.argv[1], _results())\n"
+            "assert not t.write_eval_scores(sys.argv[1], _results())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": root})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deprecated" not in result.stderr, result.stderr[-3000:]
