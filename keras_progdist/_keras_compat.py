@@ -20,11 +20,16 @@ a release that changes one fails there, loudly, instead of somewhere in training
   a multi-worker step with `strategy.reduce("MEAN", v, axis=0)`, which fails on the
   scalar metrics every `fit` returns ("Invalid reduction dimension 0 for input with 0
   dimensions", Keras 3.15): MultiWorkerMirroredStrategy cannot `fit` at all without it.
+- `set_random_seed`: `keras.utils.set_random_seed` without clearing TensorFlow's
+  caches when its global seed is already the one asked for.
 """
 
 from __future__ import annotations
 
+import random
+
 import keras
+import numpy as np
 from keras import ops
 from keras.src.backend import random_seed_dtype as _random_seed_dtype
 from keras.src.losses.loss import scale_loss_for_distribution as _scale_loss
@@ -42,6 +47,41 @@ def scale_loss_for_distribution(loss):
 def random_seed_dtype() -> str:
     """The dtype the backend's random ops take for `[2]` seeds (`uint32`/`int64`...)."""
     return _random_seed_dtype()
+
+
+# The seed this module last gave TensorFlow (through `keras.utils.set_random_seed`).
+_tensorflow_seed = None
+
+
+def set_random_seed(seed: int) -> None:
+    """`keras.utils.set_random_seed(seed)`: Python's, NumPy's and Keras' global random
+    streams restart from `seed`, and so does TensorFlow's global seed, but that one
+    only when it changes.
+
+    Setting TensorFlow's seed, even to the value it has, clears its kernel and function
+    caches, so every function already run is instantiated and optimized (Grappler)
+    again at its next call: about 11 s for each distillation stage of `tiny.gin` on two
+    cores, paid for the same compiled step. Nothing in this library draws from
+    TensorFlow's global seed (Keras' random ops are stateless, seeded from
+    `SeedGenerator`s; tf.data shuffles take explicit seeds), so it is set once.
+
+    Args:
+        seed: the integer seed.
+    """
+    global _tensorflow_seed
+    if seed != _tensorflow_seed:
+        keras.utils.set_random_seed(seed)
+        _tensorflow_seed = seed
+        return
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+    from keras.src.utils import rng_utils
+
+    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, seed)
+    # Dropping the global SeedGenerator makes Keras recreate it from the seed.
+    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def learning_rate_variable(optimizer):

@@ -83,3 +83,31 @@ def test_the_multi_worker_log_reduction_fix_wraps_what_keras_still_calls():
     assert trainer.reduce_per_replica._kpd_fixed
     # Outside a multi-worker strategy the wrapper hands over to Keras unchanged.
     assert trainer.reduce_per_replica({"loss": 1.0}, None, "first") == {"loss": 1.0}
+
+
+def _streams():
+    """One draw from each global stream `set_random_seed` restarts."""
+    import random
+
+    return (float(ops.convert_to_numpy(keras.random.normal((1,))[0])),
+            float(np.random.rand()), random.random())
+
+
+def test_set_random_seed_restarts_every_stream_keras_does_but_tensorflows_once():
+    keras.utils.set_random_seed(7)
+    expected = _streams()
+    compat.set_random_seed(7)
+    assert _streams() == expected
+    compat.set_random_seed(7)  # again: Keras', NumPy's and Python's streams restart
+    assert _streams() == expected
+    compat.set_random_seed(8)
+    assert _streams() != expected
+    tf = pytest.importorskip("tensorflow")
+    # TensorFlow's global stream is not restarted by a second call with the same seed:
+    # restarting it is what clears TensorFlow's function caches.
+    compat.set_random_seed(9)
+    first = float(tf.random.uniform(()))
+    compat.set_random_seed(9)
+    assert float(tf.random.uniform(())) != first
+    keras.utils.set_random_seed(9)
+    assert float(tf.random.uniform(())) == first

@@ -46,6 +46,7 @@ import numpy as np
 from keras import layers, ops
 
 from keras_progdist import fileio
+from keras_progdist._keras_compat import set_random_seed
 from keras_progdist.evaluation import inputs
 from keras_progdist.evaluation.samples import generate_range
 from keras_progdist.workdir import EvalDir
@@ -149,7 +150,7 @@ def train_classifier(image_size: int = 16, resize: str = "bilinear", seed: int =
                               np.full((len(junk), NUM_CLASSES), 1.0 / NUM_CLASSES,
                                       np.float32)])
     order = rng.permutation(len(xs))
-    keras.utils.set_random_seed(seed)
+    set_random_seed(seed)
     model = build_classifier(image_size)
     model.compile(optimizer=keras.optimizers.Adam(2e-3),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True))

@@ -20,6 +20,7 @@ import numpy as np
 
 import gin
 from keras_progdist import data, distribute, images, parameterizations, tensorboard_log
+from keras_progdist._keras_compat import set_random_seed
 from keras_progdist.diffusion import DiffusionModel
 from keras_progdist.distillation import Distiller
 from keras_progdist.errors import Interrupted
@@ -71,7 +72,7 @@ class Experiment:
         self.diffusion = diffusion()
         # Every process of a multi-process run must build identical initial weights
         # (a replicated variable is checked for that), and a re-run the same ones.
-        keras.utils.set_random_seed(self.diffusion.seed)
+        set_random_seed(self.diffusion.seed)
         self.teacher_cfg = teacher()
         self.distill_cfg = distill()
         self.guidance_cfg = guidance()
@@ -268,7 +269,7 @@ class Experiment:
             return self._finished(TEACHER, steps)
         # Seeded initialization: a run and its re-run start from the same weights (a
         # resumed run restores them anyway).
-        keras.utils.set_random_seed(self.diffusion.seed)
+        set_random_seed(self.diffusion.seed)
         with self.scope():
             model = DiffusionModel(self.new_network(), schedule=self.schedule,
                                    num_steps=steps, name="teacher_model",
@@ -295,7 +296,7 @@ class Experiment:
             print(f"[stage] {GUIDANCE}: finished earlier, skipping", flush=True)
             return self._finished(GUIDANCE, steps)
         teacher_network = self.load_final(TEACHER, steps).network
-        keras.utils.set_random_seed(self.diffusion.seed)
+        set_random_seed(self.diffusion.seed)
         with self.scope():
             trainer = GuidanceDistiller(
                 teacher_network, schedule=self.schedule,
@@ -346,7 +347,7 @@ class Experiment:
             updates = cfg.updates[n]
             # Keras' global random stream (any layer built from here on draws from it)
             # at the same place whichever stages ran before in this process.
-            keras.utils.set_random_seed(self.diffusion.seed)
+            set_random_seed(self.diffusion.seed)
             with self.scope():
                 if distiller is None:
                     distiller = Distiller(
