@@ -13,7 +13,10 @@ seconds; the teachers' FID ± SE; and the verdict of the rule fixed in
 
 Every arm of one teacher scores the same teacher weights from the same noise with the
 same bootstrap replicates, so the replicates of two arms' ratios are paired and a
-difference of ratios (d1, d2 of the rule) gets its standard error from them.
+difference of ratios (d1, d2 of the rule) gets its standard error from them. Arms are
+grouped by teacher (`teacher_labels`: its kind and its samples' digest), so run folders
+that trained the same settings twice keep both trainings' arms apart; the rule and the
+learning-rate readings compare arms of one teacher only.
 """
 
 from __future__ import annotations
@@ -37,8 +40,7 @@ DOUBLINGS_TO_50K = 4  # 3,200 * 2**4 = 51,200 updates
 def _ratio_replicates(metrics: dict, num_steps: int):
     """(ratio, replicates of the ratio) of the N-step student to the teacher, or None."""
     results = metrics.get("results", [])
-    teacher = max((r for r in results if r["kind"] == "teacher"),
-                  key=lambda r: r["num_steps"], default=None)
+    teacher = _teacher_result(metrics)
     student = next((r for r in results if r["kind"] == "distilled"
                     and r["num_steps"] == num_steps), None)
     if teacher is None or student is None or student.get("fid") is None:
@@ -155,32 +157,108 @@ def _f(value, se=None, digits=2):
     return f"{value:.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}")
 
 
+def _teacher_result(metrics: dict):
+    return max((r for r in metrics.get("results", []) if r["kind"] == "teacher"),
+               key=lambda r: r["num_steps"], default=None)
+
+
+def teacher_labels(results: dict, run: str) -> dict:
+    """{teacher kind: label} for one run folder's results.
+
+    A label is the kind and the first 8 hex digits of the teacher's samples' sha256: every
+    arm scores its teacher from the evaluation's fixed noise, so equal weights give equal
+    digests and two trainings that differ in any bit get different labels (a teacher
+    retrained on another machine is a new teacher). Before any arm of a kind is scored,
+    the run folder's name stands in for the digest.
+    """
+    labels = {}
+    for arm in results.get("arms", {}).values():
+        sha = (_teacher_result(arm.get("metrics") or {}) or {}).get("samples_sha256")
+        if sha:
+            labels.setdefault(arm["teacher"], f"{arm['teacher']}/{sha[:8]}")
+    for arm in results.get("arms", {}).values():
+        labels.setdefault(arm["teacher"], f"{arm['teacher']}/{run}")
+    return labels
+
+
+def _rule_groups(ratios: dict) -> dict:
+    """The rule on each teacher with any of its arms: d1 and d2 pair arms of one teacher."""
+    groups = {}
+    for (teacher, name), got in ratios.items():
+        groups.setdefault(teacher, {})[name] = got
+    return {teacher: verdict({u: arms[a] for u, a in RULE_ARMS.items() if a in arms})
+            for teacher, arms in groups.items()
+            if any(a in arms for a in RULE_ARMS.values())}
+
+
+def _lr_lever_any_teacher(ratios: dict) -> dict:
+    """The learning-rate reading on whichever teacher has both arms of a comparison."""
+    groups = {}
+    for (teacher, name), got in ratios.items():
+        groups.setdefault(teacher, {})[name] = got
+    out = {}
+    for teacher, arms in groups.items():
+        for reading, value in lr_lever(arms).items():
+            if value != "pending" and reading not in out:
+                out[reading] = value
+                out[f"{reading}: teacher"] = teacher
+    return {**{k: "pending" for k in ("cheaper lever", "not a lever")}, **out}
+
+
+def retrain_spread(ratios: dict) -> list:
+    """One arm on two teachers of one kind (the same gin file and seeds, trained twice):
+    the difference of its 4-step ratios, with the SE of the paired replicates (the
+    bootstrap draws depend only on the sample count and the evaluation seed, and sample i
+    of every model starts from the same noise)."""
+    by_arm = {}
+    for (teacher, name), got in ratios.items():
+        by_arm.setdefault(name, []).append((teacher, got))
+    out = []
+    for name, entries in sorted(by_arm.items()):
+        for (ta, (ra, reps_a)), (tb, (rb, reps_b)) in zip(entries, entries[1:]):
+            if ta.split("/")[0] != tb.split("/")[0]:
+                continue
+            se = None if reps_a is None or reps_b is None else _se(reps_b - reps_a)
+            out.append({"arm": name, "teachers": [ta, tb], "ratios": [ra, rb],
+                        "difference": rb - ra, "se": se})
+    return out
+
+
 def build(results_files: list) -> dict:
     arms, teachers = {}, {}
     for path in results_files:
         with open(path) as f:
             results = json.load(f)
-        arms.update(results.get("arms", {}))
-        for arm in results.get("arms", {}).values():
-            metrics = arm.get("metrics") or {}
-            for r in metrics.get("results", []):
-                if r["kind"] == "teacher":
-                    teachers[arm["teacher"]] = {"num_steps": r["num_steps"],
-                                                "fid": r.get("fid"),
-                                                "fid_se": r.get("fid_se"),
-                                                "kid": r.get("kid"),
-                                                "kid_se": r.get("kid_se")}
-    rows = [row for name in sorted(arms) for row in arm_rows(name, arms[name])]
+        labels = teacher_labels(results, os.path.basename(os.path.dirname(path)))
+        for name, arm in results.get("arms", {}).items():
+            label = labels[arm["teacher"]]
+            arms[label, name] = arm
+            r = _teacher_result(arm.get("metrics") or {})
+            if r is not None:
+                teachers[label] = {"num_steps": r["num_steps"], "fid": r.get("fid"),
+                                   "fid_se": r.get("fid_se"), "kid": r.get("kid"),
+                                   "kid_se": r.get("kid_se")}
+    rows = [{**row, "teacher": teacher} for (teacher, name) in sorted(arms)
+            for row in arm_rows(name, arms[teacher, name])]
     ratios = {}
-    for name, arm in arms.items():
+    for key, arm in arms.items():
         got = _ratio_replicates(arm.get("metrics") or {}, 4)
         if got is not None:
-            ratios[name] = got
-    rule = verdict({u: ratios[a] for u, a in RULE_ARMS.items() if a in ratios})
+            ratios[key] = got
+    rules = _rule_groups(ratios)
+    # The headline verdict: the teacher with the most of the rule's arms (the later one
+    # on a tie); a teacher's missing arms leave its verdict pending.
+    def finished(teacher):
+        return sum((teacher, a) in ratios for a in RULE_ARMS.values())
+
+    order = list(rules)
+    headline = max(order, key=lambda t: (finished(t), order.index(t)), default=None)
+    rule = verdict({}) if headline is None else {**rules[headline], "teacher": headline}
     return {"plan": PLAN, "teachers": teachers, "rows": rows, "rule": rule,
-            "learning_rate": lr_lever(ratios),
-            "four_step_ratio": {a: {"ratio": r, "se": _se(reps)}
-                                for a, (r, reps) in sorted(ratios.items())}}
+            "rule_by_teacher": rules, "learning_rate": _lr_lever_any_teacher(ratios),
+            "retrain_spread": retrain_spread(ratios),
+            "four_step_ratio": {f"{a}@{t}": {"ratio": r, "se": _se(reps)}
+                                for (t, a), (r, reps) in sorted(ratios.items())}}
 
 
 # What changed from the plan after its commit, each with when and why it was decided.
@@ -189,33 +267,53 @@ DEVIATIONS = [
     "Run order, decided after seeing lr2_u400 and lr4_u400 (both worse than u400): "
     "u800, u1600 and u3200, the arms the rule reads, run before t1_u400, const_u800, "
     "lr2_u800 and lr4_u800.",
+    "A second teacher of the same settings, decided after u800 when T0's machine was "
+    "lost with it (weights are never committed): T0 was retrained from the same gin file "
+    "and seeds at the experiment's library commit on a new machine, and is not bitwise "
+    "T0 (its loss after 500 updates: 0.16465 against 0.16426; the CPU's kernels differ). "
+    "Its digest names it in the tables. The rule's arms u800, u1600 and u3200 all run on "
+    "it, so that d1 and d2 pair arms of one teacher as planned, and u800 on both teachers "
+    "measures how far a retrain alone moves the 4-step ratio.",
 ]
 
 
 def markdown(table: dict) -> str:
     lines = ["# Update / learning-rate arms on `fashion_mnist_cpu.gin` (pre-registered)", "",
              f"Plan and rule: `{table['plan']}` (committed before these runs). ± is one "
-             "standard error, paired bootstrap over the generated samples.", ""]
-    for kind, t in sorted(table["teachers"].items()):
-        lines.append(f"Teacher `{kind}` ({t['num_steps']} steps): FID {_f(t['fid'], t['fid_se'])}, "
+             "standard error, paired bootstrap over the generated samples. A teacher is "
+             "named by its kind and the digest of its samples (equal weights, equal digest).",
+             ""]
+    for label, t in sorted(table["teachers"].items()):
+        lines.append(f"Teacher `{label}` ({t['num_steps']} steps): FID {_f(t['fid'], t['fid_se'])}, "
                      f"KID×1e3 {_f(t['kid'] and 1e3 * t['kid'], t['kid_se'] and 1e3 * t['kid_se'])}.")
-    lines += ["", "| arm | N | FID | KID ×1e3 | ΔFID | ratio | share of DDIM's gap removed "
-              "| RMSE to 2N | RMSE to teacher | updates | summed LR | seconds |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| arm | teacher | N | FID | KID ×1e3 | ΔFID | ratio "
+              "| share of DDIM's gap removed | RMSE to 2N | RMSE to teacher | updates "
+              "| summed LR | seconds |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table["rows"]:
         kid = None if r["kid"] is None else 1e3 * r["kid"]
         kid_se = None if r["kid_se"] is None else 1e3 * r["kid_se"]
         lines.append(
-            f"| {r['arm']} | {r['num_steps']} | {_f(r['fid'], r['fid_se'])} | {_f(kid, kid_se)} "
+            f"| {r['arm']} | {r['teacher']} | {r['num_steps']} | {_f(r['fid'], r['fid_se'])} "
+            f"| {_f(kid, kid_se)} "
             f"| {_f(r['delta_fid'], r['delta_fid_se'])} | {_f(r['ratio'], r['ratio_se'], 3)} "
             f"| {_f(r['ddim_gap_share'], r['ddim_gap_share_se'], 3)} "
             f"| {_f(r['rmse_to_2n_teacher'], digits=4)} | {_f(r['rmse_to_teacher'], digits=4)} "
             f"| {r['updates'] or '—'} | {_f(r['summed_learning_rate'])} "
             f"| {_f(r['seconds'], digits=0)} |")
     rule = table["rule"]
-    lines += ["", f"**Verdict of the pre-registered rule: {rule['verdict']}** ({rule['why']}).",
-              "", f"Learning-rate lever: {json.dumps(table['learning_rate'])}.", "",
-              "Deviations from the plan:", ""] + [f"- {d}" for d in DEVIATIONS] + [""]
+    where = f" on teacher `{rule['teacher']}`" if rule.get("teacher") else ""
+    lines += ["", f"**Verdict of the pre-registered rule{where}: {rule['verdict']}** "
+              f"({rule['why']})."]
+    others = {t: v for t, v in table.get("rule_by_teacher", {}).items()
+              if t != rule.get("teacher")}
+    lines += [f"On teacher `{t}`: {v['verdict']} ({v['why']})." for t, v in others.items()]
+    lines += ["", f"Learning-rate lever: {json.dumps(table['learning_rate'])}."]
+    for s in table.get("retrain_spread", []):
+        lines.append(f"Retrained teacher, same settings: {s['arm']}'s 4-step ratio "
+                     f"{s['ratios'][0]:.3f} on `{s['teachers'][0]}`, {s['ratios'][1]:.3f} on "
+                     f"`{s['teachers'][1]}`: difference {_f(s['difference'], s['se'], 3)}.")
+    lines += ["", "Deviations from the plan:", ""] + [f"- {d}" for d in DEVIATIONS] + [""]
     return "\n".join(lines)
 
 

@@ -70,3 +70,59 @@ def test_summed_rate_of_a_constant_stage_is_twice_the_decayed_one():
     assert updates_table._summed_rate(bindings, 800) == pytest.approx(0.4)
     constant = bindings + ["distill.learning_rate_schedule='constant'"]
     assert updates_table._summed_rate(constant, 800) == pytest.approx(0.8)
+
+
+def _arm(teacher_sha, ratio4, reps, teacher_fid=20.0):
+    """An arm's results entry: its teacher scored, and a 4-step student at `ratio4`."""
+    teacher = {"kind": "teacher", "num_steps": 64, "fid": teacher_fid,
+               "samples_sha256": teacher_sha,
+               "bootstrap": {"fid": list(teacher_fid * (1 + reps))}}
+    student = {"kind": "distilled", "num_steps": 4, "fid": teacher_fid * ratio4,
+               "bootstrap": {"fid": list(teacher_fid * ratio4 * (1 + 2 * reps))}}
+    return {"teacher": "plain", "bindings": [], "stages": [],
+            "metrics": {"results": [teacher, student]}}
+
+
+def _write_run(tmp_path, name, arms):
+    import json
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"arms": arms}))
+    return str(folder / "results.json")
+
+
+def test_arms_of_two_trainings_of_one_teacher_are_kept_apart_and_the_rule_pairs_one():
+    import tempfile
+    from pathlib import Path
+    reps = np.random.default_rng(2).normal(0, 0.01, 50)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        first = _write_run(tmp, "first", {"u400": _arm("aa" * 32, 1.50, reps),
+                                          "u800": _arm("aa" * 32, 1.42, reps)})
+        unscored = {"teacher": "plain", "bindings": [], "stages": [], "metrics": None}
+        second = _write_run(tmp, "second", {"u800": _arm("bb" * 32, 1.46, reps),
+                                            "u1600": _arm("bb" * 32, 1.36, reps),
+                                            "u3200": _arm("bb" * 32, 1.31, reps),
+                                            "lr4_u800": unscored})
+        table = updates_table.build([first, second])
+    ratios = {k: v["ratio"] for k, v in table["four_step_ratio"].items()}
+    # The same arm name on two trainings: both kept, each with its own teacher's ratio.
+    assert ratios["u800@plain/aaaaaaaa"] == pytest.approx(1.42)
+    assert ratios["u800@plain/bbbbbbbb"] == pytest.approx(1.46)
+    # The rule reads the teacher that has all three arms: d1 = 1.46 - 1.36, d2 = 0.05.
+    assert table["rule"]["teacher"] == "plain/bbbbbbbb"
+    assert table["rule"]["d1"] == pytest.approx(0.10)
+    assert table["rule"]["d2"] == pytest.approx(0.05)
+    assert table["rule_by_teacher"]["plain/aaaaaaaa"]["verdict"] == "pending"
+    # The retrain moved u800's ratio by 0.04.
+    (spread,) = table["retrain_spread"]
+    assert spread["arm"] == "u800" and spread["difference"] == pytest.approx(0.04)
+    assert spread["teachers"] == ["plain/aaaaaaaa", "plain/bbbbbbbb"]
+    # An arm not yet scored belongs to its run folder's teacher, named by the scored
+    # arms' digest, or by the folder before any arm is scored.
+    unscored_run = {"arms": {"lr4_u800": unscored}}
+    assert updates_table.teacher_labels({"arms": {"u800": _arm("bb" * 32, 1.4, reps),
+                                                  **unscored_run["arms"]}}, "second") \
+        == {"plain": "plain/bbbbbbbb"}
+    assert updates_table.teacher_labels(unscored_run, "second") == {"plain": "plain/second"}
+    assert "| u1600 | plain/bbbbbbbb | 4 |" in updates_table.markdown(table)
