@@ -270,8 +270,11 @@ DEVIATIONS = [
     "A second teacher of the same settings, decided after u800 when T0's machine was "
     "lost with it (weights are never committed): T0 was retrained from the same gin file "
     "and seeds at the experiment's library commit on a new machine, and is not bitwise "
-    "T0 (its loss after 500 updates: 0.16465 against 0.16426; the CPU's kernels differ). "
-    "Its digest names it in the tables. The rule's arms u800, u1600 and u3200 all run on "
+    "T0 (its loss after 500 updates: 0.16465 against 0.16426, the same at the two library "
+    "commits T0 may have been trained at). XLA compiles the train step for the host's "
+    "instruction set, and on the new machine holding it to AVX2 alone changes the "
+    "weights after 100 updates (benchmarks/teacher_fingerprint.py), the likely cause. "
+    "The new teacher's digest names it in the tables. The rule's arms u800, u1600 and u3200 all run on "
     "it, so that d1 and d2 pair arms of one teacher as planned, and u800 on both teachers "
     "measures how far a retrain alone moves the 4-step ratio.",
 ]
