@@ -32,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAN = "benchmarks/results/fashion_mnist_cpu_updates_plan.md"
 RULE_ARMS = {800: "u800", 1600: "u1600", 3200: "u3200"}
 STEPS = (32, 16, 8, 4)
+PLAN_ORDER = ["u400", "u800", "u1600", "u3200", "lr2_u400", "lr4_u400", "lr2_u800",
+              "lr4_u800", "const_u800", "t1_u400"]
 PAPER_RATIO = 1.20
 SUPPORT_BELOW = 1.25
 DOUBLINGS_TO_50K = 4  # 3,200 * 2**4 = 51,200 updates
@@ -238,7 +240,15 @@ def build(results_files: list) -> dict:
                 teachers[label] = {"num_steps": r["num_steps"], "fid": r.get("fid"),
                                    "fid_se": r.get("fid_se"), "kid": r.get("kid"),
                                    "kid_se": r.get("kid_se")}
-    rows = [{**row, "teacher": teacher} for (teacher, name) in sorted(arms)
+    # Teachers in the order their run folders were given, arms in the plan's order.
+    order = list(dict.fromkeys(teacher for teacher, _ in arms))
+
+    def place(key):
+        name = key[1]
+        return (order.index(key[0]),
+                PLAN_ORDER.index(name) if name in PLAN_ORDER else len(PLAN_ORDER), name)
+
+    rows = [{**row, "teacher": teacher} for (teacher, name) in sorted(arms, key=place)
             for row in arm_rows(name, arms[teacher, name])]
     ratios = {}
     for key, arm in arms.items():
