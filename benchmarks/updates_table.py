@@ -183,23 +183,25 @@ def teacher_labels(results: dict, run: str) -> dict:
     return labels
 
 
-def _rule_groups(ratios: dict) -> dict:
-    """The rule on each teacher with any of its arms: d1 and d2 pair arms of one teacher."""
+def _by_teacher(ratios: dict) -> dict:
+    """{(teacher, arm): ratio} -> {teacher: {arm: ratio}}."""
     groups = {}
     for (teacher, name), got in ratios.items():
         groups.setdefault(teacher, {})[name] = got
+    return groups
+
+
+def _rule_groups(ratios: dict) -> dict:
+    """The rule on each teacher with any of its arms: d1 and d2 pair arms of one teacher."""
     return {teacher: verdict({u: arms[a] for u, a in RULE_ARMS.items() if a in arms})
-            for teacher, arms in groups.items()
+            for teacher, arms in _by_teacher(ratios).items()
             if any(a in arms for a in RULE_ARMS.values())}
 
 
 def _lr_lever_any_teacher(ratios: dict) -> dict:
     """The learning-rate reading on whichever teacher has both arms of a comparison."""
-    groups = {}
-    for (teacher, name), got in ratios.items():
-        groups.setdefault(teacher, {})[name] = got
     out = {}
-    for teacher, arms in groups.items():
+    for teacher, arms in _by_teacher(ratios).items():
         for reading, value in lr_lever(arms).items():
             if value != "pending" and reading not in out:
                 out[reading] = value
