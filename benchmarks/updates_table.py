@@ -29,6 +29,9 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from keras_progdist.evaluation import comparisons  # noqa: E402  (pure numpy)
+
 PLAN = "benchmarks/results/fashion_mnist_cpu_updates_plan.md"
 RULE_ARMS = {800: "u800", 1600: "u1600", 3200: "u3200"}
 STEPS = (32, 16, 8, 4)
@@ -124,18 +127,51 @@ def _summed_rate(bindings: list, updates: int) -> float | None:
     return None if rate is None else rate * updates / (1 if constant else 2)
 
 
-def arm_rows(name: str, arm: dict) -> list:
-    """One row per scored student of the arm."""
+def ddim_of_teachers(arms: dict) -> dict:
+    """{teacher: (arm, its undistilled DDIM results)} from the first arm of each teacher
+    that scored DDIM (`distill_arms.py --ddim_arm` scores it in one arm a run folder)."""
+    out = {}
+    for (teacher, name), arm in arms.items():
+        ddim = [r for r in (arm.get("metrics") or {}).get("results", [])
+                if r["kind"] == "ddim"]
+        if ddim and teacher not in out:
+            out[teacher] = (name, ddim)
+    return out
+
+
+def borrowed_comparisons(arm: dict, ddim: list) -> dict:
+    """{N: comparison} of an arm scored without DDIM, against a sibling arm's DDIM.
+
+    Sound because the sibling scored the same teacher weights (equal teacher label) from
+    the same noise with the same bootstrap draws: its DDIM samples are the ones this arm
+    would have made, and `comparisons.compare` pairs the replicates only where the
+    bootstrap settings agree.
+    """
+    own = [r for r in (arm.get("metrics") or {}).get("results", []) if r["kind"] != "ddim"]
+    return {c["num_steps"]: c for c in comparisons.compare(own + ddim)
+            if c["kind"] == "distilled"}
+
+
+def arm_rows(name: str, arm: dict, ddim_from: tuple | None = None) -> list:
+    """One row per scored student of the arm; `ddim_from` = (sibling arm, its DDIM
+    results) fills the share of DDIM's gap where the arm did not score DDIM itself."""
     metrics = arm.get("metrics") or {}
     by_steps = {r["num_steps"]: r for r in metrics.get("results", [])
                 if r["kind"] == "distilled"}
+    borrowed = {}
+    if ddim_from and not any(r["kind"] == "ddim" for r in metrics.get("results", [])):
+        borrowed = borrowed_comparisons(arm, ddim_from[1])
     stages = {s.get("num_steps"): s for s in arm.get("stages", [])}
     rows = []
     for n in STEPS:
         r = by_steps.get(n)
         if r is None:
             continue
-        c = r.get("vs_teacher") or {}
+        c = dict(r.get("vs_teacher") or {})
+        lent = borrowed.get(n, {}).get("ddim_gap_share") is not None
+        if lent:
+            c["ddim_gap_share"] = borrowed[n]["ddim_gap_share"]
+            c["ddim_gap_share_se"] = borrowed[n]["ddim_gap_share_se"]
         stage = stages.get(n, {})
         rows.append({"arm": name, "num_steps": n, "fid": r.get("fid"),
                      "fid_se": r.get("fid_se"), "kid": r.get("kid"),
@@ -144,6 +180,7 @@ def arm_rows(name: str, arm: dict) -> list:
                      "ratio_se": c.get("ratio_se"),
                      "ddim_gap_share": c.get("ddim_gap_share"),
                      "ddim_gap_share_se": c.get("ddim_gap_share_se"),
+                     "ddim_scored_in": ddim_from[0] if lent else None,
                      "rmse_to_2n_teacher": c.get("rmse_to_2n_teacher"),
                      "rmse_to_teacher": c.get("rmse_to_teacher"),
                      "updates": stage.get("updates"),
@@ -228,6 +265,26 @@ def retrain_spread(ratios: dict) -> list:
     return out
 
 
+def teacher_seed_spread(ratios: dict, teachers: dict) -> list:
+    """The plan's teacher-to-teacher spread: u400 on each plain teacher against t1_u400
+    on the seed-1 teacher (same settings, other seeds), the difference of their 4-step
+    ratios and of the teachers' FIDs. The replicates pair by noise index (every teacher
+    is scored from the same noise with the same bootstrap draws), so the SE is that of
+    the paired difference."""
+    seed1 = [(t, got) for (t, name), got in ratios.items() if name == "t1_u400"]
+    out = []
+    for (tb, (rb, reps_b)) in seed1:
+        for (ta, name), (ra, reps_a) in ratios.items():
+            if name != "u400":
+                continue
+            se = None if reps_a is None or reps_b is None else _se(reps_b - reps_a)
+            fids = [(teachers.get(t) or {}).get("fid") for t in (ta, tb)]
+            out.append({"arms": ["u400", "t1_u400"], "teachers": [ta, tb],
+                        "ratios": [ra, rb], "difference": rb - ra, "se": se,
+                        "teacher_fids": fids})
+    return out
+
+
 def build(results_files: list) -> dict:
     arms, teachers = {}, {}
     for path in results_files:
@@ -250,8 +307,9 @@ def build(results_files: list) -> dict:
         return (order.index(key[0]),
                 PLAN_ORDER.index(name) if name in PLAN_ORDER else len(PLAN_ORDER), name)
 
+    ddim = ddim_of_teachers(arms)
     rows = [{**row, "teacher": teacher} for (teacher, name) in sorted(arms, key=place)
-            for row in arm_rows(name, arms[teacher, name])]
+            for row in arm_rows(name, arms[teacher, name], ddim.get(teacher))]
     ratios = {}
     for key, arm in arms.items():
         got = _ratio_replicates(arm.get("metrics") or {}, 4)
@@ -269,6 +327,7 @@ def build(results_files: list) -> dict:
     return {"plan": PLAN, "teachers": teachers, "rows": rows, "rule": rule,
             "rule_by_teacher": rules, "learning_rate": _lr_lever_any_teacher(ratios),
             "retrain_spread": retrain_spread(ratios),
+            "teacher_seed_spread": teacher_seed_spread(ratios, teachers),
             "four_step_ratio": {f"{a}@{t}": {"ratio": r, "se": _se(reps)}
                                 for (t, a), (r, reps) in sorted(ratios.items())}}
 
@@ -312,10 +371,16 @@ def markdown(table: dict) -> str:
             f"| {r['arm']} | {r['teacher']} | {r['num_steps']} | {_f(r['fid'], r['fid_se'])} "
             f"| {_f(kid, kid_se)} "
             f"| {_f(r['delta_fid'], r['delta_fid_se'])} | {_f(r['ratio'], r['ratio_se'], 3)} "
-            f"| {_f(r['ddim_gap_share'], r['ddim_gap_share_se'], 3)} "
+            f"| {_f(r['ddim_gap_share'], r['ddim_gap_share_se'], 3)}"
+            f"{'†' if r.get('ddim_scored_in') else ''} "
             f"| {_f(r['rmse_to_2n_teacher'], digits=4)} | {_f(r['rmse_to_teacher'], digits=4)} "
             f"| {r['updates'] or '—'} | {_f(r['summed_learning_rate'])} "
             f"| {_f(r['seconds'], digits=0)} |")
+    lent = sorted({(r["teacher"], r["ddim_scored_in"]) for r in table["rows"]
+                   if r.get("ddim_scored_in")})
+    if lent:
+        lines += ["", "† DDIM scored in another arm of the same teacher (same weights, noise "
+                  "and bootstrap draws): " + "; ".join(f"`{t}`: {a}" for t, a in lent) + "."]
     rule = table["rule"]
     where = f" on teacher `{rule['teacher']}`" if rule.get("teacher") else ""
     lines += ["", f"**Verdict of the pre-registered rule{where}: {rule['verdict']}** "
@@ -328,6 +393,11 @@ def markdown(table: dict) -> str:
         lines.append(f"Retrained teacher, same settings: {s['arm']}'s 4-step ratio "
                      f"{s['ratios'][0]:.3f} on `{s['teachers'][0]}`, {s['ratios'][1]:.3f} on "
                      f"`{s['teachers'][1]}`: difference {_f(s['difference'], s['se'], 3)}.")
+    for s in table.get("teacher_seed_spread", []):
+        fa, fb = s["teacher_fids"]
+        lines.append(f"Teacher seed spread: u400 on `{s['teachers'][0]}` (FID {_f(fa)}) "
+                     f"{s['ratios'][0]:.3f}, t1_u400 on `{s['teachers'][1]}` (FID {_f(fb)}) "
+                     f"{s['ratios'][1]:.3f}: difference {_f(s['difference'], s['se'], 3)}.")
     lines += ["", "Deviations from the plan:", ""] + [f"- {d}" for d in DEVIATIONS] + [""]
     return "\n".join(lines)
 

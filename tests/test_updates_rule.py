@@ -126,3 +126,53 @@ def test_arms_of_two_trainings_of_one_teacher_are_kept_apart_and_the_rule_pairs_
         == {"plain": "plain/bbbbbbbb"}
     assert updates_table.teacher_labels(unscored_run, "second") == {"plain": "plain/second"}
     assert "| u1600 | plain/bbbbbbbb | 4 |" in updates_table.markdown(table)
+
+
+def test_an_arm_scored_without_ddim_takes_the_share_from_a_sibling_of_its_teacher(tmp_path):
+    # Real runs: T0's arms each scored DDIM; u800's DDIM results are dropped here, so its
+    # share of DDIM's gap must come from a sibling arm of T0 and equal what u800 recorded.
+    import json
+    results = os.path.join(ROOT, "benchmarks", "results")
+    with open(os.path.join(results, "fashion_mnist_cpu_updates_runs.json")) as f:
+        t0 = json.load(f)
+    u800 = t0["arms"]["u800"]
+    recorded = {r["num_steps"]: r["vs_teacher"] for r in u800["metrics"]["results"]
+                if r["kind"] == "distilled"}
+    u800["metrics"]["results"] = [r for r in u800["metrics"]["results"]
+                                  if r["kind"] != "ddim"]
+    for r in u800["metrics"]["results"]:
+        r.pop("vs_teacher", None)
+    folder = tmp_path / "t0"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(t0))
+    # T0b's arms (another training) scored no DDIM: T0's must not be lent to them.
+    table = updates_table.build([str(folder / "results.json"),
+                                 os.path.join(results, "fashion_mnist_cpu_updates_runs_t0b.json")])
+    rows = {(r["teacher"], r["arm"], r["num_steps"]): r for r in table["rows"]}
+    t0_label = "plain/df222d6b"
+    for n in (32, 16, 8, 4):
+        row = rows[t0_label, "u800", n]
+        assert row["ddim_scored_in"] == "lr2_u400"
+        assert row["ddim_gap_share"] == pytest.approx(recorded[n]["ddim_gap_share"], rel=1e-12)
+        assert row["ddim_gap_share_se"] == pytest.approx(recorded[n]["ddim_gap_share_se"],
+                                                         rel=1e-12)
+    assert rows[t0_label, "u800", 4]["ddim_gap_share"] == pytest.approx(0.7949, abs=1e-4)
+    assert rows[t0_label, "u400", 4]["ddim_scored_in"] is None  # its own DDIM
+    t0b = [r for r in table["rows"] if r["teacher"] == "plain/9f55a4ba"]
+    assert t0b and all(r["ddim_gap_share"] is None for r in t0b)
+    assert "0.795 ± 0.008†" in updates_table.markdown(table)
+
+
+def test_the_teacher_seed_spread_pairs_u400_with_t1_u400():
+    reps = np.random.default_rng(3).normal(0, 0.01, 50)
+    ratios = {("plain/aa", "u400"): (1.50, 1.50 + reps),
+              ("plain/aa", "u800"): (1.42, 1.42 + reps),
+              ("seed1/cc", "t1_u400"): (1.56, 1.56 + reps * 1.5)}
+    teachers = {"plain/aa": {"fid": 16.8}, "seed1/cc": {"fid": 17.9}}
+    (spread,) = updates_table.teacher_seed_spread(ratios, teachers)
+    assert spread["teachers"] == ["plain/aa", "seed1/cc"]
+    assert spread["difference"] == pytest.approx(0.06)
+    assert spread["se"] == pytest.approx(0.5 * np.std(reps, ddof=1))
+    assert spread["teacher_fids"] == [16.8, 17.9]
+    assert updates_table.teacher_seed_spread({k: v for k, v in ratios.items()
+                                              if k[1] != "t1_u400"}, teachers) == []
