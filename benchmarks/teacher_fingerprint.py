@@ -1,17 +1,20 @@
 """Does this machine train a config's teacher to the same bits as another one did?
 
     python benchmarks/teacher_fingerprint.py [--gin_file=fashion_mnist_cpu.gin]
-        [--data_dir=DIR] [--updates=100] [--rundir=DIR]
+        [--data_dir=DIR] [--updates=100] [--rundir=DIR] [--settings=a,b]
 
 A multi-session experiment on CPUs loses its machine, and the teacher's weights with it
 (weights are never committed): the next session retrains the teacher from the same gin
 file and seeds. Arms distilled from the two trainings pair only if the trainings are
 bit-equal. XLA compiles the train step for the host's instruction set, so two CPUs
 of one vendor may round differently. This trains `--updates` updates of the config's
-teacher on the TensorFlow backend three ways: as configured (XLA for this CPU), with
-XLA held to AVX2 (`--xla_cpu_max_isa=AVX2`, what most x86 servers have), and without
-XLA (`teacher.jit_compile=False`); for each it records the sha256 of the final weights
-(arrays in name order, their bytes) and the last loss, beside what identifies the CPU.
+teacher on the TensorFlow backend four ways: as configured (XLA for this CPU), with
+XLA held to AVX2 (`--xla_cpu_max_isa=AVX2`, what most x86 servers have), without XLA
+(`teacher.jit_compile=False`), and on one thread (one intra-op thread, Eigen's
+threading in XLA off: a sum split over fewer threads adds in another order); for each
+it records the sha256 of the final weights (arrays in name order, their bytes) and the
+last loss, beside what identifies the CPU. The caller's thread variables are unset for
+the other settings, so "as configured" means the defaults.
 Two machines agree on a setting when its `weights_sha256` agrees. Prints JSON and adds
 this machine's entry to `benchmarks/results/<config>_teacher_fingerprint.json`.
 """
@@ -30,9 +33,14 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# name -> (XLA flags added, gin bindings added)
-SETTINGS = {"xla_host_isa": ("", []), "xla_avx2": ("--xla_cpu_max_isa=AVX2", []),
-            "no_xla": ("", ["teacher.jit_compile=False"])}
+# name -> (XLA flags added, gin bindings added, environment added)
+SETTINGS = {"xla_host_isa": ("", [], {}), "xla_avx2": ("--xla_cpu_max_isa=AVX2", [], {}),
+            "no_xla": ("", ["teacher.jit_compile=False"], {}),
+            "one_thread": ("--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+                           [], {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"})}
+# Unset for every setting but the one that sets them: the caller's thread settings must
+# not leak into "as configured".
+THREAD_VARIABLES = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS")
 
 
 def cpu_identity() -> dict:
@@ -63,11 +71,12 @@ def weights_sha256(workdir: str) -> str:
     return digest.hexdigest()
 
 
-def train(args, name: str, xla_flags: str, bindings: list) -> dict:
+def train(args, name: str, xla_flags: str, bindings: list, variables: dict) -> dict:
     workdir = os.path.join(args.rundir, name)
     shutil.rmtree(workdir, ignore_errors=True)
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()}
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    env.update(variables, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2",
+               XLA_FLAGS=xla_flags)
     command = [sys.executable, os.path.join(ROOT, "bin", "run.py"), "--mode=train_teacher",
                f"--workdir={workdir}", f"--gin_file={args.gin_file}", "--verbose=2",
                f"--gin_param=dataset.data_dir={args.data_dir!r}",
@@ -90,15 +99,21 @@ def main(argv=None) -> int:
     parser.add_argument("--data_dir", default=os.path.join(ROOT, ".data", "fashion-mnist"))
     parser.add_argument("--updates", type=int, default=100)
     parser.add_argument("--rundir", default=os.path.join(ROOT, "runs", "fingerprint"))
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"a comma-separated subset of {list(SETTINGS)}")
     args = parser.parse_args(argv)
     if args.updates < 1:
         parser.error("--updates must be at least 1")
+    args.settings = [name for name in args.settings.split(",") if name]
+    unknown = sorted(set(args.settings) - set(SETTINGS))
+    if unknown or not args.settings:
+        parser.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
     if not os.path.isfile(os.path.join(args.data_dir, "train-images-idx3-ubyte.gz")):
         parser.error(f"--data_dir={args.data_dir}: no train-images-idx3-ubyte.gz there "
                      "(bash benchmarks/fetch_fashion_mnist.sh)")
     entry = {"cpu": cpu_identity(), "updates": args.updates,
              "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-             "settings": {name: train(args, name, *how) for name, how in SETTINGS.items()}}
+             "settings": {name: train(args, name, *SETTINGS[name]) for name in args.settings}}
     config = os.path.splitext(os.path.basename(args.gin_file))[0]
     path = os.path.join(ROOT, "benchmarks", "results", f"{config}_teacher_fingerprint.json")
     previous = []
