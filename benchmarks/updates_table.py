@@ -348,6 +348,15 @@ DEVIATIONS = [
     "The new teacher's digest names it in the tables. The rule's arms u800, u1600 and u3200 all run on "
     "it, so that d1 and d2 pair arms of one teacher as planned, and u800 on both teachers "
     "measures how far a retrain alone moves the 4-step ratio.",
+    "T0b rebuilt, decided at the start of the third session, before any of its results: "
+    "the session's new machine had the same CPU feature flags and the same fingerprint "
+    "digest as T0b's, so T0b was retrained there (same gin file, seeds, library commit and "
+    "default threads) and lr4_u800, lr2_u800 and const_u800 distil it, to pair with u800, "
+    "u1600 and u3200 as planned. Its final loss equals T0b's to every digit and its "
+    "samples' digest is T0b's, so the tables name one teacher. A first try with one "
+    "thread per process had left T0b's loss curve at 500 updates (0.16464 against "
+    "0.16465) and was discarded. T1 trained with one thread per process; it has no "
+    "earlier training to match.",
 ]
 
 
