@@ -6,6 +6,7 @@ interrupted: the teacher stopped by the time budget and, separately, by Ctrl-C
 callback reads, so each stage kind is tested with one of the two.) On JAX the runs are
 made in processes where TensorFlow cannot be imported."""
 
+import json
 import os
 import signal
 import subprocess
@@ -109,9 +110,20 @@ def test_budget_and_sigterm_stops_mid_epoch_resume_to_identical_weights(referenc
     # The budget runs out while the first chunk compiles: the stop comes after it.
     first = _run(workdir, "train_teacher", ["--time_budget_s=1"], expect=143)
     assert "checkpoint saved at step 5" in first
-    assert checkpoint.read_meta(os.path.join(workdir, "teacher"), "ckpt")["step"] == 5
+    teacher_dir = os.path.join(workdir, "teacher")
+    meta = checkpoint.read_meta(teacher_dir, "ckpt")
+    assert meta["step"] == 5 and 0 < meta["seconds"] < 600
+    # The stage's training time is summed over its pieces: say the first piece had
+    # trained for 1,000 s (a long preemptible run); the resumed stage's total keeps it.
+    record_path = os.path.join(teacher_dir, "ckpt.json")
+    with open(record_path) as f:
+        record = json.load(f)
+    record["meta"]["seconds"] = 1000.0
+    with open(record_path, "w") as f:
+        json.dump(record, f)
     second = _run(workdir, "train_teacher")
     assert "resuming at step 5/40" in second
+    assert 1000.0 < checkpoint.read_meta(teacher_dir, "final")["seconds"] < 1600.0
     if keras.backend.backend() == "jax":  # no TensorFlow, so no tf.data: numpy batches
         assert "input numpy batches" in second
     _assert_same_weights(workdir, reference, "teacher")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 
 import keras
 import numpy as np
@@ -44,6 +43,7 @@ from keras_progdist.training.preemption import (
     StepCheckpoint,
     last_loss,
     resumable_fit,
+    seconds_before,
 )
 from keras_progdist.workdir import GUIDANCE, TEACHER, WorkDir, stage_name
 
@@ -242,23 +242,25 @@ class Experiment:
         """Trains `model` for `stage` from its checkpoint (if any) to `total_steps`.
 
         Returns:
-            `(loss, seconds)`: the last loss and this process's training time.
+            `(loss, seconds)`: the last loss and the stage's training time, summed over
+            the processes that ran it (each resume checkpoint records the total so
+            far; a hard kill loses the time since the last one, as it loses its steps).
 
         Raises:
             Interrupted: SIGTERM or the deadline; a checkpoint at the exact step is saved.
         """
-        start = time.time()
         resume = self.wd.resume_checkpoint(stage)
-        done = 0
+        done, before = 0, 0.0
         if resume.exists():
-            done = resume.restore(model)["step"]
+            meta = resume.restore(model)
+            done, before = meta["step"], seconds_before(meta)
             print(f"[stage] {stage}: resuming at step {done}/{total_steps}", flush=True)
         saver = StepCheckpoint(resume, model, every, stage, done, self.guard,
                                write=self.chief, total_steps=total_steps,
-                               log_lines=verbose == 2)
+                               log_lines=verbose == 2, seconds_before=before)
         history = resumable_fit(model, self.dataset, total_steps, every, done,
                                 self.callbacks(saver, stage), saver, verbose)
-        return last_loss(history, resume), time.time() - start
+        return last_loss(history, resume), saver.seconds()
 
     def train_teacher(self, verbose: int = 1) -> DiffusionModel:
         """Trains (or resumes, or skips) the teacher; returns its sampling model."""

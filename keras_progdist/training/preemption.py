@@ -123,12 +123,18 @@ class StepCheckpoint(keras.callbacks.Callback):
         write: False on a process that is not the chief (it trains, writes nothing).
         total_steps, log_lines: with `log_lines`, one plain line per checkpoint
             (`[stage] step k/total: loss, ms/step`) instead of Keras' "Epoch i/n".
+        seconds_before: the stage's training time in earlier processes (what its
+            resume checkpoint recorded); every checkpoint records it plus this
+            process's time, so a stage resumed over several pieces keeps its total.
     """
 
     def __init__(self, slot: checkpoint.Slot, model, every: int, stage: str, start_step: int,
                  guard: PreemptionGuard | None = None, write: bool = True,
-                 total_steps: int | None = None, log_lines: bool = False):
+                 total_steps: int | None = None, log_lines: bool = False,
+                 seconds_before: float = 0.0):
         super().__init__()
+        self.seconds_before = seconds_before
+        self._began = time.time()
         self.write = write
         self.total_steps = total_steps
         self.log_lines = log_lines
@@ -153,7 +159,8 @@ class StepCheckpoint(keras.callbacks.Callback):
                 f"good checkpoint {self.slot} is kept. Lower the learning rate "
                 "or check the data.")
         if self.write:
-            self.slot.save(self.target, meta={"step": self.step, "loss": loss})
+            self.slot.save(self.target, meta={"step": self.step, "loss": loss,
+                                              "seconds": self.seconds()})
         if self.log_lines:
             first, since = self._chunk_start
             per_step = (time.time() - since) / max(1, self.step - first)
@@ -161,6 +168,10 @@ class StepCheckpoint(keras.callbacks.Callback):
                   f"{per_step * 1000:.0f} ms/step" + (", checkpoint saved" if self.write
                                                       else ""), flush=True)
             self._chunk_start = (self.step, time.time())
+
+    def seconds(self) -> float:
+        """The stage's training time so far, earlier processes included."""
+        return self.seconds_before + time.time() - self._began
 
     def on_train_batch_end(self, batch, logs=None):
         self.step = self._epoch_start + int(batch) + 1
@@ -218,6 +229,15 @@ def resumable_fit(model, dataset, total_steps: int, every: int, done: int, callb
                         f"at step {checkpointer.step}. Re-run the same command to "
                         "resume.")
     return history
+
+
+def seconds_before(meta: dict) -> float:
+    """The training time a resume checkpoint's metadata recorded (0 for one written
+    before checkpoints recorded it, or with a value that is not a time)."""
+    value = meta.get("seconds", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    return float(value) if math.isfinite(value) and value >= 0 else 0.0
 
 
 def last_loss(history, slot: checkpoint.Slot) -> float:
