@@ -385,6 +385,10 @@ def markdown(table: dict) -> str:
             f"| {_f(r['rmse_to_2n_teacher'], digits=4)} | {_f(r['rmse_to_teacher'], digits=4)} "
             f"| {r['updates'] or '—'} | {_f(r['summed_learning_rate'])} "
             f"| {_f(r['seconds'], digits=0)} |")
+    lines += ["", "Seconds: a stage's training time as its final record gives it. These runs "
+              "predate the sum over pieces (the library commit they ran at recorded the "
+              "time of the process that finished the stage), so a stage resumed across "
+              "pieces shows its last piece only (u3200's 16-step stage: 108 s)."]
     lent = sorted({(r["teacher"], r["ddim_scored_in"]) for r in table["rows"]
                    if r.get("ddim_scored_in")})
     if lent:
